@@ -20,7 +20,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
 # 256 KiB: a desired state for tens of models or a telemetry batch of hundreds of windows fits with room to spare;
@@ -55,8 +55,8 @@ def check_name(value: str) -> str:
     return value
 
 
-DeviceId = Annotated[str, Field(min_length=1, max_length=128)]
-Name = Annotated[str, Field(min_length=1, max_length=64)]
+DeviceId = Annotated[str, AfterValidator(check_device_id)]
+Name = Annotated[str, AfterValidator(check_name)]
 
 
 class Message(BaseModel):
@@ -114,11 +114,6 @@ class DeviceClassInfo(Message):
     idle_watts: float = Field(ge=0)
     active_watts: float = Field(gt=0)
     budgets: Budgets = Budgets()
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, v: str) -> str:
-        return check_name(v)
 
 
 class TensorSpec(Message):
@@ -188,11 +183,6 @@ class EnrollRequest(Versioned):
     device_class: Name
     labels: dict[str, str] = Field(default_factory=dict)
     agent_version: str = ""
-
-    @field_validator("device_id")
-    @classmethod
-    def _device_id(cls, v: str) -> str:
-        return check_device_id(v)
 
     @field_validator("labels")
     @classmethod
