@@ -1,0 +1,1 @@
+"""edgefleet cloud: registry, bundles, TUF trust, deployments, telemetry and the REST console."""
