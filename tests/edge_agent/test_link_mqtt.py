@@ -1,0 +1,111 @@
+"""MqttLink against a real Mosquitto: desired delivery, last will, PUBACK-gated publish, broker down at start."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timezone
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefleet.edge_agent.link_mqtt import MqttLink
+from edgefleet.protos.messages import BrokerInfo, DeviceStatus, TelemetryBatch, parse_message
+from edgefleet.protos.topics import device_topics
+
+from harness import Mosquitto, free_port, wait_for
+
+
+class Watcher:
+    """A plain paho client that records what it sees on a topic filter."""
+
+    def __init__(self, broker, topic: str):
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watcher")
+        c.on_message = self._on_message
+        c.connect(broker.host, broker.port)
+        c.subscribe(topic, qos=1)
+        c.loop_start()
+        self.client = c
+
+    def _on_message(self, client, userdata, msg):
+        with self.lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def stop(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _link(broker, received, connects, device="dev-1"):
+    info = BrokerInfo(host=broker.host, port=broker.port, topic_prefix="t", keepalive_s=5)
+    return MqttLink(info, device, on_desired=received.append, on_connected=lambda: connects.append(1),
+                    retry_initial_s=1, retry_max_s=2)
+
+
+def test_desired_delivery_status_and_puback(mosquitto):
+    topics = device_topics("t", "dev-1")
+    watcher = Watcher(mosquitto, "t/devices/dev-1/#")
+    received: list[bytes] = []
+    connects: list[int] = []
+    link = _link(mosquitto, received, connects)
+    link.start()
+    try:
+        wait_for(link.connected.is_set, 10, what="link connected")
+        wait_for(lambda: connects, 5, what="on_connected called")
+        watcher.client.publish(topics.desired, b'{"kind":"x"}', qos=1)
+        watcher.client.publish(topics.desired, b"", qos=1)  # a clear: not handed on
+        wait_for(lambda: received == [b'{"kind":"x"}'], 5, what="desired payload")
+        batch = TelemetryBatch(device_id="dev-1", seq=1, windows=[], sent_at=datetime.now(timezone.utc))
+        assert link.publish_wait(topics.telemetry, batch) is True
+        wait_for(lambda: any(t == topics.telemetry for t, _, _ in watcher.messages), 5, what="telemetry seen")
+        status = [parse_message(p, DeviceStatus) for t, p, _ in watcher.messages if t == topics.status]
+        assert status and status[-1].online is True
+    finally:
+        link.stop()
+        watcher.stop()
+
+
+def test_last_will_marks_offline_when_the_agent_dies(mosquitto):
+    topics = device_topics("t", "dev-2")
+    received: list[bytes] = []
+    link = _link(mosquitto, received, [], device="dev-2")
+    link.start()
+    wait_for(link.connected.is_set, 10, what="link connected")
+    # Kill the socket without DISCONNECT, as a crash or power loss would.
+    link._client.socket().close()  # noqa: SLF001 - simulating a crash
+    watcher = Watcher(mosquitto, topics.status)
+    try:
+        def offline():
+            with watcher.lock:
+                return [parse_message(p, DeviceStatus) for _, p, _ in watcher.messages][-1:] and \
+                    parse_message(watcher.messages[-1][1], DeviceStatus).online is False
+        wait_for(offline, 15, what="last will 'offline' published by the broker")
+    finally:
+        link.stop(graceful=False)
+        watcher.stop()
+
+
+def test_broker_down_at_start_then_up(tmp_path):
+    port = free_port()
+    broker = Mosquitto(tmp_path / "late", port=port)
+    received: list[bytes] = []
+    connects: list[int] = []
+    info = BrokerInfo(host="127.0.0.1", port=port, topic_prefix="t", keepalive_s=5)
+    link = MqttLink(info, "dev-3", on_desired=received.append, on_connected=lambda: connects.append(1),
+                    retry_initial_s=1, retry_max_s=1)
+    link.start()  # must not raise while the broker is down
+    try:
+        assert not link.connected.is_set()
+        assert link.publish_wait("t/devices/dev-3/telemetry",
+                                 DeviceStatus(device_id="dev-3", online=True)) is False
+        broker.start()
+        wait_for(link.connected.is_set, 20, what="link connected after the broker came up")
+        # broker restart: the link reconnects and calls on_connected again
+        broker.stop()
+        wait_for(lambda: not link.connected.is_set(), 10, what="disconnect noticed")
+        broker.start()
+        wait_for(lambda: len(connects) >= 2, 20, what="reconnect")
+    finally:
+        link.stop()
+        broker.stop()
