@@ -1,0 +1,10 @@
+"""The cloud's trust: the TUF repository that signs bundles as targets, and the signer of desired-state documents.
+
+Agents pin the TUF root at enrollment and verify every bundle's length and hash through `tuf.ngclient`; they verify
+desired states against the public keys from `DesiredStateSigner.public_keys()`. See `docs/internals.md` (Trust).
+"""
+
+from edgefleet.cloud.trust.desired import DesiredStateSigner
+from edgefleet.cloud.trust.repository import TargetInfo, TufRepository
+
+__all__ = ["DesiredStateSigner", "TargetInfo", "TufRepository"]

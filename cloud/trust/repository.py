@@ -1,0 +1,338 @@
+"""The cloud's TUF repository: root, targets, snapshot and timestamp metadata built with python-tuf's Metadata API.
+
+Theory: every bundle is a TUF target. Adding one bumps targets, then snapshot (which pins the targets version), then
+timestamp (which pins the snapshot version, length and hash); an agent running `tuf.ngclient` walks that chain from
+the root it pinned at enrollment, so it refuses metadata signed by the wrong key, older than what it has seen
+(rollback), expired (freeze) or mixed from different repository states. `refresh_timestamp()` re-signs the
+short-lived roles before they expire, so a live repository never freezes its agents.
+
+Keys: one ed25519 key per top-level role, made on first start in `{root_dir}/keys/{role}.pem` (PKCS#8, mode 0600,
+folder 0700) and reused after. All four are online here; a fleet that wants an offline root key signs root elsewhere.
+
+Layout of `metadata_dir` (`{root_dir}/metadata`), served byte for byte as `/tuf/metadata/{file}`; the repository
+uses consistent snapshots (root's `consistent_snapshot` is true), so ngclient asks for exactly these names:
+
+    {N}.root.json       every root version, kept forever (5.3.3: clients walk N+1, N+2, ... until a 404)
+    timestamp.json      the only unversioned file; written last, it is the commit point of an update
+    {N}.snapshot.json   the last `keep_versions` snapshot versions (5.5.1: fetched by the version in timestamp)
+    {N}.targets.json    the last `keep_versions` targets versions (5.6.1: fetched by the version in snapshot)
+
+Versioned files make updates safe under concurrent readers: an agent that read timestamp version t fetches exactly
+the snapshot and targets that t names, even while a new target is being published. A missing file must be a 404
+(ngclient treats 403/404 on `{N+1}.root.json` as "no newer root"). Targets (bundles) are not served from here and
+not hash-prefixed: agents learn length and sha256 here and download `/tuf/targets/{path}` with their own client.
+
+Re-opening a directory loads the keys and the committed state (timestamp -> snapshot -> targets, each checked
+against root's keys) and continues the version numbers; nothing is reset. One lock serialises all changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import stat
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from securesystemslib.signer import CryptoSigner
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import MetaFile, Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.serialization.json import JSONSerializer
+
+from edgefleet.cloud.errors import CloudError, Invalid
+
+log = logging.getLogger(__name__)
+
+ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
+# Target paths become URL paths and agent file names: letters, digits, '.', '_', '-' and '/' between parts.
+TARGET_PATH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+_SERIALIZER = JSONSerializer(compact=False)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, exclusive: bool = False) -> bool:
+    """Write `data` to `path` via temp file, fsync, rename (or link when `exclusive`), fsync of the folder.
+
+    With `exclusive`, an existing file wins and False is returned: two processes making a key at once agree on one.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def load_or_create_signer(path: Path) -> CryptoSigner:
+    """The ed25519 signer kept in `path` (PEM, 0600), made the first time."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not path.exists():
+        fresh = CryptoSigner.generate_ed25519()
+        if atomic_write(path, fresh.private_bytes, 0o600, exclusive=True):
+            log.info("made signing key %s (keyid %s)", path, fresh.public_key.keyid)
+            return fresh
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        log.warning("signing key %s was readable by others; setting mode 0600", path)
+        os.chmod(path, 0o600)
+    try:
+        return CryptoSigner(load_pem_private_key(path.read_bytes(), None))
+    except (ValueError, TypeError) as exc:
+        raise CloudError(f"signing key {path} is unreadable ({exc}): restore it from backup") from None
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """What the repository signed about one target."""
+
+    path: str
+    length: int
+    sha256: str
+
+
+class TufRepository:
+    def __init__(
+        self,
+        root_dir: Path,
+        *,
+        timestamp_expiry_s: int = 86400,
+        snapshot_expiry_s: int = 7 * 86400,
+        targets_expiry_s: int = 365 * 86400,
+        root_expiry_s: int = 365 * 86400,
+        keep_versions: int = 32,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.root_dir = Path(root_dir)
+        self.metadata_dir = self.root_dir / "metadata"
+        self.keys_dir = self.root_dir / "keys"
+        self._expiry = {
+            Root.type: timedelta(seconds=root_expiry_s),
+            Targets.type: timedelta(seconds=targets_expiry_s),
+            Snapshot.type: timedelta(seconds=snapshot_expiry_s),
+            Timestamp.type: timedelta(seconds=timestamp_expiry_s),
+        }
+        self._keep_versions = max(2, keep_versions)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self.metadata_dir.mkdir(parents=True, exist_ok=True)
+        self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.keys_dir, 0o700)  # our own folder: private keys only
+        self._signers = {role: load_or_create_signer(self.keys_dir / f"{role}.pem") for role in ROLES}
+        self._md: dict[str, Metadata[Any]] = {}
+        self._snapshot_bytes = b""
+        self._targets_bytes = b""
+        with self._lock:
+            # timestamp.json is the commit point: without it (and past root 1) nothing was ever served, so a first
+            # start that died half way simply starts again with the same keys.
+            if (self.metadata_dir / "timestamp.json").exists() or self._ever_published():
+                self._load()
+            else:
+                self._create()
+
+    # ------------------------------------------------------------------------------------------------ public
+
+    def root(self) -> dict[str, Any]:
+        """The current root metadata (signed) as a dict: what enrollment hands to agents to pin."""
+        with self._lock:
+            return self._md[Root.type].to_dict()
+
+    @property
+    def versions(self) -> dict[str, int]:
+        with self._lock:
+            return {role: md.signed.version for role, md in self._md.items()}
+
+    def get_target(self, target_path: str) -> TargetInfo | None:
+        with self._lock:
+            tf = self._md[Targets.type].signed.targets.get(target_path)
+            return None if tf is None else TargetInfo(tf.path, tf.length, tf.hashes["sha256"])
+
+    def add_target(self, target_path: str, data: bytes) -> TargetInfo:
+        """Sign `data` as target `target_path`: new targets, snapshot and timestamp versions.
+
+        Adding the same bytes again is a no-op; different bytes replace the target (agents learn the new hash).
+        """
+        if not isinstance(target_path, str) or not TARGET_PATH_RE.match(target_path) or ".." in target_path:
+            raise Invalid(
+                f"invalid TUF target path {target_path!r}: use '/'-separated parts of A-Z a-z 0-9 . _ - "
+                "with no leading '/', no '..' and no empty parts"
+            )
+        target = TargetFile.from_data(target_path, data, ["sha256"])
+        info = TargetInfo(target_path, target.length, target.hashes["sha256"])
+        with self._lock:
+            targets = self._md[Targets.type].signed
+            if targets.targets.get(target_path) == target:
+                return info
+            targets.targets[target_path] = target
+            self._publish(targets=True)
+            log.info("TUF target %s (%d bytes, sha256 %s) in targets v%d", target_path, info.length, info.sha256,
+                     targets.version)
+        return info
+
+    def refresh_timestamp(self, force: bool = False) -> bool:
+        """Re-sign each role that is past half its expiry period (timestamp always with `force`); True if any was.
+
+        Call it periodically (well under half of `timestamp_expiry_s`) so agents never see an expired timestamp.
+        """
+        with self._lock:
+            now = self._clock()
+            stale = {role for role, md in self._md.items() if md.signed.expires - now < self._expiry[role] / 2}
+            if not stale and not force:
+                return False
+            if Root.type in stale:
+                self._bump_root()
+            self._publish(targets=Targets.type in stale, snapshot=Snapshot.type in stale)
+            log.info("TUF metadata re-signed: %s", ", ".join(sorted(stale | {Timestamp.type})))
+            return True
+
+    # ------------------------------------------------------------------------------------------------ internals
+
+    def _expires(self, role: str) -> datetime:
+        return self._clock() + self._expiry[role]
+
+    def _sign(self, role: str, md: Metadata[Any]) -> bytes:
+        md.signed.expires = self._expires(role)
+        md.sign(self._signers[role])
+        return md.to_bytes(_SERIALIZER)
+
+    def _create(self) -> None:
+        root = Root(expires=self._expires(Root.type), consistent_snapshot=True)
+        for role in ROLES:
+            root.add_key(self._signers[role].public_key, role)
+        self._md[Root.type] = Metadata(root)
+        self._write_root()
+        self._md[Targets.type] = Metadata(Targets(expires=self._expires(Targets.type)))
+        self._md[Snapshot.type] = Metadata(Snapshot(expires=self._expires(Snapshot.type)))
+        self._md[Timestamp.type] = Metadata(Timestamp(expires=self._expires(Timestamp.type)))
+        # Version 1 of each role, written as-is (no bump): a fresh repository starts at 1.
+        self._publish(targets=True, bump=False)
+        log.info("created TUF repository in %s", self.root_dir)
+
+    def _bump_root(self) -> None:
+        self._md[Root.type].signed.version += 1
+        self._write_root()
+
+    def _write_root(self) -> None:
+        md = self._md[Root.type]
+        data = self._sign(Root.type, md)
+        atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data)
+
+    def _publish(self, *, targets: bool = False, snapshot: bool = True, bump: bool = True) -> None:
+        """Write targets (when changed), snapshot, then timestamp; timestamp.json last is the commit point."""
+        step = 1 if bump else 0
+        if targets:
+            md = self._md[Targets.type]
+            md.signed.version += step
+            self._targets_bytes = self._sign(Targets.type, md)
+            atomic_write(self.metadata_dir / f"{md.signed.version}.targets.json", self._targets_bytes)
+        if targets or snapshot:
+            md = self._md[Snapshot.type]
+            md.signed.version += step
+            # Version only for targets.json (5.5.5 compares versions; 5.6.4 checks the match).
+            md.signed.meta["targets.json"] = MetaFile(self._md[Targets.type].signed.version)
+            self._snapshot_bytes = self._sign(Snapshot.type, md)
+            atomic_write(self.metadata_dir / f"{md.signed.version}.snapshot.json", self._snapshot_bytes)
+        ts = self._md[Timestamp.type]
+        ts.signed.version += step
+        # Length and sha256 of the snapshot let clients refuse a swapped snapshot before parsing it (5.5.2).
+        ts.signed.snapshot_meta = MetaFile(
+            self._md[Snapshot.type].signed.version,
+            len(self._snapshot_bytes),
+            {"sha256": hashlib.sha256(self._snapshot_bytes).hexdigest()},
+        )
+        atomic_write(self.metadata_dir / "timestamp.json", self._sign(Timestamp.type, ts))
+        self._prune()
+
+    def _prune(self) -> None:
+        for role in (Snapshot.type, Targets.type):
+            oldest_kept = self._md[role].signed.version - self._keep_versions + 1
+            for path in self.metadata_dir.glob(f"*.{role}.json"):
+                version = path.name.split(".", 1)[0]
+                if version.isdigit() and int(version) < oldest_kept:
+                    path.unlink(missing_ok=True)
+
+    def _versions_of(self, role: str) -> list[int]:
+        names = (p.name.split(".", 1)[0] for p in self.metadata_dir.glob(f"*.{role}.json"))
+        return sorted(int(v) for v in names if v.isdigit())
+
+    def _root_versions(self) -> list[int]:
+        return self._versions_of(Root.type)
+
+    def _ever_published(self) -> bool:
+        return any(v > 1 for role in (Root.type, Snapshot.type, Targets.type) for v in self._versions_of(role))
+
+    def _load(self) -> None:
+        """Load the committed state: highest root, then timestamp -> snapshot -> targets as each one names."""
+        version = self._root_versions()[-1]
+        root_md = self._read(f"{version}.root.json")
+        try:
+            root_md.verify_delegate(Root.type, root_md)
+        except UnsignedMetadataError as exc:
+            raise CloudError(f"{version}.root.json in {self.metadata_dir} fails its signature check ({exc}): "
+                             "restore the repository from backup") from None
+        for role in ROLES:
+            keyids = root_md.signed.roles[role].keyids
+            if self._signers[role].public_key.keyid not in keyids:
+                raise CloudError(
+                    f"the {role} key in {self.keys_dir} is not the one {version}.root.json trusts: restore the "
+                    f"matching key from backup, or move {self.root_dir} aside to start a new repository "
+                    "(enrolled agents must then enroll again)"
+                )
+        self._md[Root.type] = root_md
+        ts = self._read("timestamp.json")
+        snap_name = f"{ts.signed.snapshot_meta.version}.snapshot.json"
+        self._snapshot_bytes = (self.metadata_dir / snap_name).read_bytes()
+        snap = self._read(snap_name)
+        targets_name = f"{snap.signed.meta['targets.json'].version}.targets.json"
+        self._targets_bytes = (self.metadata_dir / targets_name).read_bytes()
+        targets = self._read(targets_name)
+        for role, md in ((Timestamp.type, ts), (Snapshot.type, snap), (Targets.type, targets)):
+            try:
+                root_md.verify_delegate(role, md)
+            except UnsignedMetadataError as exc:
+                raise CloudError(f"TUF {role} metadata in {self.metadata_dir} fails its signature check ({exc}): "
+                                 "it was altered on disk; restore the repository from backup") from None
+            self._md[role] = md
+        log.info("opened TUF repository in %s at %s", self.root_dir, self.versions)
+
+    def _read(self, name: str) -> Metadata[Any]:
+        path = self.metadata_dir / name
+        try:
+            return Metadata.from_bytes(path.read_bytes())
+        except FileNotFoundError:
+            raise CloudError(
+                f"TUF metadata {path} is missing: the repository in {self.root_dir} is incomplete; restore it from "
+                "backup"
+            ) from None
+        except Exception as exc:  # DeserializationError and friends: a corrupt file
+            raise CloudError(f"TUF metadata {path} is corrupt ({exc}): restore it from backup") from None
