@@ -1,0 +1,108 @@
+"""Dependencies shared by the routes: the Fleet, and who is calling.
+
+Theory: every route names what it needs in its signature (`FleetDep`, `AdminDep`, `PrincipalDep`) and FastAPI
+resolves it; no route reads headers itself. A bearer token is resolved once per request by `Fleet.authenticate`,
+which raises `Unauthorized` for an unknown or expired token. The role checks here raise `Forbidden` (403), never
+`HTTPException`: the one `CloudError` handler in `app.py` turns both into `ErrorBody` JSON.
+
+Roles: `admin` may do anything; an `enroll` token may only enroll; a `device` token may only read its own desired
+state, post its own reported state and telemetry, and download bundles.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+
+from edgefleet.cloud.errors import Forbidden, Invalid, Unauthorized
+
+if TYPE_CHECKING:
+    from edgefleet.cloud.services import Fleet
+
+# auto_error=False: a missing header reaches `principal` and becomes our own 401 ErrorBody, not FastAPI's.
+_bearer = HTTPBearer(auto_error=False, description="An admin, enrollment or device token.")
+
+
+def get_fleet(request: Request) -> "Fleet":
+    return request.app.state.fleet
+
+
+FleetDep = Annotated[Any, Depends(get_fleet)]  # Any: FastAPI must not try to read Fleet as a body model
+
+
+def principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Any:
+    if credentials is None:
+        header = request.headers.get("authorization")
+        if header:
+            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+        raise Unauthorized("this endpoint needs a token: send 'Authorization: Bearer <token>' "
+                           "(the admin token is in {data_dir}/admin.token)")
+    return get_fleet(request).authenticate(credentials.credentials)
+
+
+PrincipalDep = Annotated[Any, Depends(principal)]
+
+
+def admin(who: PrincipalDep) -> Any:
+    if who.kind != "admin":
+        raise Forbidden(f"this endpoint needs the admin token; a {who.kind} token may not use it")
+    return who
+
+
+AdminDep = Annotated[Any, Depends(admin)]
+
+
+def enrollment(who: PrincipalDep) -> Any:
+    if who.kind != "enroll":
+        raise Forbidden(f"enrolling needs an enrollment token, not a {who.kind} token: "
+                        "create one with POST /api/v1/enrollment-tokens (`fleet token create`)")
+    return who
+
+
+EnrollDep = Annotated[Any, Depends(enrollment)]
+
+
+def device_or_admin(who: PrincipalDep) -> Any:
+    if who.kind not in ("device", "admin"):
+        raise Forbidden(f"this endpoint needs a device or admin token; a {who.kind} token may not use it")
+    return who
+
+
+DeviceOrAdminDep = Annotated[Any, Depends(device_or_admin)]
+
+
+def check_own_device(who: Any, device_id: str, *, admin_allowed: bool = True) -> None:
+    """A device token may touch only its own device id; the admin token may read any (where allowed)."""
+    if who.kind == "admin" and admin_allowed:
+        return
+    if who.kind != "device":
+        raise Forbidden(f"this endpoint needs the token of device {device_id!r}")
+    if who.device_id != device_id:
+        raise Forbidden(f"this token belongs to device {who.device_id!r}, not {device_id!r}")
+
+
+def no_unknown_fields(model: type[BaseModel]) -> Any:
+    """Refuse a JSON body with keys `model` does not have.
+
+    The `protos.api` request views ignore extra keys (so an older cloud accepts a newer CLI's additions); at the
+    API edge a misspelt key (`ttl` for `ttl_s`) must not silently fall back to a default.
+    """
+    known = set(model.model_fields)
+
+    async def check(request: Request) -> None:
+        try:
+            data = json.loads(await request.body())  # cached by Starlette: FastAPI already read it
+        except ValueError:
+            return  # not JSON: FastAPI's own validation says so
+        if isinstance(data, dict) and (unknown := sorted(set(data) - known)):
+            raise Invalid(f"body.{unknown[0]}: unknown field; the fields are {', '.join(sorted(known))}",
+                          detail={"unknown_fields": unknown[:20]})
+
+    return Depends(check)

@@ -1,0 +1,185 @@
+"""`edgefleet-cloud`: run the cloud service.
+
+Theory: `serve` builds a `CloudRuntime` (settings -> `Fleet.from_settings`, which migrates the database -> the admin
+token -> a broker when settings ask for one -> the MQTT bridge wired as the Fleet's publish -> a refresher thread),
+then runs uvicorn in the main thread. uvicorn owns SIGINT/SIGTERM: it stops serving, returns, and the runtime
+stops the refresher, the bridge and the broker in that order (the bridge before the broker it talks to).
+
+The admin token exists once: made at first start, printed once to stderr with the path of the 0600 file that keeps
+it, never printed again. `tests/cloud_server.py` runs the same `CloudRuntime` under uvicorn in a thread, so tests
+exercise exactly this wiring.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import typer
+
+from edgefleet.cloud.errors import CloudError
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from edgefleet.cloud.broker import RunningBroker
+    from edgefleet.cloud.mqtt_bridge import MqttBridge
+    from edgefleet.cloud.services import Fleet
+    from edgefleet.cloud.settings import Settings
+
+log = logging.getLogger("edgefleet.cloud")
+
+app = typer.Typer(help="edgefleet cloud: model registry, signed bundles, desired states, REST API and MQTT bridge.",
+                  no_args_is_help=True, add_completion=False)
+
+
+class CloudRuntime:
+    """The cloud's moving parts besides the HTTP server. `start()` then `stop()`; safe to stop a partial start."""
+
+    def __init__(self, settings: "Settings", *, mqtt: bool = True) -> None:
+        self.settings = settings
+        self.mqtt = mqtt
+        self.fleet: Fleet | None = None
+        self.admin_token: str | None = None  # set only at the first start of a data dir
+        self.broker: RunningBroker | None = None
+        self.bridge: MqttBridge | None = None
+        self.app: FastAPI | None = None
+        self._stop_refresh = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def start(self) -> "CloudRuntime":
+        from edgefleet.cloud.api import create_app
+        from edgefleet.cloud.broker import start_broker
+        from edgefleet.cloud.mqtt_bridge import MqttBridge
+        from edgefleet.cloud.services import Fleet
+
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.fleet = Fleet.from_settings(s)
+            self.admin_token = self.fleet.ensure_admin_token()
+            if self.mqtt:
+                self.broker = start_broker(s.embedded_broker, s.mqtt_host, s.mqtt_port, s.data_dir)
+                self.bridge = MqttBridge(self.fleet, s.mqtt_host, s.mqtt_port, s.mqtt_topic_prefix,
+                                         keepalive_s=s.mqtt_keepalive_s).start()
+                self.fleet.publish = self.bridge.publish
+            self._refresher = threading.Thread(target=self._refresh_loop, name="edgefleet-refresh", daemon=True)
+            self._refresher.start()
+            self.app = create_app(self.fleet)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _refresh_loop(self) -> None:
+        """Re-sign desired states past half their life and the TUF timestamp before it expires."""
+        assert self.fleet is not None
+        while not self._stop_refresh.wait(self.settings.refresh_interval_s):
+            for what, call in (("desired states", self.fleet.refresh_expiring),
+                               ("TUF timestamp", self.fleet.tuf.refresh_timestamp)):
+                try:
+                    call()
+                except Exception:  # noqa: BLE001 - try again next round; a dead refresher would freeze devices
+                    log.exception("refreshing %s failed; retrying in %ss", what, self.settings.refresh_interval_s)
+
+    def stop(self) -> None:
+        self._stop_refresh.set()
+        if self._refresher is not None:
+            self._refresher.join(5)
+        if self.bridge is not None:
+            self.bridge.stop()
+            self.bridge = None
+        if self.fleet is not None:
+            self.fleet.publish = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+        close = getattr(self.fleet, "close", None)
+        if callable(close):
+            close()
+
+
+def announce_admin_token(token: str, token_file: Path) -> None:
+    """Shown once, at the first start: to stderr so that stdout stays clean for scripts."""
+    typer.echo(
+        "\n".join([
+            "",
+            "edgefleet: created the admin token (shown only this once):",
+            f"    {token}",
+            f"It is also kept in {token_file} (mode 0600). Use it with: fleet login --token <token>",
+            "",
+        ]),
+        err=True,
+    )
+
+
+def _after_uvicorn(signum: int, frame: object) -> None:
+    log.info("stopping on signal %d", signum)
+
+
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, help="Interface to listen on (default from settings: 127.0.0.1)."),
+    port: Optional[int] = typer.Option(None, help="HTTP port (default from settings: 8080)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Database, blobs, TUF repo, keys, admin token."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML settings file (or EDGEFLEET_CONFIG)."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run the REST API, the TUF repository, the MQTT bridge and (when needed) an embedded broker."""
+    import uvicorn
+
+    from edgefleet.cloud.settings import Settings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port), ("data_dir", data_dir))
+                                 if v is not None}
+    try:
+        settings = Settings(config_file=config, **overrides)
+        runtime = CloudRuntime(settings).start()
+    except CloudError as exc:
+        typer.echo(f"edgefleet-cloud: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    except RuntimeError as exc:  # a broker that cannot start, said in one line by broker.py
+        typer.echo(f"edgefleet-cloud: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if runtime.admin_token:
+        announce_admin_token(runtime.admin_token, settings.admin_token_file)
+    server = uvicorn.Server(uvicorn.Config(runtime.app, host=settings.host, port=settings.port,
+                                           log_level=log_level.lower(), lifespan="off"))
+    # uvicorn catches SIGINT/SIGTERM, shuts down gracefully, then re-raises the signal to the handler it found
+    # installed. With the defaults that would kill the process (or raise KeyboardInterrupt) before the bridge and
+    # broker stop; these no-op handlers let `run()` return so the runtime stops in order and we exit 0.
+    previous = {sig: signal.signal(sig, _after_uvicorn) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()  # returns after SIGINT/SIGTERM
+    finally:
+        runtime.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        typer.echo(f"edgefleet-cloud: could not listen on {settings.host}:{settings.port}", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def version() -> None:
+    """Print the installed edgefleet version."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as pkg_version
+
+    try:
+        typer.echo(pkg_version("edgefleet"))
+    except PackageNotFoundError:
+        typer.echo("unknown (not installed)")
+
+
+def main() -> None:
+    app(prog_name="edgefleet-cloud")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

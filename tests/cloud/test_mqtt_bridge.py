@@ -1,0 +1,225 @@
+"""cloud/mqtt_bridge.py against a real Mosquitto: garbage on every subscribed topic is counted and dropped, valid
+messages reach the Fleet, desired states are retained for fresh subscribers, and the bridge survives a Fleet that
+raises and a broker that restarts.
+
+The Fleet here is a recorder (the bridge's seam to the Fleet is five methods); `test_api.py` runs the bridge
+inside the real cloud.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from cloud_server import MqttProbe, enroll_device, start_cloud_server, tiny_onnx
+from harness import Mosquitto, wait_for
+
+from edgefleet.cloud.mqtt_bridge import MqttBridge
+from edgefleet.protos.messages import (
+    DesiredState,
+    DeviceStatus,
+    ReportedState,
+    Signature,
+    SignedDesiredState,
+    TelemetryBatch,
+    TelemetryWindow,
+)
+
+NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
+PREFIX = "edgefleet"
+
+
+@dataclass
+class _Device:
+    device_id: str
+
+
+class RecordingFleet:
+    def __init__(self, devices: tuple[str, ...] = ()) -> None:
+        self.lock = threading.Lock()
+        self.recorded: list[object] = []
+        self.counters: Counter[str] = Counter()
+        self.devices = devices
+        self.fail_next = False
+
+    def _record(self, msg: object) -> None:
+        with self.lock:
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("database is down")
+            self.recorded.append(msg)
+
+    record_reported = record_telemetry = record_status = _record
+
+    def count(self, name: str) -> None:
+        with self.lock:
+            self.counters[name] += 1
+
+    def list_devices(self) -> list[_Device]:
+        return [_Device(d) for d in self.devices]
+
+    def desired_state(self, device_id: str) -> SignedDesiredState:
+        return signed_doc(device_id, generation=7)
+
+
+def signed_doc(device_id: str, generation: int) -> SignedDesiredState:
+    payload = DesiredState(device_id=device_id, device_class="rpi4", generation=generation, issued_at=NOW,
+                           expires_at=NOW + timedelta(days=1))
+    return SignedDesiredState(payload=payload, signatures=[Signature(keyid="k", sig="00")])
+
+
+def valid(channel: str, device_id: str) -> bytes:
+    if channel == "reported":
+        return ReportedState(device_id=device_id, generation=1, reported_at=NOW).to_wire()
+    if channel == "telemetry":
+        window = TelemetryWindow(model="digits", version=1, start=NOW, end=NOW, count=3, errors=0)
+        return TelemetryBatch(device_id=device_id, seq=1, windows=[window], sent_at=NOW).to_wire()
+    return DeviceStatus(device_id=device_id, online=True, at=NOW).to_wire()
+
+
+@pytest.fixture
+def fleet() -> RecordingFleet:
+    return RecordingFleet(devices=("dev-a", "dev-b"))
+
+
+@pytest.fixture
+def bridge(fleet, mosquitto):
+    b = MqttBridge(fleet, mosquitto.host, mosquitto.port, PREFIX, client_id="cloud-test",
+                   reconnect_min_s=1, reconnect_max_s=2).start()
+    assert b.wait_connected(10), "bridge did not connect"
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def _garbage(channel: str) -> list[tuple[str, bytes]]:
+    other = "reported" if channel != "reported" else "status"
+    wrong_kind = json.loads(valid(other, "dev-a"))
+    return [
+        ("not json", b"\x00garbage{{{"),
+        ("json array", b"[1, 2, 3]"),
+        ("json string", b'"hello"'),
+        ("wrong kind", json.dumps(wrong_kind).encode()),
+        ("device id mismatch", valid(channel, "dev-b")),
+        ("1 MB", b"{" + b" " * (1024 * 1024) + b"}"),
+        ("invalid utf-8", b'{"kind": "\xff\xfe"}'),
+        ("newer schema", valid(channel, "dev-a").replace(b'"schema_version":1', b'"schema_version":99')),
+        ("unknown field", valid(channel, "dev-a")[:-1] + b', "surprise": 1}'),
+    ]
+
+
+@pytest.mark.parametrize("channel", ["reported", "telemetry", "status"])
+def test_garbage_is_counted_and_dropped_then_a_valid_message_is_recorded(fleet, bridge, mosquitto, channel):
+    topic = f"{PREFIX}/devices/dev-a/{channel}"
+    garbage = _garbage(channel)
+    device = MqttProbe(mosquitto.host, mosquitto.port)
+    try:
+        for _what, payload in garbage:
+            device.publish(topic, payload)
+        device.publish(topic, valid(channel, "dev-a"))
+        wait_for(lambda: len(fleet.recorded) == 1, what="the valid message to be recorded")
+    finally:
+        device.stop()
+    assert bridge.connected
+    assert fleet.counters["malformed_messages"] == len(garbage)
+    assert bridge.counters["malformed_messages"] == len(garbage)
+    assert fleet.recorded[0].device_id == "dev-a"
+    assert {"reported": ReportedState, "telemetry": TelemetryBatch, "status": DeviceStatus}[channel] is type(
+        fleet.recorded[0])
+
+
+def test_retained_clear_is_ignored_not_counted(fleet, bridge, mosquitto):
+    device = MqttProbe(mosquitto.host, mosquitto.port)
+    device.publish(f"{PREFIX}/devices/dev-a/status", b"", retain=True)
+    device.publish(f"{PREFIX}/devices/dev-a/status", valid("status", "dev-a"))
+    device.stop()
+    wait_for(lambda: fleet.recorded, what="the status to be recorded")
+    assert fleet.counters["malformed_messages"] == 0
+
+
+def test_a_fleet_that_raises_is_logged_and_counted_and_the_bridge_goes_on(fleet, bridge, mosquitto):
+    fleet.fail_next = True
+    device = MqttProbe(mosquitto.host, mosquitto.port)
+    device.publish(f"{PREFIX}/devices/dev-a/reported", valid("reported", "dev-a"))
+    device.publish(f"{PREFIX}/devices/dev-a/reported", valid("reported", "dev-a"))
+    device.stop()
+    wait_for(lambda: len(fleet.recorded) == 1, what="the second report to be recorded")
+    assert fleet.counters["ingest_errors"] == 1
+    assert bridge.connected
+
+
+def test_handle_refuses_topics_that_are_not_device_channels(fleet):
+    b = MqttBridge(fleet, "127.0.0.1", 1, PREFIX)  # never started: handle() needs no connection
+    assert b.handle(f"{PREFIX}/devices/dev-a/desired", valid("status", "dev-a")) == "malformed"
+    assert b.handle(f"{PREFIX}/devices/bad+id/status", valid("status", "dev-a")) == "malformed"
+    assert b.handle("elsewhere/devices/dev-a/status", valid("status", "dev-a")) == "malformed"
+    assert b.handle(f"{PREFIX}/devices/dev-a/status", valid("status", "dev-a")) == "recorded"
+    assert fleet.counters["malformed_messages"] == 3
+
+
+def test_desired_state_is_retained_for_a_fresh_subscriber(fleet, bridge, mosquitto):
+    doc = signed_doc("dev-c", generation=3)
+    bridge.publish("dev-c", doc)
+    topic = f"{PREFIX}/devices/dev-c/desired"
+    # A subscriber that arrives after the publish still gets it: retained, QoS 1.
+    wait_for(lambda: bridge.counters["published"] >= 1, what="the publish")
+    late = MqttProbe(mosquitto.host, mosquitto.port, topics=(topic,))
+    try:
+        got = late.wait_for(topic)
+    finally:
+        late.stop()
+    assert got.retain and got.qos == 1
+    assert got.payload == doc.to_wire()
+
+
+def test_reconnect_resubscribes_and_republishes_desired_states(fleet, tmp_path):
+    broker = Mosquitto(tmp_path / "mq").start()
+    b = MqttBridge(fleet, broker.host, broker.port, PREFIX, reconnect_min_s=1, reconnect_max_s=1).start()
+    try:
+        assert b.wait_connected(10)
+        broker.stop()  # a broker without persistence: every retained message is gone
+        wait_for(lambda: not b.connected, what="the bridge to notice the broker is gone")
+        broker.start()
+        wait_for(lambda: b.counters["connects"] >= 2, 20, what="the bridge to reconnect")
+        watcher = MqttProbe(broker.host, broker.port, topics=(f"{PREFIX}/devices/+/desired",))
+        got = watcher.wait_for(f"{PREFIX}/devices/dev-b/desired")
+        assert json.loads(got.payload)["payload"]["generation"] == 7
+        # Subscriptions came back too: a report after the restart is recorded.
+        watcher.publish(f"{PREFIX}/devices/dev-a/status", valid("status", "dev-a"))
+        wait_for(lambda: fleet.recorded, what="a status after the reconnect")
+        watcher.stop()
+    finally:
+        b.stop()
+        broker.stop()
+
+
+def test_inside_the_real_cloud_desired_goes_out_and_garbage_shows_in_stats(tmp_path, mosquitto):
+    cloud = start_cloud_server(tmp_path / "cloud", mqtt=(mosquitto.host, mosquitto.port))
+    try:
+        admin = cloud.client()
+        dev = enroll_device(admin, "dev-m")
+        assert admin.post("/api/v1/models", params={"name": "digits"}, content=tiny_onnx()).status_code == 201
+        assert admin.post("/api/v1/deployments", json={"model": "digits", "device_id": "dev-m"}).status_code == 201
+        over_http = cloud.client(token=dev.device_token).get("/api/v1/devices/dev-m/desired").content
+
+        # A device that connects later gets the same signed bytes, retained.
+        topic = f"{cloud.settings.mqtt_topic_prefix}/devices/dev-m/desired"
+        device = MqttProbe(mosquitto.host, mosquitto.port, topics=(topic,))
+        got = device.wait_for(topic, lambda m: json.loads(m.payload)["payload"]["models"])
+        assert got.retain and got.payload == over_http
+
+        base = f"{cloud.settings.mqtt_topic_prefix}/devices/dev-m"
+        for channel in ("reported", "telemetry", "status"):
+            device.publish(f"{base}/{channel}", b"\xff not json")
+        device.publish(f"{base}/status", valid("status", "dev-m"))
+        device.stop()
+        wait_for(lambda: admin.get("/api/v1/devices/dev-m").json()["online"], what="the status to land")
+        counters = admin.get("/api/v1/stats").json()["counters"]
+        assert counters["malformed_messages"] == 3
+    finally:
+        cloud.stop()
