@@ -1,0 +1,189 @@
+"""Bundle building: one gzip tar per (model, version, device class), a TUF target the agents install.
+
+Theory: a bundle carries everything an agent needs to decide, without the cloud, whether a model works on its
+device: `manifest.json` (a `protos.messages.Manifest`: signature, budgets of the class, sha256 and size of every
+other member), `model.onnx`, and a smoke test: `smoke/input.npz`, a deterministic seeded sample with one array per
+model input, and `smoke/expected.npz`, the outputs ONNX Runtime computes for it here. The agent runs the input before
+activation and compares within the manifest's tolerances.
+
+The archive is byte-for-byte deterministic for the same inputs (fixed member order, mtimes from `created_at`, owner
+0, mode 0644, gzip header without name or time, npz members with a fixed date), so building the same bundle twice
+(two replicas, a retry) gives the same TUF target hash. Regular files only: the agent's unpacker refuses anything
+else.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import tarfile
+import zipfile
+from datetime import datetime, timezone
+
+import numpy as np
+
+from edgefleet.cloud.errors import Invalid
+from edgefleet.protos.messages import DeviceClassInfo, FileEntry, Manifest, SmokeTest, TensorSpec
+
+MODEL_FILE = "model.onnx"
+SMOKE_INPUT = "smoke/input.npz"
+SMOKE_EXPECTED = "smoke/expected.npz"
+MANIFEST_FILE = "manifest.json"
+SMOKE_SEED = 20240601  # fixed: the same model always gets the same smoke input
+# Dynamic dimensions (batch, sequence length, ...) become 1: the smallest input every model must accept.
+DYNAMIC_DIM = 1
+# 1e-3 relative / 1e-4 absolute: fp32 results differ across CPUs and EPs by reduction order, well inside this.
+SMOKE_RTOL = 1e-3
+SMOKE_ATOL = 1e-4
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
+
+
+def target_path(model: str, version: int, device_class: str) -> str:
+    """The TUF target path of a bundle (also its URL under /tuf/targets/)."""
+    return f"bundles/{model}/v{version}/{device_class}.tar.gz"
+
+
+def smoke_inputs(inputs: list[TensorSpec], seed: int = SMOKE_SEED) -> dict[str, np.ndarray]:
+    """One deterministic array per input: floats from a seeded normal, integers zero, booleans false.
+
+    Integer inputs are usually indices (token ids, categories) whose valid range the model does not declare;
+    zero is valid for every embedding table and one-hot encoder.
+    """
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for spec in inputs:
+        shape = tuple(d if isinstance(d, int) and d >= 0 else DYNAMIC_DIM for d in spec.shape)
+        if spec.dtype == "str":
+            arrays[spec.name] = np.full(shape, "a", dtype="<U1")
+            continue
+        try:
+            dtype = np.dtype(spec.dtype)
+        except TypeError:
+            raise Invalid(f"input {spec.name!r}: unknown dtype {spec.dtype!r}") from None
+        if np.issubdtype(dtype, np.floating):
+            arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype == np.bool_:
+            arrays[spec.name] = np.zeros(shape, dtype=dtype)
+        elif np.issubdtype(dtype, np.integer):
+            arrays[spec.name] = np.zeros(shape, dtype=dtype)
+        else:
+            raise Invalid(f"input {spec.name!r}: no smoke input can be made for dtype {spec.dtype!r}")
+    return arrays
+
+
+def run_reference(model_bytes: bytes, feeds: dict[str, np.ndarray], outputs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """The expected outputs: ONNX Runtime on the CPU, the reference every execution provider is compared to."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Deterministic reference: one thread avoids run-to-run differences from parallel reductions.
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
+        results = session.run([o.name for o in outputs], feeds)
+    except Exception as exc:  # onnxruntime's own exception types
+        text = " ".join(str(exc).split())[:400]
+        raise Invalid(
+            f"smoke run failed: ONNX Runtime could not run the model on its sample input (dynamic dimensions set to "
+            f"{DYNAMIC_DIM}, integer inputs 0): {text}"
+        ) from None
+    out: dict[str, np.ndarray] = {}
+    for spec, value in zip(outputs, results, strict=True):
+        array = np.asarray(value)
+        if array.dtype == object:  # string tensors come back as object arrays; npz must not need pickle
+            array = array.astype(str)
+        out[spec.name] = array
+    return out
+
+
+def write_npz(arrays: dict[str, np.ndarray]) -> bytes:
+    """An .npz that `np.load` reads, with fixed member dates and order (np.savez stamps the current time)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name in sorted(arrays):
+            info = zipfile.ZipInfo(name + ".npy", date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            zf.writestr(info, member.getvalue())
+    return buf.getvalue()
+
+
+def _tar_gz(members: list[tuple[str, bytes]], mtime: int) -> bytes:
+    raw = io.BytesIO()
+    # filename="" and mtime=0 keep the gzip header free of the build's name and time.
+    with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
+        with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                info.mode = 0o644
+                info.mtime = mtime
+                info.type = tarfile.REGTYPE
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                tar.addfile(info, io.BytesIO(data))
+    return raw.getvalue()
+
+
+def build_bundle(
+    model_bytes: bytes,
+    *,
+    name: str,
+    version: int,
+    device_class: DeviceClassInfo,
+    inputs: list[TensorSpec],
+    outputs: list[TensorSpec],
+    created_at: datetime,
+) -> tuple[bytes, Manifest]:
+    """The archive bytes and its manifest; raises Invalid when the model cannot be bundled for this class."""
+    if "onnxruntime" not in device_class.runtimes:
+        raise Invalid(
+            f"cannot build {name} v{version} for class {device_class.name}: the class runs "
+            f"{', '.join(device_class.runtimes)}, and edgefleet builds ONNX Runtime bundles only so far; add "
+            "'onnxruntime' to the class's runtimes if the devices have it"
+        )
+    size_mb = len(model_bytes) / (1024 * 1024)
+    limit = device_class.budgets.model_mb
+    if limit is not None and size_mb > limit:
+        raise Invalid(
+            f"cannot build {name} v{version} for class {device_class.name}: the model is {size_mb:.1f} MB, over the "
+            f"class's {limit:g} MB model budget; deploy a smaller model or raise budgets.model_mb for the class"
+        )
+    feeds = smoke_inputs(inputs)
+    expected = run_reference(model_bytes, feeds, outputs)
+    members = [
+        (MODEL_FILE, model_bytes),
+        (SMOKE_EXPECTED, write_npz(expected)),
+        (SMOKE_INPUT, write_npz(feeds)),
+    ]
+    if created_at.tzinfo is None:
+        raise ValueError("created_at must be timezone-aware")
+    manifest = Manifest(
+        name=name,
+        version=version,
+        device_class=device_class.name,
+        runtime="onnxruntime",
+        execution_providers=device_class.execution_providers,
+        # The bundle carries the uploaded model as is (fp32 from every common exporter); per-class precision
+        # conversion is the job of the build step that comes with distillation.
+        precision="fp32",
+        model_file=MODEL_FILE,
+        inputs=inputs,
+        outputs=outputs,
+        files=[FileEntry(path=p, sha256=hashlib.sha256(d).hexdigest(), size=len(d)) for p, d in members],
+        budgets=device_class.budgets,
+        smoke_test=SmokeTest(input_file=SMOKE_INPUT, expected_file=SMOKE_EXPECTED, rtol=SMOKE_RTOL, atol=SMOKE_ATOL),
+        created_at=created_at.astimezone(timezone.utc),
+    )
+    mtime = int(created_at.timestamp())
+    # manifest.json first: a streaming reader learns what to expect before the large members arrive.
+    archive = _tar_gz([(MANIFEST_FILE, manifest.to_wire())] + sorted(members), mtime)
+    return archive, manifest
+
+
+__all__ = ["build_bundle", "smoke_inputs", "target_path", "write_npz"]

@@ -1,0 +1,213 @@
+"""The cloud's tables as SQLAlchemy 2 ORM classes. Alembic migrations (cloud/migrations/) create them; this module
+is what the code and the migration check (tests/cloud/test_store.py) compare against.
+
+Theory: the database is the source of truth for the fleet. Rows are flat (no ORM relationships), so a row handed out
+by `Store` after its session closed can never lazy-load, and no SQL runs outside `store.py`. Documents that are
+contracts (a signed desired state, a reported state, a manifest) are kept as the JSON the contract serialises to.
+Times are stored as UTC and always read back timezone-aware, on SQLite too.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints so that migrations can refer to them on every backend (SQLite batch mode needs names).
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UTCDateTime(TypeDecorator):
+    """Aware UTC datetimes in, aware UTC datetimes out; SQLite forgets the zone, so it is put back on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the database; use datetime.now(timezone.utc)")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_model_versions_name_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)  # blob key of the ONNX bytes
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    opset: Mapped[int | None] = mapped_column(Integer)
+    inputs: Mapped[list] = mapped_column(JSON, nullable=False)  # list of TensorSpec dicts
+    outputs: Mapped[list] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class Bundle(Base):
+    __tablename__ = "bundles"
+    __table_args__ = (
+        UniqueConstraint("model", "version", "device_class", name="uq_bundles_model_version_class"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    device_class: Mapped[str] = mapped_column(String(64), nullable=False)
+    target_path: Mapped[str] = mapped_column(String(255), nullable=False, unique=True)  # TUF target path
+    sha256: Mapped[str] = mapped_column(String(64), nullable=False)  # blob key of the archive
+    size_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    manifest: Mapped[dict] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class DeviceClassRow(Base):
+    """A class added through the API (`Fleet.add_class`); catalog files are not copied here."""
+
+    __tablename__ = "device_classes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    info: Mapped[dict] = mapped_column(JSON, nullable=False)  # a DeviceClassInfo dict
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    device_class: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    labels: Mapped[dict] = mapped_column(JSON, nullable=False)
+    token_hash: Mapped[str | None] = mapped_column(String(64))  # the current device token (also in tokens)
+    agent_version: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    online: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    # The generation rises with every signed document; the stored doc is the one with this generation.
+    desired_generation: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    desired_doc: Mapped[dict | None] = mapped_column(JSON)  # SignedDesiredState dict
+    desired_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    reported_generation: Mapped[int | None] = mapped_column(Integer)
+    reported_doc: Mapped[dict | None] = mapped_column(JSON)  # ReportedState dict
+    reported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Deployment(Base):
+    """A rule: model version for a device, a class or a label. Later rules for the same model name win."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    target_kind: Mapped[str] = mapped_column(String(16), nullable=False)  # device | device_class | label
+    target: Mapped[str] = mapped_column(String(200), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class DeploymentDevice(Base):
+    """The devices a deployment reached when it was made (later enrollments follow the rule, not this list)."""
+
+    __tablename__ = "deployment_devices"
+
+    deployment_id: Mapped[int] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
+    )
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+
+
+class DeploymentBundle(Base):
+    __tablename__ = "deployment_bundles"
+
+    deployment_id: Mapped[int] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
+    )
+    bundle_id: Mapped[int] = mapped_column(ForeignKey("bundles.id", ondelete="CASCADE"), primary_key=True)
+
+
+class TelemetryBatchRow(Base):
+    """One row per accepted batch: the primary key makes an outbox replay a no-op."""
+
+    __tablename__ = "telemetry_batches"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    windows: Mapped[int] = mapped_column(Integer, nullable=False)
+    dropped_windows: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+
+
+class TelemetryWindowRow(Base):
+    __tablename__ = "telemetry_windows"
+    __table_args__ = (Index("ix_telemetry_windows_device_model_end", "device_id", "model", "version", "end"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)  # the batch it came in
+    model: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    start: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    end: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    count: Mapped[int] = mapped_column(Integer, nullable=False)
+    errors: Mapped[int] = mapped_column(Integer, nullable=False)
+    p50_ms: Mapped[float | None] = mapped_column(Float)
+    p95_ms: Mapped[float | None] = mapped_column(Float)
+    p99_ms: Mapped[float | None] = mapped_column(Float)
+    mean_mj: Mapped[float | None] = mapped_column(Float)
+    energy_source: Mapped[str] = mapped_column(String(16), nullable=False)
+    energy_meter: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    where: Mapped[str] = mapped_column(String(8), nullable=False, default="local")
+
+
+class Token(Base):
+    """Bearer tokens, stored as sha256 hex of the token; the token itself is shown once and never stored."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), nullable=False, unique=True)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # admin | enroll | device
+    device_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    note: Mapped[str] = mapped_column(String(200), nullable=False, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Counter(Base):
+    __tablename__ = "counters"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)

@@ -1,0 +1,154 @@
+"""The cloud's configuration, in one place: `Settings`.
+
+Theory: values come, highest priority first, from keyword arguments, `EDGEFLEET_*` environment variables, a TOML file
+(named by the `config_file` argument or `EDGEFLEET_CONFIG`), then the defaults below. Every interval and limit is a
+named field with its unit in the name. Code receives a `Settings`; tests build one instead of patching constants.
+
+A config file with a key this class does not know is refused with the key and the file named: a typo such as
+`max_modle_mb` must not silently fall back to a default. Any bad value raises `Invalid` with one line naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from edgefleet.cloud.errors import Invalid
+
+CONFIG_ENV = "EDGEFLEET_CONFIG"
+
+# The file a Settings() call under construction reads; a ContextVar so that concurrent constructions (threads,
+# tasks) never see each other's file.
+_config_path: ContextVar[Path | None] = ContextVar("_config_path", default=None)
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the TOML config file; refuses keys that are not fields, naming the key and the file."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False  # unused: __call__ returns the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        path = _config_path.get()
+        if path is None:
+            return {}
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise Invalid(f"config file {path} does not exist: fix {CONFIG_ENV} or the --config path") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Invalid(f"config file {path} cannot be read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise Invalid(f"config file {path} is not valid TOML: {exc}") from None
+        known = set(self.settings_cls.model_fields)
+        for key in data:
+            if key not in known:
+                raise Invalid(
+                    f"config file {path}: unknown key {key!r}; known keys are: {', '.join(sorted(known))}"
+                )
+        return data
+
+
+class Settings(BaseSettings):
+    """Everything the cloud process is configured with. Paths are made absolute at load time."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGEFLEET_", extra="forbid", validate_default=True)
+
+    # Where the SQLite file, the blob folder, TUF metadata, keys and the admin token live.
+    data_dir: Path = Path(".edgefleet-data")
+    # None: sqlite:///{data_dir}/edgefleet.db. A PostgreSQL URL (postgresql+psycopg://...) works the same.
+    database_url: str | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    # The base URL devices use to reach this cloud; None: http://{host}:{port}.
+    public_url: str | None = None
+
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(default=1883, ge=1, le=65535)
+    mqtt_topic_prefix: str = "edgefleet"
+    mqtt_tls: bool = False
+    # 30 s: the agent's MQTT keepalive; the broker declares it gone (last will) after 1.5x this.
+    mqtt_keepalive_s: int = Field(default=30, ge=5)
+    embedded_broker: Literal["auto", "always", "never"] = "auto"
+
+    # 200 MB: larger than any model an edge class in the catalog can hold, small enough to refuse a mistaken upload.
+    max_model_mb: float = Field(default=200.0, gt=0)
+    # 1 day: a device whose control plane is frozen stops trusting its desired state within a day; documents are
+    # re-signed when past half their life (refresh_expiring), so a connected device never sees one expire.
+    desired_state_ttl_s: int = Field(default=86400, ge=60)
+    # 1 day: TUF's timestamp role is the freshness signal; the cloud re-signs it well before expiry.
+    tuf_timestamp_expiry_s: int = Field(default=86400, ge=60)
+    # 60 s: how often the serve loop runs refresh_expiring and the TUF timestamp refresh.
+    refresh_interval_s: float = Field(default=60.0, gt=0)
+
+    def __init__(self, config_file: str | Path | None = None, **values: Any) -> None:
+        path = config_file if config_file is not None else os.environ.get(CONFIG_ENV) or None
+        token = _config_path.set(Path(path).expanduser() if path else None)
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "settings"
+            source = f" (config file {path})" if path else ""
+            raise Invalid(f"setting {where!r}: {first.get('msg', 'invalid')}{source}") from None
+        finally:
+            _config_path.reset(token)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+    @model_validator(mode="after")
+    def _derive(self) -> "Settings":
+        # Absolute once, so a later chdir (uvicorn reload, tests) cannot move the data.
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'edgefleet.db'}"
+        if not self.public_url:
+            host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+            self.public_url = f"http://{host}:{self.port}"
+        self.public_url = self.public_url.rstrip("/")
+        self.mqtt_topic_prefix = self.mqtt_topic_prefix.strip("/")
+        if not self.mqtt_topic_prefix or any(c in self.mqtt_topic_prefix for c in "+#"):
+            raise ValueError("mqtt_topic_prefix must be non-empty and contain no MQTT wildcards (+ #)")
+        return self
+
+    # Layout of the data directory: one place, so every part agrees.
+    @property
+    def blobs_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def classes_dir(self) -> Path:
+        return self.data_dir / "classes"
+
+    @property
+    def tuf_dir(self) -> Path:
+        return self.data_dir / "tuf"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def max_model_bytes(self) -> int:
+        return int(self.max_model_mb * 1024 * 1024)
