@@ -1,0 +1,234 @@
+"""The inference service: the active runtime per model, metered runs, and OIP request <-> numpy conversion.
+
+Theory of operation: `load_active()` runs at start, before any network, and loads every model whose `current`
+pointer exists, so apps get answers while the cloud is still unreachable. After that the executor calls
+`activate(name, version)` when a pointer switches: the new runtime is loaded completely first and then swapped in
+under a lock, so a request sees either the old model or the new one. The old runtime is not closed while requests
+may still hold it; dropping the last reference frees it.
+
+`run` times the call with `time.perf_counter`, brackets it with the energy meter and records the result in
+telemetry, errors included. `infer` checks an OIP `InferRequest` against the model's input specs (names, datatype,
+shape, element count) and raises `InferenceError` with a message an app developer can act on; no bad request can
+reach the runtime as a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import numpy as np
+
+from edgefleet.edge_agent.errors import InferenceError, RuntimeLoadError
+from edgefleet.edge_agent.installer import Installer
+from edgefleet.edge_agent.meters.base import EnergyMeter, NullMeter
+from edgefleet.edge_agent.runtimes import make_runtime
+from edgefleet.edge_agent.runtimes.base import Runtime
+from edgefleet.edge_agent.telemetry import Telemetry
+from edgefleet.edge_agent.unpack import read_manifest
+from edgefleet.protos.messages import Manifest, TensorSpec
+from edgefleet.protos.oip import DATATYPES, NUMPY_TO_DATATYPE, InferRequest, InferResponse, InferTensor, ModelMetadata
+
+log = logging.getLogger(__name__)
+
+
+class ModelNotFound(InferenceError):
+    """No model of that name is installed on this device (HTTP 404)."""
+
+    reason = "model_not_found"
+
+
+class ModelNotReady(InferenceError):
+    """The model is installed but no version is active or loaded (HTTP 503)."""
+
+    reason = "model_not_ready"
+
+
+@dataclass(frozen=True)
+class Loaded:
+    name: str
+    version: int
+    manifest: Manifest
+    runtime: Runtime
+
+
+@dataclass(frozen=True)
+class Provenance:
+    model_version: int
+    latency_ms: float
+    energy_mj: float | None
+    energy_source: str
+    energy_meter: str
+    where: str = "local"
+
+    def parameters(self) -> dict[str, Any]:
+        return {"where": self.where, "model_version": self.model_version, "latency_ms": round(self.latency_ms, 4),
+                "energy_mj": None if self.energy_mj is None else round(self.energy_mj, 6),
+                "energy_source": self.energy_source, "energy_meter": self.energy_meter}
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class InferenceService:
+    def __init__(self, installer: Installer, *, runtime_factory: Callable[[str], Runtime] = make_runtime,
+                 meter: EnergyMeter | None = None, telemetry: Telemetry | None = None,
+                 clock: Callable[[], datetime] = _utcnow) -> None:
+        self.installer = installer
+        self.runtime_factory = runtime_factory
+        self.meter = meter or NullMeter()
+        self.telemetry = telemetry
+        self.clock = clock
+        self._models: dict[str, Loaded] = {}
+        self._lock = threading.Lock()  # guards the dict swap only; runs happen outside it
+
+    # -- which model serves -------------------------------------------------------------------------------------------
+
+    def load_active(self) -> dict[str, int]:
+        """Load every active model on disk; a model that fails to load is logged and left out, not fatal."""
+        for name, version in self.installer.active().items():
+            try:
+                self.activate(name, version)
+            except RuntimeLoadError as exc:
+                log.error("model %s v%d is active on disk but cannot load: %s", name, version, exc)
+        return self.models()
+
+    def activate(self, name: str, version: int | None) -> None:
+        """Serve `version` of `name` (loaded from its directory); None stops serving it. Raises RuntimeLoadError."""
+        if version is None:
+            with self._lock:
+                self._models.pop(name, None)
+            return
+        directory = self.installer.version_dir(name, version)
+        try:
+            manifest = read_manifest(directory)
+        except Exception as exc:  # noqa: BLE001 - a BundleError or a disk error both mean "cannot serve"
+            raise RuntimeLoadError(f"model {name} v{version}: {exc}") from None
+        runtime = self.runtime_factory(manifest.runtime)
+        runtime.load(directory, manifest)  # loaded completely BEFORE the swap
+        with self._lock:
+            self._models[name] = Loaded(name, version, manifest, runtime)
+        log.info("serving %s v%d", name, version)
+
+    def models(self) -> dict[str, int]:
+        with self._lock:
+            return {name: loaded.version for name, loaded in self._models.items()}
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return bool(self._models)
+
+    def get(self, name: str) -> Loaded:
+        with self._lock:
+            loaded = self._models.get(name)
+        if loaded is not None:
+            return loaded
+        try:
+            installed = name in self.installer.installed()
+        except (OSError, ValueError):
+            installed = False
+        if installed:
+            raise ModelNotReady(f"model {name!r} is installed but not active yet; retry shortly")
+        raise ModelNotFound(f"model {name!r} is not on this device; models: {', '.join(sorted(self.models())) or 'none'}")
+
+    def metadata(self, name: str) -> ModelMetadata:
+        loaded = self.get(name)
+
+        def spec(s: TensorSpec) -> dict[str, Any]:
+            shape = [d if isinstance(d, int) else -1 for d in s.shape]
+            return {"name": s.name, "datatype": NUMPY_TO_DATATYPE.get(s.dtype, s.dtype.upper()), "shape": shape}
+
+        return ModelMetadata(name=name, versions=[str(loaded.version)],
+                             platform="onnxruntime_onnx" if loaded.manifest.runtime == "onnxruntime" else "litert",
+                             inputs=[spec(s) for s in loaded.runtime.inputs],
+                             outputs=[spec(s) for s in loaded.runtime.outputs])
+
+    # -- running ------------------------------------------------------------------------------------------------------
+
+    def run(self, name: str, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Provenance]:
+        loaded = self.get(name)
+        token = self.meter.start()
+        started = time.perf_counter()
+        ok = False
+        try:
+            outputs = loaded.runtime.run(inputs)
+            ok = True
+        finally:
+            busy_s = time.perf_counter() - started
+            joules = self.meter.stop(token, busy_s)
+            energy_mj = joules * 1000.0 if joules is not None else None
+            if self.telemetry is not None:
+                self.telemetry.record(name, loaded.version, busy_s * 1000.0, self.clock(), ok=ok,
+                                      energy_mj=energy_mj if ok else None, energy_source=self.meter.source,
+                                      energy_meter=self.meter.name)
+        return outputs, Provenance(loaded.version, busy_s * 1000.0, energy_mj, self.meter.source, self.meter.name)
+
+    def infer(self, name: str, request: InferRequest, version: str | None = None) -> InferResponse:
+        loaded = self.get(name)
+        if version is not None and version != str(loaded.version):
+            raise ModelNotFound(f"model {name!r} version {version} is not active; active is {loaded.version}")
+        inputs = request_to_numpy(request, loaded.runtime.inputs)
+        wanted = [o.name for o in request.outputs] if request.outputs else None
+        if wanted is not None:
+            known = {s.name for s in loaded.runtime.outputs}
+            for out_name in wanted:
+                if out_name not in known:
+                    raise InferenceError(f"unknown output {out_name!r}; the model has {sorted(known)}")
+        outputs, prov = self.run(name, inputs)
+        tensors = [numpy_to_tensor(k, v) for k, v in outputs.items() if wanted is None or k in wanted]
+        return InferResponse(model_name=name, model_version=str(loaded.version), id=request.id, outputs=tensors,
+                             parameters=prov.parameters())
+
+
+def request_to_numpy(request: InferRequest, specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """OIP tensors -> the model's named numpy inputs, checked against `specs`; InferenceError on any mismatch."""
+    by_name = {s.name: s for s in specs}
+    out: dict[str, np.ndarray] = {}
+    for tensor in request.inputs:
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            raise InferenceError(f"unknown input {tensor.name!r}; the model takes {sorted(by_name)}")
+        if tensor.name in out:
+            raise InferenceError(f"input {tensor.name!r} is given twice")
+        dtype = DATATYPES.get(tensor.datatype)
+        if dtype is None:
+            raise InferenceError(f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}; "
+                                 f"use one of {', '.join(DATATYPES)}")
+        if dtype != spec.dtype:
+            want = NUMPY_TO_DATATYPE.get(spec.dtype, spec.dtype)
+            raise InferenceError(f"input {tensor.name!r}: datatype {tensor.datatype} but the model wants {want}")
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InferenceError(f"input {tensor.name!r}: shape {shape} has a negative dimension")
+        if len(shape) != len(spec.shape) or any(
+                isinstance(want, int) and want != got for want, got in zip(spec.shape, shape)):
+            model_shape = [d if isinstance(d, int) else -1 for d in spec.shape]
+            raise InferenceError(f"input {tensor.name!r}: shape {shape} does not fit the model's {model_shape} "
+                                 "(-1 is any size)")
+        try:
+            array = np.asarray(tensor.data, dtype=dtype)
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InferenceError(f"input {tensor.name!r}: data is not a list of {tensor.datatype} values ({exc})") from None
+        expected = int(np.prod(shape)) if shape else 1
+        if array.size != expected:
+            raise InferenceError(f"input {tensor.name!r}: {array.size} values for shape {shape} "
+                                 f"(needs {expected})")
+        out[tensor.name] = array.reshape(shape)
+    missing = sorted(set(by_name) - set(out))
+    if missing:
+        raise InferenceError(f"missing input(s) {missing}")
+    return out
+
+
+def numpy_to_tensor(name: str, array: np.ndarray) -> InferTensor:
+    array = np.asarray(array)
+    datatype = NUMPY_TO_DATATYPE.get(array.dtype.name)
+    if datatype is None:
+        raise InferenceError(f"output {name!r} has dtype {array.dtype.name}, which OIP cannot carry")
+    return InferTensor(name=name, shape=list(array.shape), datatype=datatype, data=array.ravel().tolist())

@@ -1,0 +1,225 @@
+"""Telemetry: per-(model, version) windows of latency and energy, and a disk outbox drained only on acknowledgement.
+
+Theory of operation:
+- `Telemetry.record(...)` adds one inference (latency, energy, ok or error) to the open window of its (model,
+  version, where). Windows are aligned to multiples of `window_s` since the epoch, so every device's windows line
+  up in the cloud. No clock is read here: the caller passes `now`.
+- `Telemetry.flush(now)` closes every window whose end is at or before `now` into `TelemetryWindow`s (count,
+  errors, p50/p95/p99 latency by nearest rank, mean mJ per inference, energy source and meter) and hands them to the
+  outbox as one or more `TelemetryBatch`es.
+- `Outbox` keeps one file per batch in `{data_dir}/outbox/` (`{seq:012d}-{windows}.json`, crash-safe writes) and a
+  small `outbox.json` with the next seq and the count of windows dropped but not yet reported. `seq` rises across
+  restarts; the cloud ignores a seq it already stored, so a replay after a crash is harmless. The link publishes
+  `pending()` and calls `ack(seq)` after the broker's PUBACK; only then is the file deleted.
+- Bounded: when the outbox grows past `outbox_max_mb`, the OLDEST batches are dropped and their windows counted; the
+  count rides in the next batch's `dropped_windows`. Nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from edgefleet.edge_agent.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
+from edgefleet.protos.messages import TelemetryBatch, TelemetryWindow
+
+# 200 windows of ~400 bytes: ~80 KB, well inside MAX_MESSAGE_BYTES (256 KiB) on the telemetry topic.
+MAX_WINDOWS_PER_BATCH = 200
+# Latency samples kept per window for percentiles; beyond this a reservoir keeps a uniform sample.
+MAX_SAMPLES_PER_WINDOW = 10_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def percentile(sorted_values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of already sorted values."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+@dataclass
+class _Window:
+    model: str
+    version: int
+    where: str
+    start: datetime
+    end: datetime
+    count: int = 0
+    errors: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    energy_mj_sum: float = 0.0
+    energy_n: int = 0
+    energy_source: str = "none"
+    energy_meter: str = ""
+    _seen: int = 0
+
+    def add(self, latency_ms: float, ok: bool, energy_mj: float | None, source: str, meter: str) -> None:
+        self.count += 1
+        if not ok:
+            self.errors += 1
+            return
+        self._seen += 1
+        if len(self.latencies_ms) < MAX_SAMPLES_PER_WINDOW:
+            self.latencies_ms.append(latency_ms)
+        else:  # reservoir sampling (Algorithm R): memory stays bounded under a flood, percentiles stay unbiased
+            slot = random.randrange(self._seen)
+            if slot < MAX_SAMPLES_PER_WINDOW:
+                self.latencies_ms[slot] = latency_ms
+        if energy_mj is not None:
+            self.energy_mj_sum += energy_mj
+            self.energy_n += 1
+            self.energy_source, self.energy_meter = source, meter
+
+    def close(self) -> TelemetryWindow:
+        lat = sorted(self.latencies_ms)
+        return TelemetryWindow(
+            model=self.model, version=self.version, start=self.start, end=self.end, count=self.count,
+            errors=self.errors, p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
+            mean_mj=self.energy_mj_sum / self.energy_n if self.energy_n else None,
+            energy_source=self.energy_source if self.energy_n else "none", energy_meter=self.energy_meter,
+            where=self.where,
+        )
+
+
+class Outbox:
+    """Batches on disk until acknowledged. Thread-safe: inference threads flush, the link thread acks."""
+
+    STATE_FILE = "outbox.json"
+
+    def __init__(self, directory: str | Path, max_bytes: int) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        state = read_json(self.dir / self.STATE_FILE) if (self.dir / self.STATE_FILE).exists() else {}
+        files = self._files()
+        # A crash between writing a batch and writing outbox.json: the files are the truth for seq.
+        highest = max((seq for seq, _, _ in files), default=-1)
+        self._next_seq = max(int(state.get("next_seq", 0)), highest + 1)
+        self._dropped_pending = int(state.get("dropped_pending", 0))
+        self.dropped_total = int(state.get("dropped_total", 0))
+
+    def _files(self) -> list[tuple[int, int, Path]]:
+        out = []
+        for path in self.dir.glob("*.json"):
+            stem = path.stem.split("-")
+            if len(stem) == 2 and stem[0].isdigit() and stem[1].isdigit():
+                out.append((int(stem[0]), int(stem[1]), path))
+        return sorted(out)
+
+    def _save_state(self) -> None:
+        atomic_write_json(self.dir / self.STATE_FILE, {"next_seq": self._next_seq,
+                                                        "dropped_pending": self._dropped_pending,
+                                                        "dropped_total": self.dropped_total})
+
+    @property
+    def dropped_pending(self) -> int:
+        return self._dropped_pending
+
+    def add(self, device_id: str, windows: list[TelemetryWindow], now: datetime) -> TelemetryBatch:
+        """Write a new batch with the next seq and the dropped count; then enforce the size bound."""
+        with self._lock:
+            batch = TelemetryBatch(device_id=device_id, seq=self._next_seq, windows=windows,
+                                   dropped_windows=self._dropped_pending, sent_at=now)
+            atomic_write_bytes(self.dir / f"{batch.seq:012d}-{len(windows)}.json", batch.to_wire())
+            self._next_seq += 1
+            self._dropped_pending = 0
+            self._enforce_bound()
+            self._save_state()
+            return batch
+
+    def _enforce_bound(self) -> None:
+        files = self._files()
+        total = sum(p.stat().st_size for _, _, p in files)
+        # Keep the newest batch whatever its size: it carries the dropped count.
+        while total > self.max_bytes and len(files) > 1:
+            _, n_windows, oldest = files.pop(0)
+            total -= oldest.stat().st_size
+            oldest.unlink(missing_ok=True)
+            self._dropped_pending += n_windows
+            self.dropped_total += n_windows
+        fsync_dir(self.dir)
+
+    def pending(self) -> list[TelemetryBatch]:
+        """Unacknowledged batches, oldest first, to publish (again) after a (re)connect."""
+        with self._lock:
+            out = []
+            for _, _, path in self._files():
+                try:
+                    out.append(TelemetryBatch.model_validate_json(path.read_bytes()))
+                except (OSError, ValueError):
+                    path.unlink(missing_ok=True)  # unreadable: cannot be sent; counted as dropped below
+                    self._dropped_pending += 1
+                    self.dropped_total += 1
+            return out
+
+    def ack(self, seq: int) -> bool:
+        """The cloud has batch `seq` (the broker sent PUBACK): delete it. False when it was not pending."""
+        with self._lock:
+            for s, _, path in self._files():
+                if s == seq:
+                    path.unlink(missing_ok=True)
+                    fsync_dir(self.dir)
+                    return True
+            return False
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for _, _, p in self._files())
+
+    def __len__(self) -> int:
+        return len(self._files())
+
+
+class Telemetry:
+    """Open windows in memory; closed ones go to the outbox. `record` is called from inference threads."""
+
+    def __init__(self, device_id: str, window_s: float, outbox: Outbox) -> None:
+        if window_s <= 0:
+            raise ValueError("window_s must be > 0")
+        self.device_id = device_id
+        self.window_s = float(window_s)
+        self.outbox = outbox
+        self._open: dict[tuple[str, int, str, datetime], _Window] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config) -> "Telemetry":
+        outbox = Outbox(config.outbox_dir, int(config.telemetry.outbox_max_mb * 1024 * 1024))
+        return cls(config.device_id, config.telemetry.window_s, outbox)
+
+    def _bounds(self, now: datetime) -> tuple[datetime, datetime]:
+        elapsed = (now - _EPOCH).total_seconds()
+        start = _EPOCH + timedelta(seconds=math.floor(elapsed / self.window_s) * self.window_s)
+        return start, start + timedelta(seconds=self.window_s)
+
+    def record(self, model: str, version: int, latency_ms: float, now: datetime, *, ok: bool = True,
+               energy_mj: float | None = None, energy_source: str = "none", energy_meter: str = "",
+               where: str = "local") -> None:
+        start, end = self._bounds(now)
+        key = (model, version, where, start)
+        with self._lock:
+            window = self._open.get(key)
+            if window is None:
+                window = self._open[key] = _Window(model, version, where, start, end)
+            window.add(latency_ms, ok, energy_mj, energy_source, energy_meter)
+
+    def flush(self, now: datetime, *, force: bool = False) -> list[TelemetryBatch]:
+        """Close windows that ended by `now` (all of them with `force`, e.g. at shutdown) into outbox batches."""
+        with self._lock:
+            done = [k for k, w in self._open.items() if force or w.end <= now]
+            windows = [self._open.pop(k).close() for k in sorted(done, key=lambda k: (k[3], k[0], k[1], k[2]))]
+        batches = []
+        for i in range(0, len(windows), MAX_WINDOWS_PER_BATCH):
+            batches.append(self.outbox.add(self.device_id, windows[i:i + MAX_WINDOWS_PER_BATCH], now))
+        if not windows and self.outbox.dropped_pending and force:
+            batches.append(self.outbox.add(self.device_id, [], now))  # report drops even with nothing new
+        return batches
+
+    def open_windows(self) -> int:
+        with self._lock:
+            return len(self._open)

@@ -1,0 +1,98 @@
+"""edge_agent/telemetry.py and meters: windows, percentiles, energy, the outbox's seq, acks and counted drops."""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import agent_testkit as kit  # noqa: E402
+
+from edgefleet.edge_agent.meters import EnergyMeter, ModelledMeter, NullMeter  # noqa: E402
+from edgefleet.edge_agent.telemetry import Outbox, Telemetry, percentile  # noqa: E402
+from edgefleet.protos.messages import TelemetryBatch, parse_message  # noqa: E402
+
+T0 = kit.T0  # a multiple of 60 s since the epoch
+
+
+def make(tmp_path, max_bytes=1 << 20, window_s=60) -> Telemetry:
+    return Telemetry("dev-1", window_s, Outbox(tmp_path / "outbox", max_bytes))
+
+
+def test_modelled_meter():
+    meter = ModelledMeter(active_watts=5.0, idle_watts=2.0)
+    assert isinstance(meter, EnergyMeter) and meter.source == "estimated" and meter.name == "modelled"
+    assert meter.joules_for(0.01) == pytest.approx(0.05)
+    assert meter.stop(meter.start(), 0.002) == pytest.approx(0.01)
+    assert NullMeter().stop(None, 1.0) is None and NullMeter().source == "none"
+    with pytest.raises(ValueError):
+        ModelledMeter(active_watts=0)
+
+
+def test_percentile_nearest_rank():
+    values = sorted(float(v) for v in range(1, 101))
+    assert (percentile(values, 50), percentile(values, 95), percentile(values, 99)) == (50.0, 95.0, 99.0)
+    assert percentile([], 50) is None and percentile([7.0], 99) == 7.0
+
+
+def test_windows_close_on_time_with_stats(tmp_path):
+    tel = make(tmp_path)
+    for i in range(1, 101):
+        tel.record("digits", 2, float(i), T0 + timedelta(seconds=1), energy_mj=10.0 * (i % 2 + 1),
+                   energy_source="estimated", energy_meter="modelled")
+    tel.record("digits", 2, 999.0, T0 + timedelta(seconds=2), ok=False)
+    tel.record("other", 1, 5.0, T0 + timedelta(seconds=61))  # next window
+    assert tel.flush(T0 + timedelta(seconds=59)) == []  # not closed yet
+    (batch,) = tel.flush(T0 + timedelta(seconds=60))
+    (w,) = batch.windows
+    assert (w.model, w.version, w.count, w.errors) == ("digits", 2, 101, 1)
+    assert (w.p50_ms, w.p95_ms, w.p99_ms) == (50.0, 95.0, 99.0)  # the error's latency is not a sample
+    assert w.mean_mj == pytest.approx(15.0) and w.energy_source == "estimated" and w.energy_meter == "modelled"
+    assert (w.start, w.end) == (T0, T0 + timedelta(seconds=60))
+    assert tel.open_windows() == 1
+    (batch2,) = tel.flush(T0 + timedelta(seconds=120))
+    assert batch2.seq == batch.seq + 1 and batch2.windows[0].energy_source == "none"
+
+
+def test_outbox_survives_restart_and_drains_on_ack(tmp_path):
+    tel = make(tmp_path)
+    for n in range(3):
+        tel.record("m", 1, 1.0, T0 + timedelta(seconds=60 * n))
+    batches = tel.flush(T0 + timedelta(seconds=60 * 3))
+    assert [b.seq for b in batches] == [0]  # one flush, one batch of three windows
+    tel.record("m", 1, 1.0, T0 + timedelta(seconds=200))
+    tel.flush(T0 + timedelta(seconds=300))
+    outbox = Outbox(tmp_path / "outbox", 1 << 20)  # restart
+    pending = outbox.pending()
+    assert [b.seq for b in pending] == [0, 1] and len(pending[0].windows) == 3
+    assert parse_message(pending[0].to_wire(), TelemetryBatch) == pending[0]
+    assert outbox.ack(0) and not outbox.ack(0)
+    assert [b.seq for b in Outbox(tmp_path / "outbox", 1 << 20).pending()] == [1]
+    for seq in (1,):
+        outbox.ack(seq)
+    # seq keeps rising after everything was acknowledged and the process restarted
+    again = Outbox(tmp_path / "outbox", 1 << 20)
+    assert again.add("dev-1", [], T0).seq == 2
+
+
+def test_full_outbox_drops_oldest_and_counts(tmp_path):
+    tel = make(tmp_path, max_bytes=1500)
+    made = []
+    for n in range(8):
+        tel.record("m", 1, 1.0, T0 + timedelta(seconds=60 * n))
+        tel.record("m", 2, 1.0, T0 + timedelta(seconds=60 * n))
+        made += tel.flush(T0 + timedelta(seconds=60 * (n + 1)))
+    outbox = tel.outbox
+    pending = outbox.pending()
+    assert outbox.size_bytes() <= 1500 and 1 <= len(pending) < 8
+    assert [b.seq for b in pending] == [b.seq for b in made[-len(pending):]]  # the OLDEST went
+    # Nothing dropped silently: every window is pending or counted as dropped...
+    assert sum(len(b.windows) for b in pending) + outbox.dropped_total == 16
+    # ...and every drop is reported in some batch's dropped_windows, or waits for the next batch.
+    assert sum(b.dropped_windows for b in made) + outbox.dropped_pending == outbox.dropped_total
+    waiting = outbox.dropped_pending
+    assert waiting > 0 and outbox.add("dev-1", [], T0).dropped_windows == waiting
+    assert Outbox(tmp_path / "outbox", 1500).dropped_pending == 0  # persisted across a restart
