@@ -219,12 +219,12 @@ class Fleet:
         return row
 
     def list_devices(self) -> list[DeviceView]:
-        telemetry = self.store.latest_telemetry()
+        telemetry = self.store.telemetry_summary(self._summary_since())
         return [_device_view(d, telemetry.get(d.device_id, [])) for d in self.store.list_devices()]
 
     def get_device(self, device_id: str) -> DeviceView:
         row = self._device(device_id)
-        return _device_view(row, self.store.latest_telemetry(device_id).get(device_id, []))
+        return _device_view(row, self.store.telemetry_summary(self._summary_since(), device_id).get(device_id, []))
 
     # ------------------------------------------------------------------------------------------------ deployments
 
@@ -363,8 +363,11 @@ class Fleet:
         if not self.store.set_online(msg.device_id, msg.online, _now()):
             self.count("dropped_unknown_device")
 
+    def _summary_since(self) -> datetime:
+        return _now() - timedelta(seconds=self.settings.telemetry_summary_s)
+
     def status(self) -> list[DeviceStatusRow]:
-        telemetry = self.store.latest_telemetry()
+        telemetry = self.store.telemetry_summary(self._summary_since())
         rows: list[DeviceStatusRow] = []
         for device in self.store.list_devices():
             rows.extend(_status_rows(device, telemetry.get(device.device_id, [])))

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     tuf_timestamp_expiry_s: int = Field(default=86400, ge=60)
     # 60 s: how often the serve loop runs refresh_expiring and the TUF timestamp refresh.
     refresh_interval_s: float = Field(default=60.0, gt=0)
+    # Status and device views roll telemetry up over this look-back (count-weighted; see Store.telemetry_summary).
+    telemetry_summary_s: int = Field(default=3600, gt=0)
 
     def __init__(self, config_file: str | Path | None = None, **values: Any) -> None:
         path = config_file if config_file is not None else os.environ.get(CONFIG_ENV) or None

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -329,18 +330,53 @@ class Store:
             s.add_all(TelemetryWindowRow(device_id=device_id, seq=seq, **w) for w in windows)
         return True
 
-    def latest_telemetry(self, device_id: str | None = None) -> dict[str, list[TelemetryWindowRow]]:
-        """Per device, the newest window of each (model, version)."""
+    def telemetry_summary(self, since: datetime, device_id: str | None = None) -> dict[str, list[TelemetryAggregate]]:
+        """Per device and (model, version), the windows that ended after `since`, rolled up in SQL.
+
+        Counts, errors and energy add up exactly. Percentiles of windows cannot be merged exactly: p50 and p95 here
+        are the count-weighted means of the windows' own percentiles, and p99 the worst window's. Good enough to see a
+        device drift; the windows themselves stay in the table for exact questions.
+        """
         w = TelemetryWindowRow
-        latest = select(w.device_id, w.model, w.version, func.max(w.end).label("end")).group_by(
-            w.device_id, w.model, w.version)
+        weight = func.sum(w.count)
+        query = (
+            select(w.device_id, w.model, w.version, weight.label("count"), func.sum(w.errors).label("errors"),
+                   (func.sum(w.p50_ms * w.count) / func.nullif(func.sum(case((w.p50_ms.is_not(None), w.count),
+                                                                             else_=0)), 0)).label("p50_ms"),
+                   (func.sum(w.p95_ms * w.count) / func.nullif(func.sum(case((w.p95_ms.is_not(None), w.count),
+                                                                             else_=0)), 0)).label("p95_ms"),
+                   func.max(w.p99_ms).label("p99_ms"),
+                   (func.sum(w.mean_mj * w.count) / func.nullif(func.sum(case((w.mean_mj.is_not(None), w.count),
+                                                                              else_=0)), 0)).label("mean_mj"),
+                   func.max(w.energy_source).label("energy_source"), func.max(w.end).label("window_end"))
+            .where(w.end >= since)
+            .group_by(w.device_id, w.model, w.version)
+            .order_by(w.device_id, w.model, w.version)
+        )
         if device_id is not None:
-            latest = latest.where(w.device_id == device_id)
-        sub = latest.subquery()
-        query = select(w).join(sub, (w.device_id == sub.c.device_id) & (w.model == sub.c.model)
-                               & (w.version == sub.c.version) & (w.end == sub.c.end)).order_by(w.id)
-        out: dict[str, dict[tuple[str, int], TelemetryWindowRow]] = {}
+            query = query.where(w.device_id == device_id)
+        out: dict[str, list[TelemetryAggregate]] = {}
         with self._tx() as s:
-            for row in s.scalars(query):
-                out.setdefault(row.device_id, {})[(row.model, row.version)] = row  # ties: the last stored wins
-        return {dev: sorted(rows.values(), key=lambda r: (r.model, r.version)) for dev, rows in out.items()}
+            for row in s.execute(query):
+                out.setdefault(row.device_id, []).append(TelemetryAggregate(
+                    model=row.model, version=row.version, count=int(row.count or 0), errors=int(row.errors or 0),
+                    p50_ms=_float(row.p50_ms), p95_ms=_float(row.p95_ms), p99_ms=_float(row.p99_ms),
+                    mean_mj=_float(row.mean_mj), energy_source=row.energy_source, end=row.window_end))
+        return out
+
+@dataclass(frozen=True)
+class TelemetryAggregate:
+    model: str
+    version: int
+    count: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    mean_mj: float | None
+    energy_source: str
+    end: datetime
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)

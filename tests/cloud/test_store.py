@@ -172,17 +172,17 @@ def test_telemetry_replay_is_a_no_op(store):
     assert store.add_telemetry("dev-1", 7, [window(end_s=60), window(end_s=120, p95=9.0)], 0, NOW) is True
     assert store.add_telemetry("dev-1", 7, [window(end_s=180)], 0, NOW) is False  # same seq: outbox replay
     assert store.add_telemetry("dev-2", 7, [window(end_s=60)], 0, NOW) is True  # seq is per device
-    latest = store.latest_telemetry()
-    assert [(w.model, w.version, w.p95_ms) for w in latest["dev-1"]] == [("m", 1, 9.0)]
-    assert latest["dev-1"][0].end == NOW + timedelta(seconds=120)
-    assert set(store.latest_telemetry("dev-2")) == {"dev-2"}
+    summary = store.telemetry_summary(NOW)
+    assert [(w.model, w.version, w.count) for w in summary["dev-1"]] == [("m", 1, 20)]  # not 30: replay ignored
+    assert summary["dev-1"][0].end == NOW + timedelta(seconds=120)
+    assert set(store.telemetry_summary(NOW, "dev-2")) == {"dev-2"}
 
 
-def test_latest_telemetry_is_per_model_version(store):
+def test_telemetry_summary_is_per_model_version(store):
     store.add_telemetry("d", 1, [window("a", 1, 60), window("a", 2, 60, p95=3.0), window("b", 1, 30)], 0, NOW)
     store.add_telemetry("d", 2, [window("a", 2, 120, p95=4.0)], 0, NOW)
-    got = [(w.model, w.version, w.p95_ms) for w in store.latest_telemetry("d")["d"]]
-    assert got == [("a", 1, 5.0), ("a", 2, 4.0), ("b", 1, 5.0)]
+    got = [(w.model, w.version, w.count, w.p95_ms) for w in store.telemetry_summary(NOW - timedelta(seconds=60), "d")["d"]]
+    assert got == [("a", 1, 10, 5.0), ("a", 2, 20, 3.5), ("b", 1, 10, 5.0)]
 
 
 def test_reported_state_ignores_older_reports(store):
@@ -205,3 +205,23 @@ def test_online_status_and_classes(store):
     store.put_class("mine", {"name": "mine", "cores": 1}, NOW)
     store.put_class("mine", {"name": "mine", "cores": 2}, NOW)
     assert store.list_classes() == {"mine": {"name": "mine", "cores": 2}}
+
+
+def test_telemetry_summary_rolls_windows_up_over_the_look_back(store):
+    # Two windows of model a v1 (counts 10 and 30), one too old to count, and another device.
+    old = window("a", 1, 10, p95=100.0)
+    w1 = {**window("a", 1, 60, p95=2.0), "count": 10, "p50_ms": 1.0, "mean_mj": 4.0}
+    w2 = {**window("a", 1, 120, p95=6.0), "count": 30, "p50_ms": 3.0, "mean_mj": 8.0, "errors": 2}
+    store.add_telemetry("d", 1, [old], 0, NOW)
+    store.add_telemetry("d", 2, [w1, w2], 0, NOW)
+    store.add_telemetry("e", 1, [window("a", 1, 60)], 0, NOW)
+    got = store.telemetry_summary(NOW + timedelta(seconds=30), "d")
+    assert list(got) == ["d"]
+    (agg,) = got["d"]
+    assert (agg.model, agg.version, agg.count, agg.errors) == ("a", 1, 40, 2)
+    assert agg.p50_ms == pytest.approx((1.0 * 10 + 3.0 * 30) / 40)
+    assert agg.p95_ms == pytest.approx((2.0 * 10 + 6.0 * 30) / 40)
+    assert agg.mean_mj == pytest.approx((4.0 * 10 + 8.0 * 30) / 40)
+    assert agg.end == NOW + timedelta(seconds=120)
+    assert set(store.telemetry_summary(NOW)) == {"d", "e"}
+    assert store.telemetry_summary(NOW + timedelta(seconds=500)) == {}
