@@ -169,6 +169,9 @@ class LocalApi:
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
         self.handler = type("Handler", (_Handler,), {"api": self})
+        # Headers and body leave in two writes; with Nagle on, the client's delayed ACK adds 40 ms to every
+        # keep-alive request (measured: 44 ms per request, 0.3 ms without). TCP only: a unix socket has no Nagle.
+        self.tcp_handler = type("TcpHandler", (self.handler,), {"disable_nagle_algorithm": True})
 
     @classmethod
     def from_config(cls, config, service: InferenceService, telemetry=None) -> "LocalApi":
@@ -188,7 +191,7 @@ class LocalApi:
         return f"http://{host}:{port}"
 
     def start(self) -> "LocalApi":
-        http = ThreadingHTTPServer((self.http_host, self.http_port), self.handler)
+        http = ThreadingHTTPServer((self.http_host, self.http_port), self.tcp_handler)
         http.daemon_threads = True
         self._servers.append(http)
         if self.unix_socket is not None:

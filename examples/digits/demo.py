@@ -153,7 +153,7 @@ _T0 = time.monotonic()
 
 
 def step(text: str) -> None:
-    console.print(f"[dim]{time.monotonic() - _T0:5.1f}s[/] " + text.replace("/5[/]", "/5"))
+    console.print(f"[dim]{time.monotonic() - _T0:5.1f}s[/] " + text)
 
 
 def run(work: Path) -> None:
@@ -162,11 +162,11 @@ def run(work: Path) -> None:
     logdir.mkdir(parents=True)
     procs = Processes(logdir)
     try:
-        step("1/5[/] training the teacher on scikit-learn digits and exporting it to ONNX")
+        step("[bold]1/5[/] training the teacher on scikit-learn digits and exporting it to ONNX")
         trained = train(work / "teacher")
         console.print(f"    teacher held-out accuracy {trained['accuracy']:.3f} -> {trained['model']}")
 
-        step("2/5[/] starting the broker, the cloud and three agents")
+        step("[bold]2/5[/] starting the broker, the cloud and three agents")
         mqtt_port, embedded = start_broker(procs, work)
         port = free_port()
         cloud_url = f"http://127.0.0.1:{port}"
@@ -198,7 +198,7 @@ def run(work: Path) -> None:
 
         wait_until(all_enrolled, 60, "three agents to enroll")
 
-        step("3/5[/] pushing the model and deploying it by class, by device and by label")
+        step("[bold]3/5[/] pushing the model and deploying it by class, by device and by label")
         mv = client.push_model("digits", Path(trained["model"]))
         console.print(f"    model digits v{mv.version}: {mv.size_bytes} bytes, inputs "
                       + ", ".join(f"{t.name}{t.shape}" for t in mv.inputs))
@@ -213,7 +213,7 @@ def run(work: Path) -> None:
 
         wait_until(in_sync, 90, "every agent to verify, smoke-test and activate the bundle")
 
-        step("4/5[/] sending the held-out digits through each agent's local inference API")
+        step("[bold]4/5[/] sending the held-out digits through each agent's local inference API")
         held = np.load(trained["heldout"])
         x, y = held["X"], held["y"]
         accuracy: dict[str, float] = {}
@@ -222,7 +222,7 @@ def run(work: Path) -> None:
             preds = infer_all(api["url"], "digits", x)
             accuracy[device_id] = float((preds == y).mean())
 
-        step("5/5[/] waiting for telemetry to reach the cloud")
+        step("[bold]5/5[/] waiting for telemetry to reach the cloud")
 
         def telemetry_in():
             procs.check_alive()

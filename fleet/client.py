@@ -1,0 +1,204 @@
+"""`FleetClient`: a method per REST endpoint of the cloud (`/api/v1`, docs/internals.md), returning `protos.api` views.
+
+Theory: the client is the only place where httpx meets the CLI. Transport failures become `CloudUnreachable`, an
+`ErrorBody` answer becomes `AuthError` (401/403), `Rejected` (4xx) or `ServerError` (5xx) carrying the server's own
+message, and a 2xx body that does not parse as the expected view becomes `ServerError` (usually a URL that points at
+something other than an edgefleet cloud, or a CLI and cloud of different versions). Callers never see httpx types.
+
+Uploads stream the file in chunks with an explicit Content-Length (so the server can refuse an oversized model
+before reading it) and report progress through a callback; the CLI draws the bar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from edgefleet.fleet.config import DEFAULT_TIMEOUT_S, LOGIN_HINT
+from edgefleet.fleet.errors import AuthError, CloudUnreachable, FleetError, Rejected, ServerError
+from edgefleet.protos.api import (
+    ClassesView,
+    DeploymentView,
+    DeployRequest,
+    DeviceClassInfo,
+    DeviceStatusRow,
+    DeviceView,
+    EnrollmentTokenRequest,
+    EnrollmentTokenView,
+    ErrorBody,
+    ModelVersionView,
+    StatsView,
+)
+
+T = TypeVar("T")
+API = "/api/v1"
+UPLOAD_CHUNK_BYTES = 256 * 1024
+Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
+
+
+class FleetClient:
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        *,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Accept": "application/json", "User-Agent": "edgefleet-fleet-cli"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "FleetClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TimeoutException as exc:
+            raise CloudUnreachable(
+                f"the cloud at {self.url} did not answer in time ({type(exc).__name__}): is it overloaded, or "
+                "is the URL right? (raise timeout_s in cli.toml or EDGEFLEET_TIMEOUT_S for big uploads)"
+            ) from None
+        except httpx.TransportError as exc:
+            raise CloudUnreachable(
+                f"cannot reach the cloud at {self.url}: is `edgefleet-cloud serve` running? "
+                f"({type(exc).__name__}: {exc or 'no detail'})"
+            ) from None
+        except httpx.InvalidURL as exc:
+            raise CloudUnreachable(f"cannot reach the cloud at {self.url}: invalid URL ({exc})") from None
+        except httpx.HTTPError as exc:  # decoding, redirects: the server spoke, but not sensibly
+            raise ServerError(f"the cloud at {self.url} answered badly ({type(exc).__name__}: {exc})") from None
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response
+
+    def _error(self, response: httpx.Response) -> FleetError:
+        status = response.status_code
+        try:
+            body = ErrorBody.model_validate_json(response.content)
+            message, code = body.message, body.error
+        except ValidationError:
+            text = response.text.strip().splitlines()
+            message, code = (text[0][:200] if text else response.reason_phrase or "no message"), None
+        where = f"{response.request.method} {response.request.url.path}"
+        if status in (401, 403):
+            return AuthError(f"{message} ({status} from {where}): {LOGIN_HINT} with an admin token",
+                             status_code=status, code=code)
+        if 400 <= status < 500:
+            return Rejected(message, status_code=status, code=code)
+        return ServerError(f"the cloud failed: {message} ({status} from {where}); see the cloud's log",
+                           status_code=status, code=code)
+
+    def _parse(self, response: httpx.Response, kind: Any) -> Any:
+        try:
+            return TypeAdapter(kind).validate_json(response.content)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            raise ServerError(
+                f"the answer from {self.url}{response.request.url.path} is not what this CLI expects "
+                f"({where}: {first.get('msg')}): is the URL an edgefleet cloud of the same version?"
+            ) from None
+
+    def _get(self, path: str, kind: type[T] | Any) -> Any:
+        return self._parse(self._request("GET", path), kind)
+
+    def _post(self, path: str, body: BaseModel, kind: Any) -> Any:
+        return self._parse(self._request("POST", path, json=body.model_dump(mode="json")), kind)
+
+    # -- endpoints -----------------------------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self._get("/healthz", dict[str, Any])
+
+    def list_devices(self) -> list[DeviceView]:
+        return self._get(f"{API}/devices", list[DeviceView])
+
+    def get_device(self, device_id: str) -> DeviceView:
+        return self._get(f"{API}/devices/{_segment(device_id)}", DeviceView)
+
+    def list_classes(self) -> list[DeviceClassInfo]:
+        # The table in docs/internals.md says a bare list; ClassesView wraps one. Accept both shapes.
+        data = self._get(f"{API}/classes", list[DeviceClassInfo] | ClassesView)
+        return data.classes if isinstance(data, ClassesView) else data
+
+    def add_class(self, info: DeviceClassInfo) -> DeviceClassInfo:
+        return self._post(f"{API}/classes", info, DeviceClassInfo)
+
+    def push_model(self, name: str, source: Path | bytes, *, on_progress: Progress | None = None) -> ModelVersionView:
+        if isinstance(source, (bytes, bytearray)):
+            total, content = len(source), _chunks_of(bytes(source), on_progress)
+        else:
+            try:
+                total = source.stat().st_size
+            except OSError as exc:
+                raise Rejected(f"cannot read {source}: {exc.strerror or exc}") from None
+            content = _file_chunks(source, total, on_progress)
+        response = self._request(
+            "POST",
+            f"{API}/models",
+            params={"name": name},
+            content=content,
+            # An explicit length keeps httpx from chunked encoding, so the cloud can answer 413 up front.
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(total)},
+        )
+        return self._parse(response, ModelVersionView)
+
+    def list_models(self) -> list[ModelVersionView]:
+        return self._get(f"{API}/models", list[ModelVersionView])
+
+    def deploy(self, request: DeployRequest) -> DeploymentView:
+        return self._post(f"{API}/deployments", request, DeploymentView)
+
+    def list_deployments(self) -> list[DeploymentView]:
+        return self._get(f"{API}/deployments", list[DeploymentView])
+
+    def status(self) -> list[DeviceStatusRow]:
+        return self._get(f"{API}/status", list[DeviceStatusRow])
+
+    def create_enrollment_token(self, request: EnrollmentTokenRequest) -> EnrollmentTokenView:
+        return self._post(f"{API}/enrollment-tokens", request, EnrollmentTokenView)
+
+    def stats(self) -> StatsView:
+        return self._get(f"{API}/stats", StatsView)
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _chunks_of(data: bytes, on_progress: Progress | None) -> Iterator[bytes]:
+    for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
+        chunk = data[start:start + UPLOAD_CHUNK_BYTES]
+        yield chunk
+        if on_progress:
+            on_progress(start + len(chunk), len(data))
+
+
+def _file_chunks(path: Path, total: int, on_progress: Progress | None) -> Iterator[bytes]:
+    sent = 0
+    with path.open("rb") as fh:
+        while chunk := fh.read(UPLOAD_CHUNK_BYTES):
+            sent += len(chunk)
+            yield chunk
+            if on_progress:
+                on_progress(sent, total)
+
+
+__all__ = ["FleetClient"]

@@ -1,0 +1,314 @@
+"""`fleet`: the operator CLI. Each command parses, calls `FleetClient`, renders (tables, or `--json` for scripts).
+
+Theory: the CLI holds no logic of the fleet; it is a thin client of the REST API (docs/internals.md). Errors are
+typed in `errors.py`, raised by `config.py` and `client.py`, and mapped to one stderr line and an exit code in one
+place, `_Cli.invoke` below, which wraps every command of the tree:
+
+    0 ok    1 unexpected    2 usage, config or a request the cloud refused (404/409/413/422)
+    3 cloud unreachable    4 not authorised (401/403)    5 the cloud failed (5xx) or answered nonsense
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from typer.core import TyperGroup
+
+from edgefleet.fleet import config as cfg
+from edgefleet.fleet import render
+from edgefleet.fleet.client import FleetClient
+from edgefleet.fleet.errors import CloudUnreachable, ConfigError, FleetError
+from edgefleet.protos.api import DeployRequest, EnrollmentTokenRequest
+
+# 1 MiB: below this an upload finishes before a bar could draw a frame; above it a slow link shows progress.
+PROGRESS_MIN_BYTES = 1024 * 1024
+
+
+class _Cli(TyperGroup):
+    """The root group: the one place where errors become a line on stderr and an exit code."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FleetError as exc:
+            _fail(exc.message, exc.exit_code)
+        except ValidationError as exc:  # a request body the protos models refuse (e.g. DeployRequest)
+            first = exc.errors()[0]
+            _fail(f"invalid request: {first.get('msg')}", 2)
+
+
+def _examples(*lines: str) -> str:
+    # Typer's rich help joins single newlines; a blank line between examples keeps one per line.
+    return "Examples:\n\n" + "\n\n".join(f"$ {line}" for line in lines)
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(code)
+
+
+app = typer.Typer(
+    cls=_Cli,
+    name="fleet",
+    help="Operate an edgefleet: devices, device classes, models, deployments and their status.",
+    epilog=_examples("fleet login --url http://CLOUD:8080 --token ADMIN_TOKEN", "fleet status",
+                     "fleet models push model.onnx --name digits && fleet deploy digits --class rpi4"),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+devices_app = typer.Typer(help="Enrolled devices. Alone, `fleet devices` lists them.")
+classes_app = typer.Typer(help="Device classes (the hardware catalog). Alone, `fleet classes` lists them.")
+models_app = typer.Typer(help="Model versions in the registry. Alone, `fleet models` lists them.")
+deployments_app = typer.Typer(help="Past deployments. Alone, `fleet deployments` lists them.")
+tokens_app = typer.Typer(help="Enrollment tokens for new devices.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
+app.add_typer(classes_app, name="classes")
+app.add_typer(models_app, name="models")
+app.add_typer(deployments_app, name="deployments")
+app.add_typer(tokens_app, name="tokens")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the API's JSON view instead of a table.")]
+
+
+@dataclass
+class _Globals:
+    url: str | None
+    token: str | None
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    url: Annotated[Optional[str], typer.Option("--url", help="Cloud URL; overrides EDGEFLEET_URL and cli.toml.",
+                                               metavar="URL")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", help="Admin token; overrides EDGEFLEET_TOKEN and "
+                                                 "cli.toml.", metavar="TOKEN")] = None,
+) -> None:
+    ctx.obj = _Globals(url, token)
+
+
+def _client(ctx: typer.Context) -> FleetClient:
+    g: _Globals = ctx.find_root().obj
+    conf = cfg.resolve(url=g.url, token=g.token)
+    if not conf.token:
+        raise ConfigError(f"no token configured: {cfg.LOGIN_HINT}, set {cfg.ENV_TOKEN}, or pass --token")
+    return ctx.with_resource(FleetClient(conf.url, conf.token, timeout_s=conf.timeout_s))
+
+
+def _out() -> Console:
+    return Console()
+
+
+def _emit(as_json: bool, value: Any, table: Any) -> None:
+    if as_json:
+        typer.echo(render.to_json(value))
+    else:
+        _out().print(table)
+
+
+# -- login -------------------------------------------------------------------------------------------------------
+
+
+@app.command(epilog=_examples("fleet login --url http://cloud.local:8080 --token $(cat /var/lib/edgefleet/admin.token)",
+                          "fleet login --url http://10.0.0.5:8080 --token TOKEN --no-verify"))
+def login(
+    ctx: typer.Context,
+    url: Annotated[str, typer.Option("--url", help="The cloud's URL.", metavar="URL")],
+    token: Annotated[str, typer.Option("--token", help="An admin token (data_dir/admin.token on the cloud).",
+                                       metavar="TOKEN")],
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check URL and token against the cloud "
+                                         "before saving.")] = True,
+) -> None:
+    """Save the cloud URL and admin token to ~/.config/edgefleet/cli.toml (mode 0600)."""
+    url = cfg.check_url(url, "--url")
+    if verify:
+        with FleetClient(url, token, timeout_s=10.0) as client:
+            try:
+                client.stats()  # an admin-only endpoint: proves both the URL and the token
+            except CloudUnreachable as exc:
+                raise CloudUnreachable(f"{exc.message}; or pass --no-verify to save anyway") from None
+    path = cfg.save(url, token)
+    typer.echo(f"saved {url} to {path}" + ("" if verify else " (not verified)"))
+
+
+# -- devices -----------------------------------------------------------------------------------------------------
+
+
+@devices_app.command("list", epilog=_examples("fleet devices list", "fleet devices list --json | jq '.[].device_id'"))
+def devices_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List enrolled devices: class, labels, online, last seen, desired against reported."""
+    devices = _client(ctx).list_devices()
+    _emit(as_json, devices, render.devices_table(devices))
+
+
+@devices_app.command("show", epilog=_examples("fleet devices show kitchen-pi", "fleet devices show kitchen-pi --json"))
+def devices_show(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one device: facts, models (desired, active, failed and why) and latest telemetry."""
+    device = _client(ctx).get_device(device_id)
+    _emit(as_json, device, render.device_detail(device))
+
+
+# -- classes -----------------------------------------------------------------------------------------------------
+
+
+@classes_app.command("list", epilog=_examples("fleet classes list", "fleet classes list --json"))
+def classes_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List device classes: hardware, runtimes, power figures and default budgets."""
+    classes = _client(ctx).list_classes()
+    _emit(as_json, classes, render.classes_table(classes))
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+
+
+@models_app.command("push", epilog=_examples("fleet models push model.onnx --name digits",
+                                             "fleet models push model.onnx --name digits --json | jq .version"))
+def models_push(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(metavar="FILE", help="An ONNX model file.", exists=True, dir_okay=False,
+                                         readable=True)],
+    name: Annotated[str, typer.Option("--name", "-n", help="Model name (a-z 0-9 . _ -); each push adds a version.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Upload an ONNX model; the cloud validates it and answers with the new version."""
+    client = _client(ctx)
+    size = file.stat().st_size
+    err = Console(stderr=True)
+    if size < PROGRESS_MIN_BYTES or not err.is_terminal:  # no bar in logs and pipes: it would only add noise
+        view = client.push_model(name, file)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(f"uploading {file.name}", total=size)
+
+            def progress(sent: int, total: int) -> None:
+                bar.update(task, completed=sent,
+                           description="validating in the cloud" if sent >= total else f"uploading {file.name}")
+
+            view = client.push_model(name, file, on_progress=progress)
+    if as_json:
+        typer.echo(render.to_json(view))
+    else:
+        _out().print(f"pushed [bold]{view.name} v{view.version}[/] ({view.size_bytes} bytes, sha256 "
+                     f"{view.sha256[:12]})")
+        _out().print(render.models_table([view]))
+
+
+@models_app.command("list", epilog=_examples("fleet models list", "fleet models list --json"))
+def models_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List model versions with their inputs, outputs, opset and hash."""
+    models = _client(ctx).list_models()
+    _emit(as_json, models, render.models_table(models))
+
+
+# -- deploy ------------------------------------------------------------------------------------------------------
+
+
+@app.command(epilog=_examples("fleet deploy digits --class rpi4", "fleet deploy digits --version 2 --device kitchen-pi",
+                            "fleet deploy digits --label site=lab --json"))
+def deploy(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Model name.")],
+    version: Annotated[Optional[int], typer.Option("--version", min=1, help="Model version (default: latest).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", metavar="ID", help="Target one device.")] = None,
+    device_class: Annotated[Optional[str], typer.Option("--class", metavar="NAME", help="Target a device class.")]
+    = None,
+    label: Annotated[Optional[str], typer.Option("--label", metavar="KEY=VALUE", help="Target labelled devices.")]
+    = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Deploy a model version to exactly one target: --device, --class or --label."""
+    given = [flag for flag, v in (("--device", device), ("--class", device_class), ("--label", label)) if v]
+    if len(given) != 1:
+        raise typer.BadParameter(
+            "give exactly one target: --device ID, --class NAME or --label KEY=VALUE"
+            + (f" (got {' and '.join(given)})" if given else ""), ctx=ctx, param_hint="target")
+    if label and "=" not in label:
+        raise typer.BadParameter("must be KEY=VALUE, e.g. site=kitchen", ctx=ctx, param_hint="--label")
+    request = DeployRequest(model=model, version=version, device_id=device, device_class=device_class, label=label)
+    view = _client(ctx).deploy(request)
+    _emit(as_json, view, render.deployment_summary(view))
+
+
+@deployments_app.command("list", epilog=_examples("fleet deployments list", "fleet deployments list --json"))
+def deployments_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """List deployments, newest last."""
+    views = _client(ctx).list_deployments()
+    _emit(as_json, views, render.deployments_table(views))
+
+
+# -- status, stats, tokens ---------------------------------------------------------------------------------------
+
+
+@app.command(epilog=_examples("fleet status", "fleet status --json | jq '.[] | select(.state==\"failed\")'"))
+def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """Per device and model: class, desired against active version, state, last seen, p50/p95 ms, mJ/inference."""
+    rows = _client(ctx).status()
+    _emit(as_json, rows, render.status_table(rows))
+
+
+@app.command(epilog=_examples("fleet stats", "fleet stats --json"))
+def stats(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+    """The cloud's counters: malformed messages, refused documents and the like."""
+    view = _client(ctx).stats()
+    _emit(as_json, view, render.stats_table(view))
+
+
+_TTL_RE = re.compile(r"^(\d+)([smhd]?)$")
+_TTL_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _ttl_s(value: str) -> int:
+    m = _TTL_RE.match(value.strip())
+    if not m or int(m.group(1)) == 0:
+        raise typer.BadParameter("use a positive number with an optional unit s, m, h or d, e.g. 12h or 7d",
+                                 param_hint="--ttl")
+    return int(m.group(1)) * _TTL_UNIT_S[m.group(2)]
+
+
+@tokens_app.command("create", epilog=_examples("fleet tokens create --note 'lab pis' --ttl 2d",
+                                              "TOKEN=$(fleet tokens create --json | jq -r .token)"))
+def tokens_create(
+    ctx: typer.Context,
+    note: Annotated[str, typer.Option("--note", help="Why the token exists; kept with it.")] = "",
+    ttl: Annotated[str, typer.Option("--ttl", help="Lifetime: seconds or with a unit (30m, 12h, 7d).")] = "7d",
+    as_json: JsonOpt = False,
+) -> None:
+    """Create an enrollment token: a device presents it once to enroll (shown once)."""
+    view = _client(ctx).create_enrollment_token(EnrollmentTokenRequest(note=note, ttl_s=_ttl_s(ttl)))
+    _emit(as_json, view, render.token_panel(view))
+
+
+# `fleet devices` alone lists, like `fleet devices list`: the cloud's own hints say "`fleet devices` lists ...".
+def _list_by_default(group: typer.Typer, lister: Any) -> None:
+    @group.callback(invoke_without_command=True)
+    def _default(ctx: typer.Context, as_json: JsonOpt = False) -> None:
+        if ctx.invoked_subcommand is None:
+            lister(ctx, as_json)
+
+
+_list_by_default(devices_app, devices_list)
+_list_by_default(classes_app, classes_list)
+_list_by_default(models_app, models_list)
+_list_by_default(deployments_app, deployments_list)
+
+
+def main() -> None:
+    app(prog_name="fleet")
+
+
+if __name__ == "__main__":
+    main()
