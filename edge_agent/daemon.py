@@ -4,8 +4,8 @@ Theory of operation. One loop thread owns every decision; other threads only put
 paho's thread hands over desired-state payloads and "connected", the local API's threads run inferences and record
 telemetry. At start the daemon serves whatever `models/*/current` names before touching the network, so a device
 that reboots without a network keeps answering. Then it enrolls (once; the answer is kept in state.json), opens the
-MQTT link and, on every (re)connect, fetches the full desired state over HTTP: the cloud's database is the source of
-truth, the broker's retained copy only a fast path.
+MQTT link and, on every (re)connect (and every `retry.retry_max_s` while the broker is away), fetches the full
+desired state over HTTP: the cloud's database is the source of truth, the broker's retained copy only a fast path.
 
 Each desired-state document is verified (signature, device, class, expiry, generation) before it is accepted; the
 highest accepted generation is saved (crash-safe) so a replay is refused after a restart too. Then the executor
@@ -20,6 +20,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -94,6 +95,7 @@ class Agent:
         self.link: MqttLink | None = None
         self.last_error: str | None = None
         self.counters: dict[str, int] = {}
+        self._last_http_fetch = 0.0  # monotonic time of the last desired-state fetch over HTTP
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -223,6 +225,8 @@ class Agent:
             try:
                 if event is not None and event.kind == "connected":
                     self._fetch_desired()
+                elif self._should_poll():
+                    self._fetch_desired()
                 elif event is not None and event.kind == "desired" and event.payload is not None:
                     self._offer_desired(event.payload, event.source)
                 self.executor.converge(self._desired(), utcnow)
@@ -243,8 +247,15 @@ class Agent:
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
+    def _should_poll(self) -> bool:
+        """While the broker is away, poll the desired state over HTTP every `retry.retry_max_s`."""
+        if self.link is not None and self.link.connected.is_set():
+            return False
+        return time.monotonic() - self._last_http_fetch >= self.config.retry.retry_max_s
+
     def _fetch_desired(self) -> None:
         assert self.enrollment is not None
+        self._last_http_fetch = time.monotonic()
         try:
             raw = self.client.desired_state_raw(self.enrollment.desired_state_url)
         except CloudUnavailable as exc:

@@ -8,6 +8,7 @@
         the OS picked. `data_dir` is the cloud's own (created). `db_url`: None for SQLite in data_dir, or the
         `db_url`/`pg_url` fixture. `mqtt`: None runs no bridge (desired states are not published);
         (host, port) bridges to that broker (e.g. the `mosquitto` fixture's); "embedded" starts amqtt on a free port.
+        `wait_mqtt=False` starts without waiting for the bridge (a broker that is down on purpose).
         `settings`: any other `Settings` field (max_model_mb=1, desired_state_ttl_s=60, refresh_interval_s=...).
 
     CloudServer: .base_url ("http://127.0.0.1:PORT"), .admin_token, .data_dir, .settings, .fleet, .runtime,
@@ -135,6 +136,7 @@ def start_cloud_server(
     *,
     db_url: str | None = None,
     mqtt: tuple[str, int] | Literal["embedded"] | None = None,
+    wait_mqtt: bool = True,
     **settings: Any,
 ) -> CloudServer:
     data_dir = Path(data_dir)
@@ -153,7 +155,7 @@ def start_cloud_server(
         runtime.start()
         token = runtime.admin_token or cfg.admin_token_file.read_text().strip()
         http.start(runtime.app)
-        if runtime.bridge is not None and not runtime.bridge.wait_connected(10):
+        if wait_mqtt and runtime.bridge is not None and not runtime.bridge.wait_connected(10):
             raise RuntimeError(f"the cloud's MQTT bridge did not connect to {cfg.mqtt_host}:{cfg.mqtt_port}")
     except BaseException:
         http.stop()

@@ -1,0 +1,220 @@
+"""End to end: the real cloud (uvicorn on a real port), a real Mosquitto, and real `edgefleet-agent` processes.
+
+A model travels from the cloud to agents over MQTT, is verified through TUF, smoke-tested, activated, serves
+inferences on localhost and a unix socket, and its telemetry comes back. Then the hostile cases: replayed,
+foreign and garbage desired states on the device's topic (also after a restart), a signed desired state that names a
+bundle that does not exist, the broker down when the agent starts, and a restart with no network at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from agent_process import AgentProcess  # noqa: E402
+from cloud_server import MqttProbe, start_cloud_server, tiny_onnx  # noqa: E402
+from harness import Mosquitto, free_port, wait_for  # noqa: E402
+
+from edgefleet.protos.messages import DesiredModel, DesiredState  # noqa: E402
+from edgefleet.protos.topics import device_topics  # noqa: E402
+
+X4 = [0.5, -1.0, 2.0, 0.25]
+
+
+@pytest.fixture
+def cloud(tmp_path: Path, mosquitto):
+    server = start_cloud_server(tmp_path / "cloud", mqtt=(mosquitto.host, mosquitto.port))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def admin(cloud):
+    with cloud.client() as c:
+        yield c
+
+
+@pytest.fixture
+def agents(tmp_path: Path):
+    started: list[AgentProcess] = []
+    yield started
+    for a in started:
+        a.stop()
+
+
+def enrollment_token(admin) -> str:
+    resp = admin.post("/api/v1/enrollment-tokens", json={"note": "e2e"})
+    resp.raise_for_status()
+    return resp.json()["token"]
+
+
+def start_agent(agents, tmp_path, cloud, admin, device_id, device_class, **kw) -> AgentProcess:
+    agent = AgentProcess(tmp_path / "agents", device_id, device_class, cloud.base_url, enrollment_token(admin), **kw)
+    agents.append(agent.start())
+    return agent
+
+
+def push(admin, name="tiny", seed_scale=1) -> int:
+    resp = admin.post(f"/api/v1/models?name={name}", content=tiny_onnx(), headers={"Content-Type": "application/octet-stream"})
+    resp.raise_for_status()
+    return resp.json()["version"]
+
+
+def device(admin, device_id) -> dict:
+    resp = admin.get(f"/api/v1/devices/{device_id}")
+    resp.raise_for_status()
+    return resp.json()
+
+
+def status_of(admin, device_id) -> list[dict]:
+    return [r for r in admin.get("/api/v1/status").json() if r["device_id"] == device_id]
+
+
+def wait_in_sync(admin, device_id, version, timeout_s=30):
+    def ok():
+        rows = status_of(admin, device_id)
+        return rows and rows[0]["state"] == "in_sync" and rows[0]["active_version"] == version
+    wait_for(ok, timeout_s, what=f"{device_id} in sync at v{version}")
+
+
+def wait_enrolled(admin, device_id):
+    wait_for(lambda: admin.get(f"/api/v1/devices/{device_id}").status_code == 200, 20, what=f"{device_id} enrolled")
+
+
+def test_model_travels_to_agents_runs_and_reports(tmp_path, cloud, admin, agents):
+    pi = start_agent(agents, tmp_path, cloud, admin, "pi-1", "rpi4", labels={"site": "lab"})
+    gw = start_agent(agents, tmp_path, cloud, admin, "gw-1", "x86-cpu")
+    wait_enrolled(admin, "pi-1")
+    wait_enrolled(admin, "gw-1")
+    v1 = push(admin)
+    admin.post("/api/v1/deployments", json={"model": "tiny", "device_class": "rpi4"}).raise_for_status()
+    wait_in_sync(admin, "pi-1", v1)
+    assert status_of(admin, "gw-1")[0]["state"] == "no_model"  # another class: untouched
+
+    out = pi.infer("tiny", X4, [1, 4])
+    assert out["model_name"] == "tiny" and out["outputs"][0]["shape"] == [1, 2]
+    assert out["parameters"]["where"] == "local" and out["parameters"]["energy_source"] == "estimated"
+    out_unix = pi.infer("tiny", X4, [1, 4], unix=True)
+    assert out_unix["outputs"][0]["data"] == out["outputs"][0]["data"]
+    for _ in range(20):
+        pi.infer("tiny", X4, [1, 4])
+
+    def telemetry_in():
+        t = device(admin, "pi-1")["telemetry"]
+        return t and sum(w["count"] for w in t) >= 22 and t[0]["mean_mj"] and t[0]["p95_ms"]
+    wait_for(telemetry_in, 20, what="telemetry from pi-1 in the cloud")
+    row = status_of(admin, "pi-1")[0]
+    assert row["p50_ms"] > 0 and row["mean_mj"] > 0 and row["energy_source"] == "estimated"
+
+    # A new version by label; the previous one stays on disk for roll back.
+    v2 = push(admin)
+    admin.post("/api/v1/deployments", json={"model": "tiny", "label": "site=lab"}).raise_for_status()
+    wait_in_sync(admin, "pi-1", v2)
+    models = pi.data_dir / "models" / "tiny"
+    assert (models / str(v1)).is_dir() and (models / str(v2)).is_dir()
+    assert Path(models / "current").resolve().name == str(v2)
+    # And by device id to the gateway.
+    admin.post("/api/v1/deployments", json={"model": "tiny", "version": v1, "device_id": "gw-1"}).raise_for_status()
+    wait_in_sync(admin, "gw-1", v1)
+    assert gw.infer("tiny", X4, [1, 4])["model_version"] == str(v1)
+
+
+def test_hostile_desired_states_are_refused_also_after_restart(tmp_path, cloud, admin, agents, mosquitto):
+    pi = start_agent(agents, tmp_path, cloud, admin, "pi-2", "rpi4")
+    start_agent(agents, tmp_path, cloud, admin, "other-1", "rpi4")
+    wait_enrolled(admin, "pi-2")
+    wait_enrolled(admin, "other-1")
+    v1 = push(admin)
+    admin.post("/api/v1/deployments", json={"model": "tiny", "device_class": "rpi4"}).raise_for_status()
+    wait_in_sync(admin, "pi-2", v1)
+    old_doc = admin.get("/api/v1/devices/pi-2/desired").content  # generation N, validly signed
+    foreign_doc = admin.get("/api/v1/devices/other-1/desired").content
+    v2 = push(admin)
+    admin.post("/api/v1/deployments", json={"model": "tiny", "device_id": "pi-2"}).raise_for_status()
+    wait_in_sync(admin, "pi-2", v2)
+
+    topic = device_topics(cloud.settings.mqtt_topic_prefix, "pi-2").desired
+    probe = MqttProbe(mosquitto.host, mosquitto.port)
+    try:
+        def refused(text):
+            return lambda: text in (device(admin, "pi-2")["last_error"] or "")
+
+        probe.publish(topic, old_doc, retain=True)  # a replay: older generation, valid signature
+        wait_for(refused("not newer"), 15, what="replayed desired state refused")
+        probe.publish(topic, foreign_doc, retain=True)  # another device's document
+        wait_for(refused("device"), 15, what="foreign desired state refused")
+        for garbage in (b"\x00\xff garbage", b"[]", b'{"kind":"signed_desired_state"}', b"{" * 10000):
+            probe.publish(topic, garbage)
+        # The agent is alive and still serves v2 after the garbage.
+        assert pi.infer("tiny", X4, [1, 4])["model_version"] == str(v2)
+
+        # Restart: the highest generation is on disk, so the retained replay is refused again.
+        pi.stop()
+        pi.start()
+        probe.publish(topic, old_doc, retain=True)
+        wait_for(lambda: "refused desired state from mqtt" in pi.log_text().split("agent stopped")[-1], 15,
+                 what="replay refused after restart")
+        assert pi.infer("tiny", X4, [1, 4])["model_version"] == str(v2)
+        assert Path(pi.data_dir / "models" / "tiny" / "current").resolve().name == str(v2)
+    finally:
+        probe.publish(topic, b"", retain=True)
+        probe.stop()
+
+
+def test_signed_desired_state_naming_a_missing_bundle_fails_with_a_reason(tmp_path, cloud, admin, agents, mosquitto):
+    pi = start_agent(agents, tmp_path, cloud, admin, "pi-3", "rpi4")
+    wait_enrolled(admin, "pi-3")
+    v1 = push(admin)
+    admin.post("/api/v1/deployments", json={"model": "tiny", "device_id": "pi-3"}).raise_for_status()
+    wait_in_sync(admin, "pi-3", v1)
+    generation = json.loads(admin.get("/api/v1/devices/pi-3/desired").content)["payload"]["generation"]
+    now = datetime.now(timezone.utc)
+    forged = cloud.fleet.signer.sign(DesiredState(
+        device_id="pi-3", device_class="rpi4", generation=generation + 100, issued_at=now,
+        expires_at=now + timedelta(hours=1),
+        models=[DesiredModel(name="tiny", version=99, bundle_target="bundles/tiny/v99/rpi4.tar.gz")]))
+    probe = MqttProbe(mosquitto.host, mosquitto.port)
+    try:
+        probe.publish(device_topics(cloud.settings.mqtt_topic_prefix, "pi-3").desired, forged.to_wire())
+
+        def failed():
+            models = device(admin, "pi-3")["models"]
+            return [m for m in models if m["name"] == "tiny" and m["state"] == "failed" and m["target_version"] == 99]
+        (status,) = wait_for(failed, 20, what="install of a missing bundle reported as failed")
+        assert "not a trusted target" in status["error"] or "does not exist" in status["error"]
+        # The last good model keeps serving.
+        assert pi.infer("tiny", X4, [1, 4])["model_version"] == str(v1)
+    finally:
+        probe.stop()
+
+
+def test_broker_down_at_start_then_up_and_no_network_restart(tmp_path, agents):
+    port = free_port()
+    broker = Mosquitto(tmp_path / "late-broker", port=port)  # not started yet
+    server = start_cloud_server(tmp_path / "cloud", mqtt=("127.0.0.1", port), wait_mqtt=False)
+    try:
+        with server.client() as admin:
+            pi = start_agent(agents, tmp_path, server, admin, "pi-4", "rpi4")
+            wait_enrolled(admin, "pi-4")
+            v1 = push(admin)
+            admin.post("/api/v1/deployments", json={"model": "tiny", "device_id": "pi-4"}).raise_for_status()
+            # No broker: the agent polls the desired state over HTTP while MQTT is away.
+            wait_in_sync(admin, "pi-4", v1)  # reported over the HTTP fallback
+            assert device(admin, "pi-4")["online"] is False  # never seen on MQTT
+            broker.start()
+            wait_for(lambda: device(admin, "pi-4")["online"] is True, 30, what="agent online once the broker is up")
+    finally:
+        server.stop()
+        broker.stop()
+    # Cloud and broker gone: a restarted agent serves its last active model before any network.
+    pi.stop()
+    pi.start()
+    assert pi.infer("tiny", X4, [1, 4])["model_version"] == str(v1)
