@@ -84,20 +84,20 @@ def issue_token(store: Store, kind: TokenKind, *, device_id: str | None = None, 
 def authenticate(store: Store, token: str | None, token_file: Path) -> Principal:
     if not token or not token.strip():
         raise Unauthorized(
-            f"missing bearer token: pass Authorization: Bearer <token>; the admin token was written to {token_file} "
-            "at first start"
+            "missing bearer token: pass Authorization: Bearer <token>; the admin token was written to "
+            "admin.token in the cloud's data directory at first start"
         )
     row = store.find_token(hash_token(token.strip()))
     # compare_digest on the hash we looked up: the lookup is by hash, so timing reveals nothing about the token.
     if row is None or not hmac.compare_digest(row.token_hash, hash_token(token.strip())):
         raise Unauthorized(
-            f"unknown or revoked token: check it was copied whole; the admin token is in {token_file}, a device gets "
-            "a new token by enrolling again"
+            "unknown or revoked token: check it was copied whole (the admin token is in admin.token in the cloud's "
+            "data directory; a device gets a new token by enrolling again)"
         )
     if row.expires_at is not None and row.expires_at <= datetime.now(timezone.utc):
         raise Unauthorized(
             f"token expired at {row.expires_at.isoformat()}: ask an admin for a new one "
-            "(fleet enrollment-token create)"
+            "(fleet tokens create)"
         )
     return Principal(kind=row.kind, device_id=row.device_id)  # type: ignore[arg-type]
 

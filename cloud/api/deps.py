@@ -43,7 +43,7 @@ def principal(
         if header:
             raise Unauthorized("the Authorization header must be 'Bearer <token>'")
         raise Unauthorized("this endpoint needs a token: send 'Authorization: Bearer <token>' "
-                           "(the admin token is in {data_dir}/admin.token)")
+                           "(the admin token is in admin.token in the cloud's data directory)")
     return get_fleet(request).authenticate(credentials.credentials)
 
 
