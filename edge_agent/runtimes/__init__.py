@@ -4,6 +4,8 @@ Engines register here so that importing this package is enough; the engine's own
 ai-edge-litert) is imported only when a runtime of that kind is made.
 """
 
+import importlib.util
+
 from edgefleet.edge_agent.runtimes.base import Runtime, available_runtimes, make_runtime, register_runtime
 
 
@@ -14,7 +16,17 @@ def _onnx_factory(**options):
 
 
 register_runtime("onnxruntime", "onnxruntime", "onnxruntime", _onnx_factory)
-# LiteRT: named so that a manifest asking for it gets a clear "install ai-edge-litert" / "not supported yet" answer.
-register_runtime("litert", "ai_edge_litert", "ai-edge-litert", None)
+
+
+def _litert_factory(**options):
+    from edgefleet.edge_agent.runtimes.litert import LiteRtRuntime
+
+    return LiteRtRuntime(**options)
+
+
+# LiteRT: ai-edge-litert, or tflite-runtime on older devices where only that is installed (find_spec imports nothing).
+_LITERT_MODULE = ("tflite_runtime" if importlib.util.find_spec("ai_edge_litert") is None
+                  and importlib.util.find_spec("tflite_runtime") is not None else "ai_edge_litert")
+register_runtime("litert", _LITERT_MODULE, "'edgefleet[litert]' (ai-edge-litert)", _litert_factory)
 
 __all__ = ["Runtime", "available_runtimes", "make_runtime", "register_runtime"]

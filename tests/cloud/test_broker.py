@@ -80,7 +80,6 @@ def test_auto_uses_a_broker_that_already_listens(mosquitto, tmp_path):
     assert start_broker("auto", mosquitto.host, mosquitto.port, tmp_path) is None
 
 
-@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 def test_mosquitto_process_keeps_retained_messages_across_a_restart(tmp_path):
     port = free_port()
     broker = MosquittoProcess(tmp_path / "mq", "127.0.0.1", port).start()

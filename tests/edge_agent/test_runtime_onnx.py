@@ -68,7 +68,6 @@ def test_corrupt_model_is_a_load_error(tmp_path):
 
 
 def test_registry_messages():
-    with pytest.raises(RuntimeLoadError, match="pip install ai-edge-litert|cannot drive it yet"):
-        make_runtime("litert")
+    assert type(make_runtime("litert")).__name__ == "LiteRtRuntime"  # registered; tests/edge_agent/test_runtime_litert.py
     with pytest.raises(RuntimeLoadError, match="unknown to this agent"):
         make_runtime("tensorflow")

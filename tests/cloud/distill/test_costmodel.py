@@ -1,0 +1,216 @@
+"""Cost model: op counts against hand counts, the prediction formula, the int8 crossover and the x86-cpu
+prediction against ONNX Runtime on this machine, and refit recovering a known calibration from synthetic windows."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import artifact_models as am  # noqa: E402
+
+from edgefleet.cloud.catalog import builtin_catalog  # noqa: E402
+from edgefleet.cloud.distill import costmodel as cm  # noqa: E402
+from edgefleet.cloud.distill.artifacts import make_fp16, make_int8  # noqa: E402
+from edgefleet.protos.messages import DeviceClassInfo  # noqa: E402
+
+
+def own(data: bytes, shape) -> cm.OpCounts:
+    return cm._count_own(cm._toposorted(onnx.load_from_string(data)), "input", (1, *shape), len(data))
+
+
+# -- counting --------------------------------------------------------------------------------------------------------
+
+def test_matmul_and_gemm_by_hand():
+    counts = cm.count_ops(am.matmul(64, 32), (64,))
+    assert counts.counter == "onnx-tool"
+    assert counts.macs == 64 * 32 == 2048
+    assert own(am.matmul(64, 32), (64,)).macs == 2048
+    # Gemm with bias: one more MAC per output (both counters); no Relu, so the two counters agree exactly.
+    gemm = am.mlp(64, (), 32)
+    assert cm.count_ops(gemm, (64,)).macs == own(gemm, (64,)).macs == 2048 + 32
+    assert cm.count_ops(gemm, (64,)).params == 64 * 32 + 32
+
+
+@pytest.mark.parametrize("c_in,c_out,k,group,expected", [
+    (16, 16, 3, 16, 28 * 28 * 16 * 9),          # depthwise: H x W x C x k^2
+    (16, 32, 1, 1, 28 * 28 * 32 * 16),          # pointwise: H x W x C_out x C_in
+    (16, 32, 3, 1, 28 * 28 * 32 * 16 * 9),      # full 3x3
+    (16, 32, 3, 4, 28 * 28 * 32 * 4 * 9),       # grouped: C_in / group per output channel
+])
+def test_conv_by_formula(c_in, c_out, k, group, expected):
+    data = am.single_conv(c_in, c_out, k, group)
+    assert cm.count_ops(data, (c_in, 28, 28)).macs == expected
+    assert own(data, (c_in, 28, 28)).macs == expected
+
+
+def test_conv_transpose_by_formula_in_our_counter():
+    # Every input element is spread over C_out x k^2 outputs: 16*28*28 x 32 x 9. (onnx-tool counts output x C_in
+    # x k^2 instead, as if it were a direct conv over the padded output, 2.3x more here.)
+    data = am.single_conv(16, 32, 3, 1, transpose=True)
+    assert own(data, (16, 28, 28)).macs == 16 * 28 * 28 * 32 * 9
+
+
+def test_dscnn_counts_against_hand_count():
+    data = am.dscnn(16)
+    assert own(data, (1, 28, 28)).macs == am.dscnn_macs(16)
+    tool = cm.count_ops(data, (1, 28, 28))
+    # onnx-tool also counts Relu and pooling (one per element): a few percent more.
+    assert am.dscnn_macs(16) < tool.macs < 1.06 * am.dscnn_macs(16)
+    assert cm.count_ops(data, (1, 1, 28, 28)).macs == tool.macs  # full shape with the batch axis is accepted
+
+
+def test_quantized_and_fp16_graphs_count_like_fp32():
+    data = am.dscnn(16)
+    x = am.samples((1, 28, 28), 64)
+    fp32 = own(data, (1, 28, 28))
+    for variant in (make_int8(data, x), make_fp16(data)):
+        counts = cm.count_ops(variant, (1, 28, 28))
+        assert counts.counter == "onnx-tool"
+        assert abs(counts.macs - fp32.macs) / fp32.macs < 0.06  # Q/DQ/Cast are not compute; Relu may be fused
+        assert own(variant, (1, 28, 28)).macs == fp32.macs
+        assert counts.model_bytes == len(variant)
+
+
+def test_falls_back_to_our_counter(monkeypatch):
+    def broken(*args):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(cm, "_count_onnx_tool", broken)
+    counts = cm.count_ops(am.mlp(64, (), 32), (64,))
+    assert (counts.counter, counts.macs) == ("edgefleet", 2080)
+
+
+# -- prediction ------------------------------------------------------------------------------------------------------
+
+CAL = cm.Calibration("t", {"fp32": 10.0, "fp16": 20.0, "int8": 40.0}, overhead_ms=0.1, active_watts=5.0,
+                     idle_watts=1.0, source="test", int8_overhead_ms=0.05, p95_factor=2.0)
+
+
+def test_predict_formula():
+    counts = cm.OpCounts(macs=10_000_000, params=0, bytes_moved=0, model_bytes=2_500_000, counter="test")
+    fp32 = cm.predict(counts, CAL, "fp32")
+    assert fp32.latency_ms == pytest.approx(0.1 + 1e7 / 10e9 * 1e3)  # 1.1 ms
+    assert fp32.p95_ms == pytest.approx(2.2)
+    assert fp32.mj_per_inference == pytest.approx(5.0 * 1.1)  # W x ms = mJ
+    assert fp32.size_mb == pytest.approx(2.5)
+    assert cm.predict(counts, CAL, "int8", model_bytes=700_000).size_mb == pytest.approx(0.7)
+    assert cm.predict(counts, CAL, "int8").latency_ms == pytest.approx(0.1 + 0.05 + 0.25)
+
+
+def test_int8_crossover_falls_out_of_the_model():
+    cal = cm.default_calibration(builtin_catalog()["x86-cpu"])
+    small, large = cm.OpCounts(50_000, 0, 0, 0, "t"), cm.OpCounts(5_000_000, 0, 0, 0, "t")
+    assert cm.predict(small, cal, "int8").p95_ms > cm.predict(small, cal, "fp32").p95_ms
+    assert cm.predict(large, cal, "int8").p95_ms < cm.predict(large, cal, "fp32").p95_ms
+
+
+def test_default_calibration_for_every_class():
+    catalog = builtin_catalog()
+    for name, info in catalog.items():
+        cal = cm.default_calibration(info)
+        assert set(cal.gmacs_per_s) == set(cm.PRECISIONS) and cal.active_watts == info.active_watts
+        assert name in cm.DEFAULTS
+    custom = DeviceClassInfo(name="my-box", cores=8, memory_mb=1024, runtimes=["onnxruntime"], idle_watts=1,
+                             active_watts=4)
+    cal = cm.default_calibration(custom)
+    assert "generic" in cal.source and cal.gmacs_per_s["fp32"] == pytest.approx(8 * 0.75)
+
+
+# -- against this machine --------------------------------------------------------------------------------------------
+# The build machine is a 2-vCPU VM that other jobs share (load averages of 4 seen while these tests ran). Each
+# figure is therefore the least-disturbed of three interleaved measurements (lowest median); one burst of
+# contention inflates a single measurement's p95 by 3-30x and says nothing about the model.
+
+def quiet(models, x, runs, threads=1, attempts=3):
+    """Per model, the Measured with the lowest median over `attempts` rounds, the models measured in turn."""
+    best = [None] * len(models)
+    for _ in range(attempts):
+        for i, model in enumerate(models):
+            m = cm.measure_here(model, x, runs=runs, threads=threads)
+            best[i] = m if best[i] is None or m.p50_ms < best[i].p50_ms else best[i]
+    return best
+
+
+def test_int8_slower_for_a_tiny_cnn_and_faster_for_a_large_mlp_measured():
+    """The crossover the model predicts, measured with ORT on this CPU (1 thread, lowest of 3 medians of 500 runs).
+    Measured on the build machine: DS-CNN c=8 fp32 0.023 ms, int8 0.042 ms; MLP 64-1024-1024-10 fp32 0.104 ms,
+    int8 0.055 ms."""
+    cal = cm.default_calibration(builtin_catalog()["x86-cpu"])
+    for data, shape, int8_slower in ((am.dscnn(8), (1, 28, 28), True), (am.mlp(64, (1024, 1024)), (64,), False)):
+        x = am.samples(shape, 128)
+        q = make_int8(data, x)
+        fp32_ms, int8_ms = (m.p50_ms for m in quiet([data, q], x, runs=500))
+        counts = cm.count_ops(data, shape)
+        predicted_slower = cm.predict(counts, cal, "int8").latency_ms > cm.predict(counts, cal, "fp32").latency_ms
+        assert predicted_slower is int8_slower
+        assert (int8_ms > fp32_ms) is int8_slower, (fp32_ms, int8_ms)
+
+
+@pytest.mark.parametrize("threads,median_bound,p95_bound", [(1, 3.0, 5.0), (0, 5.0, None)])
+def test_x86_prediction_matches_measurement(threads, median_bound, p95_bound):
+    """x86-cpu predictions against ORT here: median within 3x, p95 within 5x. 3x: one throughput per precision
+    (fp32 20 GMAC/s) sits between the Gemm-chain MLPs (~12 GMAC/s effective: 4 MB of weights per call) and the
+    DS-CNNs (~39) measured here, about 1.7x from each. 5x for p95: on this shared 2-vCPU VM the p95 of the
+    1024-wide MLP moved between 1.4x and 5x its median across identical runs (measured), more than any model of
+    the median can follow. With ORT's default threads (2 here) the calibration (made at 1 thread) is held to 5x on
+    the median and not at all on p95: while other processes share the 2 vCPUs a spinning worker thread loses its
+    core; measured under a load average of 4: a DS-CNN's int8 median 0.105 ms against 0.046 ms quiet, and p95
+    5.7 ms on a 0.18 ms median."""
+    cal = cm.default_calibration(builtin_catalog()["x86-cpu"])
+    cases = [(am.mlp(64, (128,)), (64,)), (am.mlp(64, (1024, 1024)), (64,)), (am.dscnn(16), (1, 28, 28)),
+             (am.dscnn(64), (1, 28, 28))]
+    for data, shape in cases:
+        x = am.samples(shape, 64)
+        counts = cm.count_ops(data, shape)
+        measurements = quiet([data, make_int8(data, x)], x, runs=400, threads=threads)
+        for precision, measured in zip(("fp32", "int8"), measurements):
+            predicted = cm.predict(counts, cal, precision)
+            case = (shape, counts.macs, precision, predicted, measured)
+            assert 1 / median_bound < predicted.latency_ms / measured.p50_ms < median_bound, case
+            if p95_bound is not None:
+                assert 1 / p95_bound < predicted.p95_ms / measured.p95_ms < p95_bound, case
+
+
+# -- refit -----------------------------------------------------------------------------------------------------------
+
+def _windows(cal, points, jitter=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for precision, macs in points:
+        lat = cm.latency_ms(macs, cal, precision) * (1 + jitter * rng.standard_normal())
+        out.append(cm.Observation(precision, macs, p95_ms=lat * cal.p95_factor, mj_per_inference=cal.active_watts * lat,
+                                  predicted_p95_ms=None))
+    return out
+
+
+def test_refit_recovers_a_known_calibration():
+    truth = replace(CAL, gmacs_per_s={"fp32": 7.0, "fp16": 20.0, "int8": 19.0}, overhead_ms=0.3,
+                    int8_overhead_ms=0.12, active_watts=6.5)
+    points = [(p, m) for p in ("fp32", "int8") for m in (1e5, 1e6, 4e6, 2e7)]
+    fitted = cm.refit(CAL, _windows(truth, points))
+    assert fitted.gmacs_per_s["fp32"] == pytest.approx(7.0, rel=1e-6)
+    assert fitted.gmacs_per_s["int8"] == pytest.approx(19.0, rel=1e-6)
+    assert fitted.overhead_ms == pytest.approx(0.3, rel=1e-6)
+    assert fitted.int8_overhead_ms == pytest.approx(0.12, rel=1e-6)
+    assert fitted.active_watts == pytest.approx(6.5, rel=1e-6)
+    assert (fitted.source, fitted.samples) == ("fleet (8 windows)", 8)
+    assert fitted.gmacs_per_s["fp16"] == CAL.gmacs_per_s["fp16"]  # nothing observed: kept
+    noisy = cm.refit(CAL, _windows(truth, points * 5, jitter=0.03, seed=1))
+    assert noisy.gmacs_per_s["fp32"] == pytest.approx(7.0, rel=0.15)
+    assert noisy.active_watts == pytest.approx(6.5, rel=0.05)
+
+
+def test_refit_with_one_point_scales():
+    truth = replace(CAL, gmacs_per_s={k: v / 2 for k, v in CAL.gmacs_per_s.items()}, overhead_ms=0.2,
+                    int8_overhead_ms=0.1)  # everything exactly 2x slower
+    fitted = cm.refit(CAL, _windows(truth, [("fp32", 3e6), ("fp32", 3e6)]))
+    for macs in (1e5, 5e6):
+        assert cm.latency_ms(macs, fitted, "fp32") == pytest.approx(cm.latency_ms(macs, truth, "fp32"), rel=1e-6)
+    assert fitted.samples == 2 and cm.refit(CAL, []) is CAL
