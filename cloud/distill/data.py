@@ -204,10 +204,12 @@ def check_labels(y: np.ndarray, n: int, n_out: int | None, spec: DistillSpec) ->
     if y.dtype.kind == "f" and not (np.isfinite(y).all() and (y == np.round(y)).all()):
         raise DistillInputError("classification labels must be whole class indices; found fractional or NaN values")
     y = y.astype(np.int64)
-    if y.min() < 0 or (n_out is not None and y.max() >= n_out):
+    # -1 marks an unlabelled row: a transfer set labelled in part (the soft targets cover every row).
+    if y.min() < -1 or (n_out is not None and y.max() >= n_out):
         width = f"the teacher's {n_out} outputs (0..{n_out - 1})" if n_out is not None else "0 or more"
         raise DistillInputError(f"labels range over {int(y.min())}..{int(y.max())}, which does not match {width}; "
-                                "labels must be class indices in the order of the teacher's output")
+                                "labels must be class indices in the order of the teacher's output (-1 for an "
+                                "unlabelled row)")
     return y
 
 

@@ -88,7 +88,8 @@ def score_outputs(out: np.ndarray, teacher: np.ndarray, y: np.ndarray | None,
         accuracy = None if y is None else _r2(out, np.asarray(y, np.float32).reshape(out.shape))
         return accuracy, _r2(out, teacher)
     pred = out.argmax(axis=1)
-    accuracy = None if y is None else float((pred == y).mean())
+    known = None if y is None else y >= 0  # -1 marks an unlabelled row of a partly labelled transfer set
+    accuracy = None if known is None or not known.any() else float((pred[known] == y[known]).mean())
     return accuracy, float((pred == teacher.argmax(axis=1)).mean())
 
 

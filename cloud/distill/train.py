@@ -3,8 +3,9 @@
 Theory (Hinton et al., 2015): the student s learns the teacher's softened distribution,
     loss = alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y)
 The T^2 factor keeps the soft term's gradients at the scale of the hard term's as T grows (they shrink as 1/T^2).
-Without labels the loss is the soft term alone. Regression matches the teacher's values with MSE, mixed with MSE to
-the labels in the same alpha proportion when labels exist. Early stopping watches validation AGREEMENT with the
+Without labels the loss is the soft term alone; with labels on some rows only (the others -1, the realistic case
+of a large unlabelled transfer set), the hard term covers the labelled rows. Regression matches the teacher's values
+with MSE, mixed with MSE to the labels in the same alpha proportion when labels exist. Early stopping watches validation AGREEMENT with the
 teacher (argmax match; negative MSE for regression), not accuracy: the student's job is to stand in for the
 teacher, and agreement needs no labels. The best epoch's weights are kept.
 
@@ -153,7 +154,13 @@ def train_student(c: Candidate, data: TransferSet, targets: TeacherOutputs, spli
                           reduction="batchmean") * (T * T)
             if labels is None:
                 return kd
-            return alpha * kd + (1 - alpha) * F.cross_entropy(out, labels[idx])
+            # A partly labelled set marks unlabelled rows -1: the hard term covers the labelled rows of the batch
+            # (none: the soft term alone, as cross_entropy over zero rows would be NaN).
+            lab = labels[idx]
+            known = lab >= 0
+            if not bool(known.any()):
+                return kd
+            return alpha * kd + (1 - alpha) * F.cross_entropy(out[known], lab[known])
 
         teacher_argmax = teacher.argmax(dim=1)
 

@@ -75,7 +75,7 @@ def test_transfer_set_loads_from_bytes_and_path(mlp_info, tmp_path):
     (lambda x, y: npz_bytes(x=np.zeros((0, 64), np.float32)), "empty"),
     (lambda x, y: npz_bytes(x=x[:5]), "at least 20"),
     (lambda x, y: npz_bytes(x=x, y=np.where(y == 9, 10, y)), r"0\.\.10.*10 outputs"),
-    (lambda x, y: npz_bytes(x=x, y=y - 1), "class indices"),
+    (lambda x, y: npz_bytes(x=x, y=y - 2), "class indices"),  # -1 marks unlabelled; -2 is garbage
     (lambda x, y: npz_bytes(x=x, y=y[:-3]), "1794 labels for 1797 inputs"),
     (lambda x, y: npz_bytes(x=x, y=np.eye(10)[y]), "one-hot"),
     (lambda x, y: npz_bytes(x=x, y=y + 0.5), "whole class indices"),
