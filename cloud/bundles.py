@@ -27,6 +27,7 @@ from edgefleet.cloud.errors import Invalid
 from edgefleet.protos.messages import DeviceClassInfo, FileEntry, Manifest, SmokeTest, TensorSpec
 
 MODEL_FILE = "model.onnx"
+TFLITE_MODEL_FILE = "model.tflite"  # a LiteRT variant built by a distillation job
 SMOKE_INPUT = "smoke/input.npz"
 SMOKE_EXPECTED = "smoke/expected.npz"
 MANIFEST_FILE = "manifest.json"
@@ -36,6 +37,9 @@ DYNAMIC_DIM = 1
 # 1e-3 relative / 1e-4 absolute: fp32 results differ across CPUs and EPs by reduction order, well inside this.
 SMOKE_RTOL = 1e-3
 SMOKE_ATOL = 1e-4
+# Reduced precision differs across CPUs and EPs by more: fp16 accumulates in different orders (a few ulp of 1e-3),
+# and an int8 result may land one quantization step away on another kernel (ARM vs x86 requantization rounding).
+SMOKE_TOLERANCES = {"fp32": (SMOKE_RTOL, SMOKE_ATOL), "fp16": (1e-2, 1e-2), "int8": (5e-2, 5e-2)}
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 
 
@@ -99,6 +103,32 @@ def run_reference(model_bytes: bytes, feeds: dict[str, np.ndarray], outputs: lis
     return out
 
 
+def run_reference_litert(model_bytes: bytes, feeds: dict[str, np.ndarray],
+                         outputs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Expected outputs of a TFLite model, with the LiteRT interpreter (inputs and outputs matched by position)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise Invalid("cannot compute the smoke test of a TFLite model here: LiteRT is not installed in the cloud "
+                      "(pip install 'edgefleet[litert]'), and the version carries no expected outputs") from None
+    try:
+        interp = Interpreter(model_content=model_bytes, num_threads=1)
+        interp.allocate_tensors()
+        for detail, array in zip(interp.get_input_details(), feeds.values(), strict=True):
+            interp.set_tensor(detail["index"], array.astype(detail["dtype"]))
+        interp.invoke()
+        results = [interp.get_tensor(d["index"]) for d in interp.get_output_details()]
+    except Exception as exc:  # LiteRT's own RuntimeError/ValueError types
+        raise Invalid(f"smoke run failed: LiteRT could not run the model on its sample input: "
+                      f"{' '.join(str(exc).split())[:400]}") from None
+    return {spec.name: np.asarray(value) for spec, value in zip(outputs, results, strict=True)}
+
+
+def read_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
+
+
 def write_npz(arrays: dict[str, np.ndarray]) -> bytes:
     """An .npz that `np.load` reads, with fixed member dates and order (np.savez stamps the current time)."""
     buf = io.BytesIO()
@@ -139,9 +169,23 @@ def build_bundle(
     inputs: list[TensorSpec],
     outputs: list[TensorSpec],
     created_at: datetime,
+    precision: str = "fp32",
+    runtime: str = "onnxruntime",
+    model_format: str = "onnx",
+    expected: dict[str, np.ndarray] | None = None,
 ) -> tuple[bytes, Manifest]:
-    """The archive bytes and its manifest; raises Invalid when the model cannot be bundled for this class."""
-    if "onnxruntime" not in device_class.runtimes:
+    """The archive bytes and its manifest; raises Invalid when the model cannot be bundled for this class.
+
+    A pushed model is fp32 ONNX for ONNX Runtime (the defaults). A distilled variant says its precision, runtime
+    and format; a TFLite one becomes `model.tflite`. `expected`: smoke outputs computed elsewhere (a TFLite
+    variant's, by the worker that built it); otherwise they are computed here with the variant's runtime.
+    """
+    if runtime != "onnxruntime" and runtime not in device_class.runtimes:
+        raise Invalid(
+            f"cannot build {name} v{version} for class {device_class.name}: the version runs on {runtime}, and "
+            f"the class runs {', '.join(device_class.runtimes)}"
+        )
+    if runtime == "onnxruntime" and "onnxruntime" not in device_class.runtimes:
         raise Invalid(
             f"cannot build {name} v{version} for class {device_class.name}: the class runs "
             f"{', '.join(device_class.runtimes)}, and edgefleet builds ONNX Runtime bundles only so far; add "
@@ -155,9 +199,13 @@ def build_bundle(
             f"class's {limit:g} MB model budget; deploy a smaller model or raise budgets.model_mb for the class"
         )
     feeds = smoke_inputs(inputs)
-    expected = run_reference(model_bytes, feeds, outputs)
+    if expected is None:
+        run = run_reference_litert if model_format == "tflite" else run_reference
+        expected = run(model_bytes, feeds, outputs)
+    model_file = TFLITE_MODEL_FILE if model_format == "tflite" else MODEL_FILE
+    rtol, atol = SMOKE_TOLERANCES.get(precision, (SMOKE_RTOL, SMOKE_ATOL))
     members = [
-        (MODEL_FILE, model_bytes),
+        (model_file, model_bytes),
         (SMOKE_EXPECTED, write_npz(expected)),
         (SMOKE_INPUT, write_npz(feeds)),
     ]
@@ -167,17 +215,17 @@ def build_bundle(
         name=name,
         version=version,
         device_class=device_class.name,
-        runtime="onnxruntime",
+        runtime=runtime,
         execution_providers=device_class.execution_providers,
-        # The bundle carries the uploaded model as is (fp32 from every common exporter); per-class precision
-        # conversion is the job of the build step that comes with distillation.
-        precision="fp32",
-        model_file=MODEL_FILE,
+        # A pushed model is carried as is (fp32 from every common exporter); a distilled variant was converted
+        # for its class by the job that built it.
+        precision=precision,
+        model_file=model_file,
         inputs=inputs,
         outputs=outputs,
         files=[FileEntry(path=p, sha256=hashlib.sha256(d).hexdigest(), size=len(d)) for p, d in members],
         budgets=device_class.budgets,
-        smoke_test=SmokeTest(input_file=SMOKE_INPUT, expected_file=SMOKE_EXPECTED, rtol=SMOKE_RTOL, atol=SMOKE_ATOL),
+        smoke_test=SmokeTest(input_file=SMOKE_INPUT, expected_file=SMOKE_EXPECTED, rtol=rtol, atol=atol),
         created_at=created_at.astimezone(timezone.utc),
     )
     mtime = int(created_at.timestamp())
@@ -186,4 +234,4 @@ def build_bundle(
     return archive, manifest
 
 
-__all__ = ["build_bundle", "smoke_inputs", "target_path", "write_npz"]
+__all__ = ["build_bundle", "read_npz", "run_reference", "smoke_inputs", "target_path", "write_npz"]

@@ -1,4 +1,4 @@
-"""`edgefleet-cloud`: run the cloud service.
+"""`edgefleet-cloud`: run the cloud service (`serve`) and its job workers (`worker`, see cloud/worker.py).
 
 Theory: `serve` builds a `CloudRuntime` (settings -> `Fleet.from_settings`, which migrates the database -> the admin
 token -> a broker when settings ask for one -> the MQTT bridge wired as the Fleet's publish -> a refresher thread),
@@ -135,6 +135,7 @@ def serve(
     from edgefleet.cloud.settings import Settings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin at every start
     overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port), ("data_dir", data_dir))
                                  if v is not None}
     try:
@@ -163,6 +164,41 @@ def serve(
     if not server.started:
         typer.echo(f"edgefleet-cloud: could not listen on {settings.host}:{settings.port}", err=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def worker(
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The cloud's data dir (blobs, database)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML settings file (or EDGEFLEET_CONFIG)."),
+    worker_id: Optional[str] = typer.Option(None, "--id", help="Name in job rows and logs (default host:pid)."),
+    once: bool = typer.Option(False, "--once", help="Run queued jobs until none is left, then exit."),
+    plugin: list[str] = typer.Option([], "--plugin", hidden=True, help="Import a module that registers job kinds."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run queued jobs (distillations). Start any number, on any machine sharing the database and the blobs."""
+    from edgefleet.cloud.services import Fleet
+    from edgefleet.cloud.settings import Settings
+    from edgefleet.cloud.worker import Worker, import_plugins
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings(config_file=config, **({"data_dir": data_dir} if data_dir else {}))
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        import_plugins(plugin)
+        fleet = Fleet.from_settings(settings)
+    except CloudError as exc:
+        typer.echo(f"edgefleet-cloud: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    runner = Worker.from_fleet(fleet, worker_id)
+    # SIGTERM/SIGINT: stop claiming; the running job is released to the queue at its next progress report.
+    previous = {sig: signal.signal(sig, lambda *_: runner.stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    log.info("worker %s: running %s jobs", runner.config.worker_id, ", ".join(runner.config.kinds))
+    try:
+        runner.run_forever(once=once)
+    finally:
+        fleet.store.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @app.command()

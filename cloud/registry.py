@@ -151,4 +151,25 @@ def validate_model(data: bytes, *, max_bytes: int) -> ModelInfo:
     )
 
 
-__all__ = ["ModelInfo", "validate_model"]
+def variant_info(data: bytes, fmt: str, reference_onnx: bytes, *, max_bytes: int) -> ModelInfo:
+    """The registry facts of a variant a distillation built (not an upload).
+
+    An ONNX variant (fp32, fp16, int8 QDQ) goes through the same validation as an upload. A TFLite variant cannot
+    (onnx.checker and ONNX Runtime do not read it): it takes the signature of the fp32 ONNX it was converted from,
+    whose inputs and outputs it keeps in order, and the job has already run it (drift check) before it gets here.
+    """
+    if fmt == "onnx":
+        return validate_model(data, max_bytes=max_bytes)
+    if fmt != "tflite":
+        raise ModelInvalid(f"unknown variant format {fmt!r}; expected onnx or tflite")
+    if len(data) > max_bytes:
+        raise TooLarge(f"variant is {len(data) / 1e6:.1f} MB, over the {max_bytes / 1e6:.1f} MB limit")
+    # TFLite flatbuffers carry the identifier "TFL3" at bytes 4..8.
+    if data[4:8] != b"TFL3":
+        raise ModelInvalid("the TFLite variant is not a TFLite flatbuffer (no TFL3 identifier)")
+    ref = validate_model(reference_onnx, max_bytes=max(max_bytes, len(reference_onnx)))
+    return ModelInfo(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data), opset=None, inputs=ref.inputs,
+                     outputs=ref.outputs)
+
+
+__all__ = ["ModelInfo", "validate_model", "variant_info"]

@@ -24,11 +24,12 @@ from datetime import datetime, timedelta, timezone
 from edgefleet.cloud import auth
 from edgefleet.cloud.auth import Principal
 from edgefleet.cloud.blobs import BlobStore, LocalBlobStore
-from edgefleet.cloud.bundles import build_bundle, target_path
+from edgefleet.cloud.bundles import build_bundle, read_npz, target_path
 from edgefleet.cloud.catalog import load_catalog, parse_class
 from edgefleet.cloud.db.models import Bundle, Deployment, Device, ModelVersion
 from edgefleet.cloud.errors import CloudError, Conflict, Invalid, NotFound, Unavailable, UnknownClass
 from edgefleet.cloud.registry import validate_model
+from edgefleet.cloud.services_distill import DistillFacade
 from edgefleet.cloud.settings import Settings
 from edgefleet.cloud.store import ADMIN_MARKER, Store
 from edgefleet.cloud.trust import DesiredStateSigner, TufRepository
@@ -72,7 +73,9 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-class Fleet:
+class Fleet(DistillFacade):
+    """The facade; jobs, distillation and calibrations are in `services_distill.py`, mixed in."""
+
     def __init__(self, settings: Settings, store: Store, blobs: BlobStore, tuf: TufRepository,
                  signer: DesiredStateSigner, catalog: dict[str, DeviceClassInfo],
                  publish: Publish | None = None) -> None:
@@ -165,17 +168,29 @@ class Fleet:
     # ------------------------------------------------------------------------------------------------ bundles
 
     def _ensure_bundle(self, model: ModelVersion, cls: DeviceClassInfo) -> Bundle:
+        if model.built_for_class and model.built_for_class != cls.name:
+            # A distilled variant was chosen against this class's budgets and calibration (and may be int8 or
+            # TFLite for its runtime): on another class it would break the budgets it was picked for.
+            raise Invalid(f"{model.name} v{model.version} was built for class {model.built_for_class}, not "
+                          f"{cls.name}; deploy the version built for {cls.name} (`fleet models` shows each "
+                          f"version's class), or distill for {cls.name}")
         existing = self.store.get_bundle(model.name, model.version, cls.name)
         if existing is not None:
             return existing
         with self.blobs.open(model.sha256) as f:
             model_bytes = f.read()
+        expected = None
+        if model.smoke_sha256:
+            with self.blobs.open(model.smoke_sha256) as f:
+                expected = read_npz(f.read())
         try:
             archive, manifest = build_bundle(
                 model_bytes, name=model.name, version=model.version, device_class=cls,
                 inputs=[TensorSpec.model_validate(s) for s in model.inputs],
                 outputs=[TensorSpec.model_validate(s) for s in model.outputs],
                 created_at=model.created_at,  # the model's time, not now: rebuilding gives the same bytes
+                precision=model.precision or "fp32", runtime=model.runtime or "onnxruntime",
+                model_format=model.format or "onnx", expected=expected,
             )
         except Invalid as exc:
             raise Invalid(f"cannot build a bundle of {model.name} v{model.version} for class {cls.name}: "
@@ -392,7 +407,9 @@ def _label_matches(rule: str, labels: dict[str, str]) -> bool:
 
 def _model_view(row: ModelVersion) -> ModelVersionView:
     return ModelVersionView(name=row.name, version=row.version, sha256=row.sha256, size_bytes=row.size_bytes,
-                            opset=row.opset, inputs=row.inputs, outputs=row.outputs, created_at=row.created_at)
+                            opset=row.opset, inputs=row.inputs, outputs=row.outputs, created_at=row.created_at,
+                            precision=row.precision, runtime=row.runtime, format=row.format,
+                            built_for_class=row.built_for_class, job_id=row.job_id)
 
 
 def _bundle_view(row: Bundle) -> BundleView:

@@ -91,6 +91,16 @@ class Settings(BaseSettings):
     # Status and device views roll telemetry up over this look-back (count-weighted; see Store.telemetry_summary).
     telemetry_summary_s: int = Field(default=3600, gt=0)
 
+    # Background jobs (distillation), run by `edgefleet-cloud worker`. 60 s lease, renewed every third of it: a
+    # killed worker's job is claimed again within a minute, and a GC pause or a slow database round trip does not
+    # lose a live one. 3 attempts: a job that kills its worker every time (out of memory) fails instead of looping.
+    job_lease_s: float = Field(default=60.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1)
+    # 1 s: how often an idle worker looks for work; a submitted job starts within this.
+    worker_poll_s: float = Field(default=1.0, gt=0)
+    # 500 MB: a transfer set of 100k 224x224 RGB float16 images; the teacher obeys max_model_mb.
+    max_transfer_mb: float = Field(default=500.0, gt=0)
+
     def __init__(self, config_file: str | Path | None = None, **values: Any) -> None:
         path = config_file if config_file is not None else os.environ.get(CONFIG_ENV) or None
         token = _config_path.set(Path(path).expanduser() if path else None)
@@ -154,3 +164,7 @@ class Settings(BaseSettings):
     @property
     def max_model_bytes(self) -> int:
         return int(self.max_model_mb * 1024 * 1024)
+
+    @property
+    def max_transfer_bytes(self) -> int:
+        return int(self.max_transfer_mb * 1024 * 1024)

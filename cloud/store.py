@@ -38,13 +38,16 @@ from edgefleet.cloud.db.models import (
 )
 from edgefleet.cloud.db.session import make_sessionmaker, migrate
 from edgefleet.cloud.errors import Conflict, Unavailable
+from edgefleet.cloud.store_jobs import JobStoreMixin
 
 # 8 tries: each retry happens only when another writer took the same version between our read and insert.
 VERSION_RETRIES = 8
 ADMIN_MARKER = "admin_token_created"  # a counter row whose primary key makes "first start" happen once
 
 
-class Store:
+class Store(JobStoreMixin):
+    """All SQL; the jobs queue and calibrations are in `store_jobs.py`, mixed in."""
+
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._sessions = make_sessionmaker(engine)
@@ -124,14 +127,19 @@ class Store:
     # ---------------------------------------------------------------------------------------------- models
 
     def add_model_version(self, name: str, *, sha256: str, size_bytes: int, opset: int | None,
-                          inputs: list[dict], outputs: list[dict], now: datetime) -> ModelVersion:
-        """Insert the next version of `name`: max + 1, retried when a concurrent upload took that number."""
+                          inputs: list[dict], outputs: list[dict], now: datetime,
+                          variant: dict[str, Any] | None = None) -> ModelVersion:
+        """Insert the next version of `name`: max + 1, retried when a concurrent upload took that number.
+
+        `variant`: the facts of a version a distillation built (precision, runtime, format, built_for_class,
+        job_id, predicted_p95_ms, predicted_mj); None for a pushed model."""
         for _ in range(VERSION_RETRIES):
             try:
                 with self._tx() as s:
                     latest = s.scalar(select(func.max(ModelVersion.version)).where(ModelVersion.name == name))
                     row = ModelVersion(name=name, version=(latest or 0) + 1, sha256=sha256, size_bytes=size_bytes,
-                                       opset=opset, inputs=inputs, outputs=outputs, created_at=now)
+                                       opset=opset, inputs=inputs, outputs=outputs, created_at=now,
+                                       **(variant or {}))
                     s.add(row)
                 return row
             except Conflict:

@@ -34,6 +34,8 @@ from edgefleet.protos.api import (
     ModelVersionView,
     StatsView,
 )
+from edgefleet.protos.distill import DistillReport
+from edgefleet.protos.jobs import CalibrationView, ClassDetailView, DistillSubmit, JobLogView, JobView
 
 T = TypeVar("T")
 API = "/api/v1"
@@ -177,6 +179,44 @@ class FleetClient:
 
     def stats(self) -> StatsView:
         return self._get(f"{API}/stats", StatsView)
+
+    # -- distillation and jobs -----------------------------------------------------------------------------------
+
+    def submit_distill(self, teacher: Path, data: Path, spec: DistillSubmit) -> JobView:
+        try:
+            with teacher.open("rb") as t, data.open("rb") as d:
+                response = self._request(
+                    "POST", f"{API}/distill", data={"spec": spec.model_dump_json(exclude_none=True)},
+                    files={"teacher": (teacher.name, t, "application/octet-stream"),
+                           "data": (data.name, d, "application/octet-stream")})
+        except OSError as exc:
+            raise Rejected(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
+        return self._parse(response, JobView)
+
+    def list_jobs(self, state: str | None = None) -> list[JobView]:
+        params = {"state": state} if state else None
+        return self._parse(self._request("GET", f"{API}/jobs", params=params), list[JobView])
+
+    def get_job(self, job_id: int) -> JobView:
+        return self._get(f"{API}/jobs/{job_id}", JobView)
+
+    def job_logs(self, job_id: int, since: int = 0) -> JobLogView:
+        return self._parse(self._request("GET", f"{API}/jobs/{job_id}/logs", params={"since": since}), JobLogView)
+
+    def cancel_job(self, job_id: int) -> JobView:
+        return self._parse(self._request("POST", f"{API}/jobs/{job_id}/cancel"), JobView)
+
+    def job_report(self, job_id: int) -> DistillReport:
+        return self._get(f"{API}/jobs/{job_id}/report", DistillReport)
+
+    def job_plot(self, job_id: int) -> bytes:
+        return self._request("GET", f"{API}/jobs/{job_id}/plot.svg").content
+
+    def class_detail(self, name: str) -> ClassDetailView:
+        return self._get(f"{API}/classes/{_segment(name)}", ClassDetailView)
+
+    def refit_calibration(self, name: str) -> CalibrationView:
+        return self._parse(self._request("POST", f"{API}/classes/{_segment(name)}/refit"), CalibrationView)
 
 
 def _segment(value: str) -> str:

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperGroup
 
+from edgefleet.fleet import commands_distill
 from edgefleet.fleet import config as cfg
 from edgefleet.fleet import render
 from edgefleet.fleet.client import FleetClient
@@ -304,6 +305,9 @@ _list_by_default(devices_app, devices_list)
 _list_by_default(classes_app, classes_list)
 _list_by_default(models_app, models_list)
 _list_by_default(deployments_app, deployments_list)
+
+# `fleet distill`, `fleet jobs ...`, `fleet classes show|refit` (fleet/commands_distill.py).
+commands_distill.register(app, classes_app)
 
 
 def main() -> None:

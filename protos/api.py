@@ -39,6 +39,12 @@ class ModelVersionView(View):
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     created_at: datetime
+    # Set on versions a distillation built: what the variant is and the one class it may be deployed to.
+    precision: str | None = None
+    runtime: str | None = None
+    format: str | None = None
+    built_for_class: str | None = None
+    job_id: int | None = None
 
 
 class BundleView(View):

@@ -3,7 +3,8 @@
 Theory: routes are thin (validate, call the `Fleet`, return a `protos.api` view or a `protos.messages` model) and
 raise `CloudError` subclasses, never `HTTPException`; `handlers.install` turns every error into `ErrorBody` JSON in
 one place. Routers are split by resource: devices (enrollment, desired/reported/telemetry, device views), models
-(classes, models, deployments), admin (tokens, status, stats) and tuf (metadata and bundles, outside /api/v1).
+(classes, models, deployments), admin (tokens, status, stats), jobs (distillation, job state, logs,
+reports, class calibrations) and tuf (metadata and bundles, outside /api/v1).
 
 OpenAPI is served at /openapi.json with Swagger UI at /docs; the bearer scheme lets "Authorize" take a token.
 """
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
-from edgefleet.cloud.api import handlers, routes_admin, routes_devices, routes_models, routes_tuf
+from edgefleet.cloud.api import handlers, routes_admin, routes_devices, routes_jobs, routes_models, routes_tuf
 
 if TYPE_CHECKING:
     from edgefleet.cloud.services import Fleet
@@ -32,7 +33,7 @@ def create_app(fleet: "Fleet") -> FastAPI:
     )
     app.state.fleet = fleet
     handlers.install(app)
-    for module in (routes_devices, routes_models, routes_admin):
+    for module in (routes_devices, routes_models, routes_admin, routes_jobs):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(routes_tuf.router)
 

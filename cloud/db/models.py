@@ -75,6 +75,19 @@ class ModelVersion(Base):
     inputs: Mapped[list] = mapped_column(JSON, nullable=False)  # list of TensorSpec dicts
     outputs: Mapped[list] = mapped_column(JSON, nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # Set for versions a distillation job built (migration 0002); None for pushed models (fp32 ONNX, any class).
+    precision: Mapped[str | None] = mapped_column(String(8))  # fp32 | fp16 | int8
+    runtime: Mapped[str | None] = mapped_column(String(16))  # onnxruntime | litert
+    format: Mapped[str | None] = mapped_column(String(8))  # onnx | tflite
+    built_for_class: Mapped[str | None] = mapped_column(String(64))  # deployable to this class only
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    # The cost model's prediction when built: measured telemetry against these refits the class calibration.
+    predicted_p95_ms: Mapped[float | None] = mapped_column(Float)
+    predicted_mj: Mapped[float | None] = mapped_column(Float)
+    macs: Mapped[int | None] = mapped_column(BigInteger)  # per sample: what a refit regresses latency on
+    # A TFLite variant's smoke expected outputs (an .npz blob), computed by the worker with the variant's own
+    # runtime: the API server that builds the bundle may have no LiteRT.
+    smoke_sha256: Mapped[str | None] = mapped_column(String(64))
 
 
 class Bundle(Base):
@@ -211,3 +224,56 @@ class Counter(Base):
 
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+
+
+class Job(Base):
+    """A unit of background work (kind "distill"), queued here and run by `edgefleet-cloud worker` processes.
+
+    A worker owns a running job while `lease_until` is in the future and renews it; a claim takes queued jobs and
+    running jobs whose lease ran out (a dead worker), adding one to `attempts`. Writes by the worker are fenced on
+    (worker, attempts), so a worker that lost its lease cannot overwrite the next owner's progress or result.
+    """
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_id", "state", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32), nullable=False)
+    state: Mapped[str] = mapped_column(String(16), nullable=False)  # queued|running|succeeded|failed|cancelled
+    spec: Mapped[dict] = mapped_column(JSON, nullable=False)
+    inputs: Mapped[dict] = mapped_column(JSON, nullable=False)  # role -> blob sha256 (teacher, data)
+    worker: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    progress: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
+    stage: Mapped[str] = mapped_column(String(64), nullable=False, default="queued")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    result: Mapped[dict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class JobLogLine(Base):
+    """A job's log, one row per line, so readers page with an offset while the worker appends."""
+
+    __tablename__ = "job_logs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False, index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    line: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class ClassCalibration(Base):
+    """The cost model's calibration per device class (a costmodel.Calibration as JSON), refit from telemetry."""
+
+    __tablename__ = "class_calibrations"
+
+    device_class: Mapped[str] = mapped_column(String(64), primary_key=True)
+    calibration: Mapped[dict] = mapped_column(JSON, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)

@@ -1,0 +1,127 @@
+"""Admin routes for background work: submitting a distillation, following its job, reading its report and plot; and
+a class's cost-model facts (calibration, predicted against measured) with the refit that learns from telemetry.
+
+`POST /distill` is multipart/form-data: files `teacher` (ONNX) and `data` (the transfer set, .npz) and a form field
+`spec` holding `protos.jobs.DistillSubmit` as JSON. The request is refused by its Content-Length before the body is
+read when it cannot fit the limits (max_model_mb + max_transfer_mb), and each file against its own limit after.
+The Fleet checks the rest (spec, classes, teacher signature, data against it) before anything is queued, so a
+mistake is a 422 with the reason here rather than a failed job later. Training happens in `edgefleet-cloud worker`
+processes, never in this server.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from edgefleet.cloud.api.deps import AdminDep, FleetDep
+from edgefleet.cloud.errors import Invalid, TooLarge
+from edgefleet.protos.jobs import CalibrationView, ClassDetailView, DistillSubmit, JobLogView, JobState, JobView
+
+router = APIRouter()
+# 1 MiB: the multipart framing and the spec JSON around the two files.
+_FORM_SLACK_BYTES = 1024 * 1024
+_READ_CHUNK = 1024 * 1024
+
+
+async def _read_upload(upload: UploadFile, what: str, limit: int, limit_name: str) -> bytes:
+    body = bytearray()
+    while chunk := await upload.read(_READ_CHUNK):
+        body += chunk
+        if len(body) > limit:
+            raise TooLarge(f"{what} is larger than {limit_name} ({limit / 1024 / 1024:g} MB); send a smaller one "
+                           "or raise the limit in the cloud's settings", detail={"limit_bytes": limit})
+    if not body:
+        raise Invalid(f"{what} is empty; send the file's bytes")
+    return bytes(body)
+
+
+def _parse_spec(raw: str) -> DistillSubmit:
+    try:
+        return DistillSubmit.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            raise Invalid(f"spec is not valid JSON ({first.get('msg')}); send a JSON object") from None
+        if first.get("type") == "extra_forbidden":
+            raise Invalid(f"spec.{where}: unknown field; the fields are "
+                          f"{', '.join(sorted(DistillSubmit.model_fields))}") from None
+        raise Invalid(f"spec.{where}: {first.get('msg')}" if where else f"spec: {first.get('msg')}") from None
+
+
+@router.post("/distill", response_model=JobView, status_code=201, tags=["jobs"],
+             responses={413: {"description": "Teacher or transfer set over its size limit"}})
+async def submit_distill(
+    request: Request,
+    fleet: FleetDep,
+    who: AdminDep,
+    teacher: Annotated[UploadFile, File(description="The teacher model (ONNX).")],
+    data: Annotated[UploadFile, File(description="The transfer set (.npz with x, optionally y).")],
+    spec: Annotated[str, Form(description="DistillSubmit as JSON: name, classes, task, budgets, seed, ...")],
+) -> JobView:
+    """Queue a distillation of `teacher` for the spec's device classes; answers with the queued job."""
+    s = fleet.settings
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > s.max_model_bytes + s.max_transfer_bytes + _FORM_SLACK_BYTES:
+        raise TooLarge(f"the upload ({int(declared)} bytes) cannot fit max_model_mb ({s.max_model_mb:g}) plus "
+                       f"max_transfer_mb ({s.max_transfer_mb:g}); send smaller files or raise the limits")
+    submit = _parse_spec(spec)
+    teacher_bytes = await _read_upload(teacher, "the teacher", s.max_model_bytes, "max_model_mb")
+    data_bytes = await _read_upload(data, "the transfer set", s.max_transfer_bytes, "max_transfer_mb")
+    return await run_in_threadpool(fleet.submit_distill, submit, teacher_bytes, data_bytes)
+
+
+@router.get("/jobs", response_model=list[JobView], tags=["jobs"])
+def list_jobs(fleet: FleetDep, who: AdminDep, state: Optional[JobState] = None,
+              limit: int = Query(default=100, ge=1, le=1000)) -> list[JobView]:
+    """Jobs, newest first."""
+    return fleet.list_jobs(state=state, limit=limit)
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"])
+def get_job(job_id: int, fleet: FleetDep, who: AdminDep) -> JobView:
+    return fleet.get_job(job_id)
+
+
+@router.get("/jobs/{job_id}/logs", response_model=JobLogView, tags=["jobs"])
+def job_logs(job_id: int, fleet: FleetDep, who: AdminDep,
+             since: int = Query(default=0, ge=0, description="Lines already read; the answer's `next`.")) -> JobLogView:
+    """The job's log lines from offset `since`; readable while the job runs."""
+    return fleet.job_logs(job_id, since)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"])
+def cancel_job(job_id: int, fleet: FleetDep, who: AdminDep) -> JobView:
+    """Cancel: a queued job at once, a running one at its next progress report (409 once it finished)."""
+    return fleet.cancel_job(job_id)
+
+
+@router.get("/jobs/{job_id}/report", tags=["jobs"],
+            responses={200: {"description": "protos.distill.DistillReport as JSON"}})
+def job_report(job_id: int, fleet: FleetDep, who: AdminDep) -> Any:
+    """The distillation report (teacher against the chosen student per class, every candidate) once succeeded."""
+    return JSONResponse(fleet.job_report(job_id))
+
+
+@router.get("/jobs/{job_id}/plot.svg", tags=["jobs"], response_class=Response,
+            responses={200: {"content": {"image/svg+xml": {}}, "description": "Accuracy against mJ/inference"}})
+def job_plot(job_id: int, fleet: FleetDep, who: AdminDep) -> Response:
+    return Response(content=fleet.job_plot(job_id), media_type="image/svg+xml")
+
+
+@router.get("/classes/{name}", response_model=ClassDetailView, tags=["classes"])
+def class_detail(name: str, fleet: FleetDep, who: AdminDep) -> ClassDetailView:
+    """A class's facts, the cost-model calibration in use, and predicted against measured per deployed variant."""
+    return fleet.class_detail(name)
+
+
+@router.post("/classes/{name}/refit", response_model=CalibrationView, tags=["classes"])
+def refit_calibration(name: str, fleet: FleetDep, who: AdminDep) -> CalibrationView:
+    """Refit the class's calibration from its deployed variants' telemetry; later distillations use it."""
+    return fleet.refit_calibration(name)
+
