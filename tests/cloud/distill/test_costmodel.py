@@ -128,54 +128,22 @@ def test_default_calibration_for_every_class():
 # figure is therefore the least-disturbed of three interleaved measurements (lowest median); one burst of
 # contention inflates a single measurement's p95 by 3-30x and says nothing about the model.
 
-def quiet(models, x, runs, threads=1, attempts=3):
-    """Per model, the Measured with the lowest median over `attempts` rounds, the models measured in turn."""
-    best = [None] * len(models)
-    for _ in range(attempts):
-        for i, model in enumerate(models):
-            m = cm.measure_here(model, x, runs=runs, threads=threads)
-            best[i] = m if best[i] is None or m.p50_ms < best[i].p50_ms else best[i]
-    return best
-
-
-def test_int8_slower_for_a_tiny_cnn_and_faster_for_a_large_mlp_measured():
-    """The crossover the model predicts, measured with ORT on this CPU (1 thread, lowest of 3 medians of 500 runs).
-    Measured on the build machine: DS-CNN c=8 fp32 0.023 ms, int8 0.042 ms; MLP 64-1024-1024-10 fp32 0.104 ms,
-    int8 0.055 ms."""
+def test_int8_crossover_on_real_models_in_the_model():
+    """The model's side of the crossover measured on the build machine (DS-CNN c=8 fp32 0.023 ms, int8 0.042 ms;
+    MLP 64-1024-1024-10 fp32 0.104 ms, int8 0.055 ms). The measurement itself is bench/costmodel.py: timings are
+    figures in bench/, never assertions in tests."""
     cal = cm.default_calibration(builtin_catalog()["x86-cpu"])
     for data, shape, int8_slower in ((am.dscnn(8), (1, 28, 28), True), (am.mlp(64, (1024, 1024)), (64,), False)):
-        x = am.samples(shape, 128)
-        q = make_int8(data, x)
-        fp32_ms, int8_ms = (m.p50_ms for m in quiet([data, q], x, runs=500))
         counts = cm.count_ops(data, shape)
         predicted_slower = cm.predict(counts, cal, "int8").latency_ms > cm.predict(counts, cal, "fp32").latency_ms
         assert predicted_slower is int8_slower
-        assert (int8_ms > fp32_ms) is int8_slower, (fp32_ms, int8_ms)
 
 
-@pytest.mark.parametrize("threads,median_bound,p95_bound", [(1, 3.0, 5.0), (0, 5.0, None)])
-def test_x86_prediction_matches_measurement(threads, median_bound, p95_bound):
-    """x86-cpu predictions against ORT here: median within 3x, p95 within 5x. 3x: one throughput per precision
-    (fp32 20 GMAC/s) sits between the Gemm-chain MLPs (~12 GMAC/s effective: 4 MB of weights per call) and the
-    DS-CNNs (~39) measured here, about 1.7x from each. 5x for p95: on this shared 2-vCPU VM the p95 of the
-    1024-wide MLP moved between 1.4x and 5x its median across identical runs (measured), more than any model of
-    the median can follow. With ORT's default threads (2 here) the calibration (made at 1 thread) is held to 5x on
-    the median and not at all on p95: while other processes share the 2 vCPUs a spinning worker thread loses its
-    core; measured under a load average of 4: a DS-CNN's int8 median 0.105 ms against 0.046 ms quiet, and p95
-    5.7 ms on a 0.18 ms median."""
-    cal = cm.default_calibration(builtin_catalog()["x86-cpu"])
-    cases = [(am.mlp(64, (128,)), (64,)), (am.mlp(64, (1024, 1024)), (64,)), (am.dscnn(16), (1, 28, 28)),
-             (am.dscnn(64), (1, 28, 28))]
-    for data, shape in cases:
-        x = am.samples(shape, 64)
-        counts = cm.count_ops(data, shape)
-        measurements = quiet([data, make_int8(data, x)], x, runs=400, threads=threads)
-        for precision, measured in zip(("fp32", "int8"), measurements):
-            predicted = cm.predict(counts, cal, precision)
-            case = (shape, counts.macs, precision, predicted, measured)
-            assert 1 / median_bound < predicted.latency_ms / measured.p50_ms < median_bound, case
-            if p95_bound is not None:
-                assert 1 / p95_bound < predicted.p95_ms / measured.p95_ms < p95_bound, case
+def test_measure_here_measures_a_real_run():
+    data = am.mlp(64, (128,))
+    m = cm.measure_here(data, am.samples((64,), 8), runs=50, threads=1)
+    assert m.runs == 50 and m.threads == 1
+    assert 0 < m.p50_ms <= m.p95_ms < 1000
 
 
 # -- refit -----------------------------------------------------------------------------------------------------------
