@@ -32,6 +32,7 @@ PREFIX: dict[str, str] = {"admin": "efa_", "enroll": "efe_", "device": "efd_"}
 class Principal:
     kind: TokenKind
     device_id: str | None = None
+    token_hash: str | None = None  # which token: enrollment records it on the device
 
     @property
     def is_admin(self) -> bool:
@@ -99,7 +100,7 @@ def authenticate(store: Store, token: str | None, token_file: Path) -> Principal
             f"token expired at {row.expires_at.isoformat()}: ask an admin for a new one "
             "(fleet tokens create)"
         )
-    return Principal(kind=row.kind, device_id=row.device_id)  # type: ignore[arg-type]
+    return Principal(kind=row.kind, device_id=row.device_id, token_hash=row.token_hash)  # type: ignore[arg-type]
 
 
 __all__ = ["Principal", "authenticate", "ensure_admin_token", "hash_token", "issue_token", "new_token"]

@@ -204,13 +204,14 @@ class Fleet(DistillFacade):
 
     # ------------------------------------------------------------------------------------------------ devices
 
-    def enroll(self, req: EnrollRequest) -> EnrollResponse:
-        """Enroll a device, or re-enroll an existing id of the same class (its device token is then rotated: the
-        old token stops working, and the device keeps its generation, deployments and telemetry)."""
+    def enroll(self, req: EnrollRequest, enrolled_by: str | None = None) -> EnrollResponse:
+        """Enroll a device, or re-enroll an existing id of the same class with the enrollment token that enrolled
+        it (`enrolled_by`: that token's hash; its device token is then rotated: the old one stops working, and the
+        device keeps its generation, deployments and telemetry). Another token gets a Conflict."""
         cls = self._class(req.device_class)
         token = auth.new_token("device")
         _, created = self.store.enroll_device(req.device_id, cls.name, dict(req.labels), req.agent_version,
-                                              auth.hash_token(token), _now())
+                                              auth.hash_token(token), _now(), enrolled_by=enrolled_by)
         self.count("devices_enrolled" if created else "devices_reenrolled")
         self._resign(req.device_id)
         s = self.settings

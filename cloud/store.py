@@ -187,11 +187,12 @@ class Store(JobStoreMixin):
     # ---------------------------------------------------------------------------------------------- devices
 
     def enroll_device(self, device_id: str, device_class: str, labels: dict[str, str], agent_version: str,
-                      token_hash: str, now: datetime) -> tuple[Device, bool]:
+                      token_hash: str, now: datetime, enrolled_by: str | None = None) -> tuple[Device, bool]:
         """Create the device, or re-enroll it with the same class; either way its device token is replaced.
 
         Returns (row, created). A different class for an existing id is a Conflict: its desired state, bundles and
-        telemetry belong to the old class.
+        telemetry belong to the old class. So is an existing id enrolled with another enrollment token: whoever
+        holds some enrollment token must not take over a device id and its models.
         """
         with self._tx() as s:
             row = s.get(Device, device_id, with_for_update=True)
@@ -200,6 +201,11 @@ class Store(JobStoreMixin):
                 row = Device(device_id=device_id, device_class=device_class, labels=labels, enrolled_at=now,
                              online=False, desired_generation=0, agent_version=agent_version)
                 s.add(row)
+            elif row.enrolled_by is not None and enrolled_by is not None and row.enrolled_by != enrolled_by:
+                raise Conflict(
+                    f"device id {device_id!r} is already enrolled with another enrollment token: re-enroll it with "
+                    "the token that enrolled it, or give this device another id"
+                )
             elif row.device_class != device_class:
                 raise Conflict(
                     f"device {device_id!r} is enrolled as class {row.device_class!r}, not {device_class!r}: enroll "
@@ -207,6 +213,8 @@ class Store(JobStoreMixin):
                 )
             row.labels = dict(labels)
             row.agent_version = agent_version
+            if enrolled_by is not None:
+                row.enrolled_by = enrolled_by
             row.token_hash = token_hash
             # Rotation: the previous device token stops working the moment the new one exists.
             s.execute(delete(Token).where(Token.kind == "device", Token.device_id == device_id))

@@ -43,6 +43,8 @@ class DistillSubmit(BaseModel):
     heldout_fraction: float | None = Field(default=None, gt=0, lt=1)
     drift_tolerance: float | None = Field(default=None, ge=0, le=1)
     max_candidates: int | None = Field(default=None, ge=1, le=64)
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    batch_size: int | None = Field(default=None, ge=1, le=65536)
 
     @field_validator("name")
     @classmethod

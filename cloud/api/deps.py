@@ -62,7 +62,7 @@ AdminDep = Annotated[Any, Depends(admin)]
 def enrollment(who: PrincipalDep) -> Any:
     if who.kind != "enroll":
         raise Forbidden(f"enrolling needs an enrollment token, not a {who.kind} token: "
-                        "create one with POST /api/v1/enrollment-tokens (`fleet token create`)")
+                        "create one with POST /api/v1/enrollment-tokens (`fleet tokens create`)")
     return who
 
 

@@ -42,7 +42,7 @@ def _same_device(path_id: str, body_id: str) -> None:
              responses={409: {"description": "The device id is taken by another enrollment"}})
 def enroll(req: EnrollRequest, fleet: FleetDep, who: EnrollDep) -> EnrollResponse:
     """Enroll a device with an enrollment token; the answer holds its device token (shown once) and trust roots."""
-    return fleet.enroll(req)
+    return fleet.enroll(req, enrolled_by=who.token_hash)
 
 
 @router.get("/devices/{device_id}/desired", response_model=SignedDesiredState)

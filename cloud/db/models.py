@@ -124,6 +124,8 @@ class Device(Base):
     device_class: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
     labels: Mapped[dict] = mapped_column(JSON, nullable=False)
     token_hash: Mapped[str | None] = mapped_column(String(64))  # the current device token (also in tokens)
+    # sha256 of the enrollment token that enrolled the device: re-enrollment needs the same one (no takeover).
+    enrolled_by: Mapped[str | None] = mapped_column(String(64))
     agent_version: Mapped[str] = mapped_column(String(64), nullable=False, default="")
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -293,3 +293,21 @@ def test_bundles_from_a_remote_blob_store_support_range():
         error_of(httpx.get(url, headers={**bearer("x"), "Range": "bytes=99999-"}), 416)
     finally:
         server.stop()
+
+
+def test_another_enrollment_token_cannot_take_a_device_id_over(cloud):
+    admin = cloud.client()
+    first = admin.post("/api/v1/enrollment-tokens", json={"note": "a"}).json()["token"]
+    second = admin.post("/api/v1/enrollment-tokens", json={"note": "b"}).json()["token"]
+    body = {"device_id": "kiosk-1", "device_class": "rpi4"}
+    original = admin.post("/api/v1/enroll", headers=bearer(first), json=body)
+    assert original.status_code == 200
+    # Someone else's enrollment token: refused, and the device keeps its token.
+    taken = error_of(admin.post("/api/v1/enroll", headers=bearer(second), json=body), 409)
+    assert "another enrollment token" in taken.message
+    device_token = original.json()["device_token"]
+    assert cloud.client(token=device_token).get("/api/v1/devices/kiosk-1/desired").status_code in (200, 404)
+    # The token that enrolled it may re-enroll it (a reinstalled device), which rotates the device token.
+    again = admin.post("/api/v1/enroll", headers=bearer(first), json=body)
+    assert again.status_code == 200
+    assert cloud.client(token=device_token).get("/api/v1/devices/kiosk-1/desired").status_code == 401
