@@ -17,17 +17,10 @@ from typing import BinaryIO
 
 from edgefleet.cloud.blobs.base import check_key
 from edgefleet.cloud.errors import CloudError, Invalid, NotFound
+from edgefleet.edge_agent.fsutil import fsync_dir  # one crash-safe write recipe for cloud and agent
 
 # 1 MiB: large enough that hashing a big file is not syscall-bound, small enough to stay out of the way.
 _CHUNK_BYTES = 1024 * 1024
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class LocalBlobStore:
@@ -49,7 +42,7 @@ class LocalBlobStore:
             return
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
 
     def _tmp(self, key_hint: str) -> tuple[int, Path]:
         folder = self.root / key_hint[:2] if key_hint else self.root

@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from edgefleet.cloud.errors import CloudError, Invalid
+from edgefleet.edge_agent.fsutil import fsync_dir  # one crash-safe write recipe for cloud and agent
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import MetaFile, Metadata, Root, Snapshot, TargetFile, Targets, Timestamp
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
-
-from edgefleet.cloud.errors import CloudError, Invalid
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +59,6 @@ _SERIALIZER = JSONSerializer(compact=False)
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, exclusive: bool = False) -> bool:

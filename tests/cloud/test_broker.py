@@ -7,7 +7,7 @@ import socket
 
 import pytest
 from cloud_server import MqttProbe
-from harness import free_port, mosquitto_binary, port_open, wait_for
+from harness import free_port, port_open, wait_for
 
 from edgefleet.cloud.broker import EmbeddedBroker, MosquittoProcess, plan_broker, start_broker
 

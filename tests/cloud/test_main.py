@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 from cloud_server import MqttProbe
 from harness import free_port, port_open, wait_for
 
