@@ -299,7 +299,8 @@ class Fleet(DistillFacade):
                 log.warning("device %s: %s", device.device_id, exc)
                 self.count("bundle_build_failed")
                 continue
-            models.append(DesiredModel(name=name, version=version, bundle_target=bundle.target_path))
+            runtime = (bundle.manifest or {}).get("runtime", "onnxruntime")  # the agent checks it against the bundle
+            models.append(DesiredModel(name=name, version=version, bundle_target=bundle.target_path, runtime=runtime))
         return models
 
     def _resign(self, device_id: str) -> SignedDesiredState:

@@ -57,8 +57,9 @@ class AgentProcess:
     def api_url(self) -> str:
         return json.loads((self.data_dir / "api.json").read_text())["url"]
 
-    def infer(self, model: str, data: list[float], shape: list[int], *, unix: bool = False) -> dict:
-        body = {"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": data}]}
+    def infer(self, model: str, data: list[float], shape: list[int], *, unix: bool = False,
+              input_name: str = "x") -> dict:
+        body = {"inputs": [{"name": input_name, "shape": shape, "datatype": "FP32", "data": data}]}
         if unix:
             transport = httpx.HTTPTransport(uds=str(self.data_dir / "api.sock"))
             with httpx.Client(transport=transport, base_url="http://agent") as c:
