@@ -10,8 +10,9 @@ format, the one class it was built for, the job and the cost model's prediction.
 `fleet deploy`; a bundle for any other class is refused (see `Fleet._ensure_bundle`).
 
 Calibrations: a class starts from `costmodel.default_calibration`; `refit_calibration` compares what deployed
-variants of the class measured in telemetry (p95, mJ) against what was predicted for them and stores the refit,
-which the next distillation uses.
+variants of the class measured in telemetry (p95, mJ) against what was predicted for them and stores the refit.
+Every distillation refits its classes first (where telemetry exists), so each build fits the devices as they are;
+`fleet classes refit NAME` does it on demand.
 """
 
 from __future__ import annotations
@@ -229,6 +230,14 @@ def run_distill_job(fleet: Any, ctx: "JobContext") -> dict[str, Any]:
     with fleet.blobs.open(job.inputs["data"]) as f:
         data = f.read()
     catalog = fleet._classes()
+    # Fit each class to its devices as they are: refit from the telemetry of its deployed variants when there is
+    # any (a class no variant has run on yet keeps its catalog or stored calibration).
+    for c in spec.classes:
+        if c in catalog:
+            try:
+                fleet.refit_calibration(c)
+            except Invalid:
+                pass
     calibrations = {c: fleet.calibration(c) for c in spec.classes if c in catalog}
     ctx.log(f"distilling for {', '.join(spec.classes)} with calibrations: "
             + "; ".join(f"{c} ({cal.source})" for c, cal in calibrations.items()))

@@ -191,3 +191,31 @@ def test_distillation_end_to_end_with_a_worker_process(server):
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(20)
+
+
+def test_a_build_refits_its_classes_from_fleet_telemetry_first(server):
+    """The next build fits the devices as they are: telemetry of deployed rpi4 variants refits rpi4's calibration
+    before the worker predicts with it (the job's log names the calibration it used)."""
+    fleet = server.fleet
+    v1 = _variant(fleet, "old", "rpi4", "fp32", 100_000, 1.0, 2.0)
+    v2 = _variant(fleet, "old", "rpi4", "fp32", 400_000, 3.0, 6.0)
+    worker = start_worker(server, "w-refit")
+    try:
+        with server.client() as c:
+            enroll_device(c, "pi-9", "rpi4")
+            now = datetime.now(timezone.utc)
+            windows = [TelemetryWindow(model="old", version=v.version, start=now - timedelta(seconds=60), end=now,
+                                       count=50, errors=0, p50_ms=p95 / 2, p95_ms=p95, p99_ms=p95, mean_mj=mj)
+                       for v, p95, mj in ((v1, 2.0, 3.0), (v2, 5.0, 9.0))]
+            fleet.record_telemetry(TelemetryBatch(device_id="pi-9", seq=1, sent_at=now, windows=windows))
+            r = post_distill(c, {"name": "tiny", "classes": ["rpi4"], "max_epochs": 2, "max_candidates": 1})
+            assert r.status_code == 201, r.text
+            job_id = r.json()["id"]
+            job = wait_for(lambda: (j := JobView.model_validate(c.get(f"/api/v1/jobs/{job_id}").json())).finished
+                           and j, 120, what="the distillation to finish")
+            assert job.state == "succeeded", job.error
+            lines = [x["line"] for x in c.get(f"/api/v1/jobs/{job_id}/logs").json()["lines"]]
+            assert any("rpi4 (fleet (2 windows))" in line for line in lines), lines[:5]
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(20)
