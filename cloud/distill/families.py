@@ -1,6 +1,7 @@
 """Student families, chosen by the rank of the teacher's input, and the small grid of sizes tried per family.
 
 Theory: the input's shape says which inductive bias is cheap and right. [N, F] is tabular or flattened: an MLP.
+An image or signal of at most `SMALL_INPUT_FEATURES` values is also tried flattened through the MLP grid.
 [N, C, H, W] is an image: a stem convolution then depthwise-separable blocks (a 3x3 depthwise plus a 1x1 pointwise
 costs about 1/9 + 1/C_out of a full 3x3 convolution, the MobileNet trade), widened by `width_mult` and deepened by
 `depth`, ending in global average pooling so any H, W works. [N, C, T] is a signal: the same with 1-D convolutions.
@@ -77,25 +78,46 @@ def _widths(family: str, w: float, depth: int) -> tuple[int, ...]:
     return tuple(min(stem * 2 ** i, stem * 8) for i in range(depth + 1))
 
 
+# An image or signal this small (digits' 8x8 = 64 values) is also tried as a flat vector: an MLP over 64 inputs
+# costs a few thousand MACs where the smallest DS-CNN costs tens of thousands (the convolutions run at every pixel),
+# and on such inputs it is about as accurate (measured on digits: bench/distill.py).
+SMALL_INPUT_FEATURES = 1024
+
+
+def flat_features(input_shape: tuple | list) -> int | None:
+    """Values per sample when every non-batch dimension is fixed, else None."""
+    dims = list(input_shape[1:])
+    if not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+        return None
+    return int(np.prod(dims))
+
+
 def candidates_for(input_shape: tuple | list, n_out: int, max_candidates: int) -> list[Candidate]:
     """The grid for this input (shape with batch first), smallest first, at most `max_candidates` long."""
     family = family_for(input_shape)
     if n_out < 1:
         raise DistillInputError(f"teacher output width {n_out} is not usable; a student needs at least one output")
     grid = [Candidate(family, w, d, _widths(family, w, d)) for w, d in _GRIDS[family]]
+    flat = flat_features(input_shape)
+    if family != "mlp" and flat is not None and flat <= SMALL_INPUT_FEATURES:
+        grid += [Candidate("mlp", w, d, _widths("mlp", w, d)) for w, d in _GRIDS["mlp"]]
     shape = [1 if not isinstance(s, int) or s <= 0 else s for s in input_shape]
     grid.sort(key=lambda c: (_param_estimate(c, shape, n_out), c.depth, c.width_mult))
     return grid[:max_candidates]
 
 
 def _param_estimate(c: Candidate, shape: list[int], n_out: int) -> int:
+    """The student's trainable parameter count, exactly as `build_student` makes it (so mixed grids sort right)."""
     if c.family == "mlp":
-        sizes = [shape[1], *c.hidden, n_out]
+        sizes = [int(np.prod(shape[1:])), *c.hidden, n_out]
         return sum(a * b + b for a, b in zip(sizes, sizes[1:]))
-    total = 0
+    k = 3 * 3 if c.family == "dscnn2d" else 5
+    cin = shape[3] if channels_last(shape) else shape[1]
+    stem = c.hidden[0]
+    total = cin * stem * k + 2 * stem  # stem convolution (no bias) and its batch norm
     for a, b in zip(c.hidden, c.hidden[1:]):
-        total += a * 9 + a * b  # depthwise 3x3 (or 1x5) plus pointwise, order of magnitude
-    return total + c.hidden[-1] * n_out
+        total += a * k + 2 * a + a * b + 2 * b  # depthwise + BN, pointwise + BN
+    return total + c.hidden[-1] * n_out + n_out
 
 
 def _in_channels(input_shape: tuple | list) -> int:
@@ -134,8 +156,12 @@ def build_student(c: Candidate, input_shape: tuple | list, n_out: int,
                 conv(cin, cout, 1, bias=False), bn(cout), nn.ReLU()]
 
     if c.family == "mlp":
-        features = int(input_shape[1])
-        layers: list = [Standardize(features, (1, features))]
+        features = flat_features(input_shape) if len(input_shape) > 2 else int(input_shape[1])
+        if features is None:
+            raise DistillInputError(f"an MLP student needs fixed input dimensions, got {list(input_shape)}")
+        # A small image or signal is flattened first (any layout: an MLP does not care about the order).
+        layers: list = [nn.Flatten()] if len(input_shape) > 2 else []
+        layers.append(Standardize(features, (1, features)))
         sizes = [features, *c.hidden]
         for a, b in zip(sizes, sizes[1:]):
             layers += [nn.Linear(a, b), nn.ReLU()]
@@ -165,4 +191,4 @@ def build_student(c: Candidate, input_shape: tuple | list, n_out: int,
     return nn.Sequential(*layers)
 
 
-__all__ = ["Candidate", "Family", "build_student", "candidates_for", "channels_last", "family_for"]
+__all__ = ["Candidate", "Family", "build_student", "candidates_for", "channels_last", "family_for", "flat_features"]

@@ -67,7 +67,8 @@ def torch_settings(spec: DistillSpec):
 def _stats(c: Candidate, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature (MLP) or per-channel (CNN) mean and std of the training inputs."""
     if c.family == "mlp":
-        return x.mean(axis=0), x.std(axis=0)
+        flat = x.reshape(len(x), -1)  # a small image tried as a flat vector: per pixel
+        return flat.mean(axis=0), flat.std(axis=0)
     axis = (0, 1, 2) if channels_last(x.shape) else tuple(i for i in range(x.ndim) if i != 1)
     return x.mean(axis=axis), x.std(axis=axis)
 

@@ -15,7 +15,9 @@ from edgefleet.cloud.distill.families import Candidate, build_student, candidate
 def test_family_by_rank(shape, family):
     assert family_for(shape) == family
     cands = candidates_for(shape, 10, 6)
-    assert len(cands) == 6 and all(c.family == family for c in cands)
+    # Small fixed inputs (at most SMALL_INPUT_FEATURES values) also get MLP candidates over the flat vector.
+    assert len(cands) == 6 and {c.family for c in cands} <= {family, "mlp"}
+    assert any(c.family == family for c in cands)
 
 
 @pytest.mark.parametrize("shape", [[None], [None, 1, 2, 3, 4], [None, 1, 2, 3, 4, 5]])
@@ -59,3 +61,14 @@ def test_standardisation_buffers_scale_raw_inputs():
     x = torch.full((1, 64), 12.0)
     z = scale(x)
     assert torch.allclose(z[0, 1:], torch.ones(63)) and z[0, 0] == 4.0
+
+
+def test_small_images_and_signals_are_also_tried_flat():
+    """An 8x8 image (64 values) gets MLP candidates beside the DS-CNNs; a 3x64x64 image (12288) does not."""
+    small = candidates_for([None, 1, 8, 8], 10, 64)
+    assert {c.family for c in small} == {"dscnn2d", "mlp"}
+    assert {c.family for c in candidates_for([None, 3, 64, 64], 10, 64)} == {"dscnn2d"}
+    assert {c.family for c in candidates_for(["N", 1, "T"], 10, 64)} == {"cnn1d"}  # dynamic length: no flat MLP
+    mlp = next(c for c in small if c.family == "mlp")
+    module = build_student(mlp, [None, 1, 8, 8], 10, x_mean=np.zeros(64), x_std=np.ones(64))
+    assert module(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
