@@ -264,3 +264,11 @@ def test_choose_none_fits_picks_smallest_worst_overrun():
             _fig("c", 0.8, 2.0, 2.0, False, "z")]
     chosen, nearest, reason = choose(figs, budgets)
     assert chosen is None and nearest.candidate == "c" and "nearest is c" in reason
+
+
+def test_choose_breaks_accuracy_ties_on_agreement_before_energy():
+    budgets = Budgets(p95_latency_ms=10, mj_per_inference=5)
+    small = _fig("small", 0.97, 1.0).model_copy(update={"agreement": 0.97})
+    large = _fig("large", 0.97, 3.0).model_copy(update={"agreement": 0.99})
+    chosen, _, _ = choose([small, large], budgets)
+    assert chosen.candidate == "large"
