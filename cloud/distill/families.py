@@ -93,17 +93,24 @@ def flat_features(input_shape: tuple | list) -> int | None:
 
 
 def candidates_for(input_shape: tuple | list, n_out: int, max_candidates: int) -> list[Candidate]:
-    """The grid for this input (shape with batch first), smallest first, at most `max_candidates` long."""
+    """The grid for this input (shape with batch first), smallest first, at most `max_candidates` per family."""
     family = family_for(input_shape)
     if n_out < 1:
         raise DistillInputError(f"teacher output width {n_out} is not usable; a student needs at least one output")
-    grid = [Candidate(family, w, d, _widths(family, w, d)) for w, d in _GRIDS[family]]
+    shape = [1 if not isinstance(s, int) or s <= 0 else s for s in input_shape]
+
+    def grid_of(fam: str) -> list[Candidate]:
+        grid = [Candidate(fam, w, d, _widths(fam, w, d)) for w, d in _GRIDS[fam]]  # type: ignore[arg-type]
+        grid.sort(key=lambda c: (_param_estimate(c, shape, n_out), c.depth, c.width_mult))
+        return grid[:max_candidates]
+
+    grid = grid_of(family)
     flat = flat_features(input_shape)
     if family != "mlp" and flat is not None and flat <= SMALL_INPUT_FEATURES:
-        grid += [Candidate("mlp", w, d, _widths("mlp", w, d)) for w, d in _GRIDS["mlp"]]
-    shape = [1 if not isinstance(s, int) or s <= 0 else s for s in input_shape]
-    grid.sort(key=lambda c: (_param_estimate(c, shape, n_out), c.depth, c.width_mult))
-    return grid[:max_candidates]
+        # The cap applies per family: flat MLPs must not crowd the larger, more accurate CNNs out of the grid.
+        grid += grid_of("mlp")
+        grid.sort(key=lambda c: (_param_estimate(c, shape, n_out), c.depth, c.width_mult))
+    return grid
 
 
 def _param_estimate(c: Candidate, shape: list[int], n_out: int) -> int:
