@@ -168,6 +168,13 @@ def test_desired_state_is_retained_for_a_fresh_subscriber(fleet, bridge, mosquit
     topic = f"{PREFIX}/devices/dev-c/desired"
     # A subscriber that arrives after the publish still gets it: retained, QoS 1.
     wait_for(lambda: bridge.counters["published"] >= 1, what="the publish")
+    # `published` counts the hand-over to paho, not the broker's copy: a first probe that sees the message (live
+    # or retained) proves the broker has it; only then is a later subscriber's copy necessarily the retained one.
+    first = MqttProbe(mosquitto.host, mosquitto.port, topics=(topic,))
+    try:
+        first.wait_for(topic)
+    finally:
+        first.stop()
     late = MqttProbe(mosquitto.host, mosquitto.port, topics=(topic,))
     try:
         got = late.wait_for(topic)
