@@ -214,8 +214,14 @@ def test_inside_the_real_cloud_desired_goes_out_and_garbage_shows_in_stats(tmp_p
         assert admin.post("/api/v1/deployments", json={"model": "digits", "device_id": "dev-m"}).status_code == 201
         over_http = cloud.client(token=dev.device_token).get("/api/v1/devices/dev-m/desired").content
 
-        # A device that connects later gets the same signed bytes, retained.
+        # A device that connects later gets the same signed bytes, retained. (The deploy hands the document to
+        # paho; a first probe seeing it proves the broker has it, so the later one's copy is the retained one.)
         topic = f"{cloud.settings.mqtt_topic_prefix}/devices/dev-m/desired"
+        first = MqttProbe(mosquitto.host, mosquitto.port, topics=(topic,))
+        try:
+            first.wait_for(topic, lambda m: json.loads(m.payload)["payload"]["models"])
+        finally:
+            first.stop()
         device = MqttProbe(mosquitto.host, mosquitto.port, topics=(topic,))
         got = device.wait_for(topic, lambda m: json.loads(m.payload)["payload"]["models"])
         assert got.retain and got.payload == over_http
