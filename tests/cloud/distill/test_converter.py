@@ -47,10 +47,12 @@ def test_missing_python_is_converter_unavailable(tmp_path):
 
 def test_two_workers_build_once(tmp_path, monkeypatch):
     builds = []
+    started, release = threading.Event(), threading.Event()
 
     def fake_build(self):
         builds.append(threading.get_ident())
-        time.sleep(0.3)  # long enough for the second worker to reach the lock
+        started.set()
+        assert release.wait(10), "the test never released the first build"
         self.venv.mkdir(parents=True)
         (self.venv / "bin").mkdir()
         (self.venv / "bin" / "python").write_text("")
@@ -58,11 +60,20 @@ def test_two_workers_build_once(tmp_path, monkeypatch):
 
     monkeypatch.setattr(conv.ConverterEnv, "_build", fake_build)
     results = []
-    threads = [threading.Thread(target=lambda: results.append(conv.ConverterEnv(root=tmp_path).ensure()))
-               for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
+
+    def ensure():
+        results.append(conv.ConverterEnv(root=tmp_path).ensure())
+
+    first = threading.Thread(target=ensure)
+    first.start()
+    assert started.wait(10), "the first worker never started building"
+    second = threading.Thread(target=ensure)
+    second.start()
+    # The first holds the build lock until released: the second cannot have finished, it waits on that lock.
+    second.join(0.2)
+    assert second.is_alive() and not results
+    release.set()
+    for t in (first, second):
         t.join(10)
     assert len(builds) == 1
     assert sorted(r.built for r in results) == [False, True]
