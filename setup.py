@@ -8,7 +8,7 @@ editable installs (checked with pip 24+ and setuptools 69+).
 
 from setuptools import find_packages, setup
 
-ROOTS = ("cloud", "edge_agent", "fleet", "protos")
+ROOTS = ("common", "cloud", "edge_agent", "fleet", "protos")
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}

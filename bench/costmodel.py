@@ -52,7 +52,8 @@ def main() -> None:
         for precision, m in zip(("fp32", "int8"), measured):
             p = cm.predict(counts, cal, precision)
             rows.append({"model": name, "macs": counts.macs, "precision": precision,
-                         "predicted_ms": p.latency_ms, "measured_p50_ms": m.p50_ms, "ratio_p50": p.latency_ms / m.p50_ms,
+                         "predicted_ms": p.latency_ms, "measured_p50_ms": m.p50_ms,
+                         "ratio_p50": p.latency_ms / m.p50_ms,
                          "predicted_p95_ms": p.p95_ms, "measured_p95_ms": m.p95_ms,
                          "ratio_p95": p.p95_ms / m.p95_ms})
     within = all(1 / 3 < r["ratio_p50"] < 3 for r in rows)

@@ -3,15 +3,17 @@
     .venv/bin/python bench/distill.py [--json] [--quick] [--seeds 3]
 
 Trains the teacher CNN (examples/digits/teacher_cnn.py), runs the product's pipeline (cloud/distill/pipeline.py;
-the spec's defaults but learning rate 1e-2 and patience 20, see `run`) for rpi4, jetson-orin-nano and x86-cpu, and scores on the 450 held-out digits that neither the
-teacher nor any student saw. Two comparisons, as Hinton et al. (2015) made theirs:
+the spec's defaults but learning rate 1e-2 and patience 20, see `run`) for rpi4, jetson-orin-nano and x86-cpu, and
+scores on the 450 held-out digits that neither the teacher nor any student saw. Two comparisons, as Hinton et al.
+(2015) made theirs:
 
   all labels      the chosen student's architecture trained on the hard labels alone (`train_labels_only`), on
                   the same training/validation rows as the distilled one;
   limited labels  labels on a seeded 10 % of the transfer set only. Labels-only trains on that 10 %; distillation
-                  uses the teacher's soft targets on all of it plus those labels (labels-only gets as many optimizer steps: ten
-                  times the epochs and patience over a tenth of the rows). gap_recovered = (distilled - labels_only) /
-                  (teacher - labels_only), averaged over `--seeds` draws of the labelled 10 % (and training seeds).
+                  uses the teacher's soft targets on all of it plus those labels (labels-only gets as many optimizer
+                  steps: ten times the epochs and patience over a tenth of the rows).
+                  gap_recovered = (distilled - labels_only) / (teacher - labels_only), averaged over `--seeds` draws
+                  of the labelled 10 % (and training seeds).
 
 Latency: the median of many single-sample ONNX Runtime runs on this CPU after a warm-up, one intra-op thread
 (`costmodel.measure_here`), for the fp32 graph and its int8 QDQ variant (`artifacts.make_int8`). MACs and

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -20,6 +19,7 @@ from typing import Literal
 
 from edgefleet.cloud.errors import CloudError, Unauthorized
 from edgefleet.cloud.store import Store
+from edgefleet.common.fsutil import atomic_write_text
 
 TokenKind = Literal["admin", "enroll", "device"]
 # 32 bytes = 256 bits of randomness, the secrets module's recommendation for tokens.
@@ -47,27 +47,13 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` as 0600 from the first byte (never world-readable, even for an instant)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)  # in case the file existed with other bits
-    os.replace(tmp, path)
-
-
 def ensure_admin_token(store: Store, token_file: Path) -> str | None:
     """Make the admin token on a fresh database; return it once (and write it to `token_file`), else None."""
     token = new_token("admin")
     if not store.add_admin_token_once(hash_token(token), datetime.now(timezone.utc)):
         return None
     try:
-        _write_private(token_file, token + "\n")
+        atomic_write_text(token_file, token + "\n", 0o600)  # 0600 from its first byte
     except OSError as exc:
         raise CloudError(f"admin token made but not written to {token_file}: {exc}; it is: {token}") from None
     return token
@@ -82,7 +68,7 @@ def issue_token(store: Store, kind: TokenKind, *, device_id: str | None = None, 
     return token, expires_at
 
 
-def authenticate(store: Store, token: str | None, token_file: Path) -> Principal:
+def authenticate(store: Store, token: str | None) -> Principal:
     if not token or not token.strip():
         raise Unauthorized(
             "missing bearer token: pass Authorization: Bearer <token>; the admin token was written to "

@@ -86,7 +86,7 @@ class EmbeddedBroker:
             "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
         }
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         from amqtt.broker import Broker  # the cloud extra has it; imported late so `--help` stays fast
 
         # amqtt logs every connection and its state machine (`transitions`) every transition at INFO; unless the
@@ -138,7 +138,7 @@ class EmbeddedBroker:
             fut = asyncio.run_coroutine_threadsafe(broker.shutdown(), loop)
             try:
                 fut.result(_START_TIMEOUT_S)
-            except Exception:  # noqa: BLE001 - shutting down anyway; the thread is a daemon
+            except Exception:
                 log.warning("embedded MQTT broker did not shut down cleanly", exc_info=True)
             loop.call_soon_threadsafe(loop.stop)
         thread.join(_START_TIMEOUT_S)
@@ -155,7 +155,7 @@ class MosquittoProcess:
         self.persistence = persistence
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "MosquittoProcess":
+    def start(self) -> MosquittoProcess:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed: apt-get install mosquitto, or set embedded_broker=always")

@@ -88,7 +88,7 @@ def run_reference(model_bytes: bytes, feeds: dict[str, np.ndarray], outputs: lis
     try:
         session = ort.InferenceSession(model_bytes, sess_options=options, providers=["CPUExecutionProvider"])
         results = session.run([o.name for o in outputs], feeds)
-    except Exception as exc:  # onnxruntime's own exception types
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
         text = " ".join(str(exc).split())[:400]
         raise Invalid(
             f"smoke run failed: ONNX Runtime could not run the model on its sample input (dynamic dimensions set to "
@@ -118,7 +118,7 @@ def run_reference_litert(model_bytes: bytes, feeds: dict[str, np.ndarray],
             interp.set_tensor(detail["index"], array.astype(detail["dtype"]))
         interp.invoke()
         results = [interp.get_tensor(d["index"]) for d in interp.get_output_details()]
-    except Exception as exc:  # LiteRT's own RuntimeError/ValueError types
+    except Exception as exc:  # noqa: BLE001 - LiteRT's own RuntimeError/ValueError types
         raise Invalid(f"smoke run failed: LiteRT could not run the model on its sample input: "
                       f"{' '.join(str(exc).split())[:400]}") from None
     return {spec.name: np.asarray(value) for spec, value in zip(outputs, results, strict=True)}

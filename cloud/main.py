@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -40,7 +40,7 @@ app = typer.Typer(help="edgefleet cloud: model registry, signed bundles, desired
 class CloudRuntime:
     """The cloud's moving parts besides the HTTP server. `start()` then `stop()`; safe to stop a partial start."""
 
-    def __init__(self, settings: "Settings", *, mqtt: bool = True) -> None:
+    def __init__(self, settings: Settings, *, mqtt: bool = True) -> None:
         self.settings = settings
         self.mqtt = mqtt
         self.fleet: Fleet | None = None
@@ -51,7 +51,7 @@ class CloudRuntime:
         self._stop_refresh = threading.Event()
         self._refresher: threading.Thread | None = None
 
-    def start(self) -> "CloudRuntime":
+    def start(self) -> CloudRuntime:
         from edgefleet.cloud.api import create_app
         from edgefleet.cloud.broker import start_broker
         from edgefleet.cloud.mqtt_bridge import MqttBridge
@@ -83,7 +83,7 @@ class CloudRuntime:
                                ("TUF timestamp", self.fleet.tuf.refresh_timestamp)):
                 try:
                     call()
-                except Exception:  # noqa: BLE001 - try again next round; a dead refresher would freeze devices
+                except Exception:
                     log.exception("refreshing %s failed; retrying in %ss", what, self.settings.refresh_interval_s)
 
     def stop(self) -> None:
@@ -98,9 +98,8 @@ class CloudRuntime:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
-        close = getattr(self.fleet, "close", None)
-        if callable(close):
-            close()
+        if self.fleet is not None:
+            self.fleet.close()  # last: the bridge and the refresher above may still write until they stop
 
 
 def announce_admin_token(token: str, token_file: Path) -> None:
@@ -123,10 +122,10 @@ def _after_uvicorn(signum: int, frame: object) -> None:
 
 @app.command()
 def serve(
-    host: Optional[str] = typer.Option(None, help="Interface to listen on (default from settings: 127.0.0.1)."),
-    port: Optional[int] = typer.Option(None, help="HTTP port (default from settings: 8080)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Database, blobs, TUF repo, keys, admin token."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML settings file (or EDGEFLEET_CONFIG)."),
+    host: str | None = typer.Option(None, help="Interface to listen on (default from settings: 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="HTTP port (default from settings: 8080)."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="Database, blobs, TUF repo, keys, admin token."),
+    config: Path | None = typer.Option(None, "--config", help="TOML settings file (or EDGEFLEET_CONFIG)."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the REST API, the TUF repository, the MQTT bridge and (when needed) an embedded broker."""
@@ -168,9 +167,9 @@ def serve(
 
 @app.command()
 def worker(
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="The cloud's data dir (blobs, database)."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML settings file (or EDGEFLEET_CONFIG)."),
-    worker_id: Optional[str] = typer.Option(None, "--id", help="Name in job rows and logs (default host:pid)."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="The cloud's data dir (blobs, database)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML settings file (or EDGEFLEET_CONFIG)."),
+    worker_id: str | None = typer.Option(None, "--id", help="Name in job rows and logs (default host:pid)."),
     once: bool = typer.Option(False, "--once", help="Run queued jobs until none is left, then exit."),
     plugin: list[str] = typer.Option([], "--plugin", hidden=True, help="Import a module that registers job kinds."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
@@ -196,7 +195,7 @@ def worker(
     try:
         runner.run_forever(once=once)
     finally:
-        fleet.store.close()
+        fleet.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

@@ -53,7 +53,7 @@ class MqttBridge:
 
     def __init__(
         self,
-        fleet: "Fleet",
+        fleet: Fleet,
         host: str,
         port: int,
         prefix: str = "edgefleet",
@@ -94,7 +94,7 @@ class MqttBridge:
 
     # -- lifecycle -------------------------------------------------------------------------------------------------
 
-    def start(self) -> "MqttBridge":
+    def start(self) -> MqttBridge:
         # connect_async: a broker that is down at start is retried by the loop instead of failing the cloud.
         self._client.connect_async(self.host, self.port, keepalive=self.keepalive_s)
         self._client.loop_start()
@@ -132,7 +132,7 @@ class MqttBridge:
         sent = 0
         try:
             devices = self.fleet.list_devices()
-        except Exception:  # noqa: BLE001 - the database may be briefly away; the next reconnect tries again
+        except Exception:
             log.exception("could not list devices to republish desired states")
             self._count("ingest_errors")
             return 0
@@ -142,7 +142,7 @@ class MqttBridge:
             try:
                 self.publish(device.device_id, self.fleet.desired_state(device.device_id))
                 sent += 1
-            except Exception:  # noqa: BLE001 - one device's trouble must not stop the others
+            except Exception:
                 log.exception("could not republish the desired state of %s", device.device_id)
                 self._count("ingest_errors")
         log.info("republished %d desired state(s) after connecting", sent)
@@ -178,7 +178,7 @@ class MqttBridge:
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         try:
             self.handle(msg.topic, msg.payload)
-        except Exception:  # noqa: BLE001 - last line of defence: paho's thread must survive anything
+        except Exception:
             log.exception("unexpected error handling a message on %r", msg.topic)
             self._count("ingest_errors")
 
@@ -207,7 +207,7 @@ class MqttBridge:
         }[channel]
         try:
             record(msg)
-        except Exception:  # noqa: BLE001 - a bad row or a database hiccup must not kill the bridge
+        except Exception:
             log.exception("recording %s from %s failed", channel, device_id)
             self._count("ingest_errors")
             return "failed"
@@ -223,5 +223,5 @@ class MqttBridge:
         self.counters[name] += 1
         try:
             self.fleet.count(name)
-        except Exception:  # noqa: BLE001 - counting is best effort; the local counter still has it
+        except Exception:
             log.warning("could not store counter %s", name, exc_info=True)

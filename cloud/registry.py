@@ -110,7 +110,7 @@ def _check_runtime(data: bytes) -> None:
     options.log_severity_level = 3  # errors only: a refused model is reported through ModelInvalid, not logs
     try:
         ort.InferenceSession(data, sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own pybind exception types (Fail, InvalidGraph, ...)
         raise ModelInvalid(f"ONNX Runtime cannot load the model: {_one_line(exc)}") from None
 
 

@@ -90,7 +90,7 @@ class Fleet(DistillFacade):
         self._publish_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Fleet":
+    def from_settings(cls, settings: Settings) -> Fleet:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store.open(settings.database_url)
         return cls(
@@ -102,13 +102,17 @@ class Fleet(DistillFacade):
             catalog=load_catalog(settings.classes_dir),
         )
 
+    def close(self) -> None:
+        """Release the database engine's connections (its pool); the Fleet is unusable afterwards."""
+        self.store.close()
+
     # ------------------------------------------------------------------------------------------------ auth
 
     def ensure_admin_token(self) -> str | None:
         return auth.ensure_admin_token(self.store, self.settings.admin_token_file)
 
     def authenticate(self, token: str | None) -> Principal:
-        return auth.authenticate(self.store, token, self.settings.admin_token_file)
+        return auth.authenticate(self.store, token)
 
     def create_enrollment_token(self, req: EnrollmentTokenRequest) -> EnrollmentTokenView:
         token, expires_at = auth.issue_token(self.store, "enroll", ttl_s=req.ttl_s, note=req.note)
@@ -311,14 +315,16 @@ class Fleet(DistillFacade):
             models = self._desired_models(device, rules)
             signed: list[SignedDesiredState] = []
 
+            # Called by commit_desired before this iteration ends, so the loop variables it reads are this device's.
             def make_doc(generation: int) -> tuple[dict, datetime]:
                 now = _now()
-                state = DesiredState(device_id=device.device_id, device_class=device.device_class,
+                state = DesiredState(device_id=device.device_id,  # noqa: B023
+                                     device_class=device.device_class,  # noqa: B023
                                      generation=generation, issued_at=now,
                                      expires_at=now + timedelta(seconds=self.settings.desired_state_ttl_s),
-                                     models=models)
-                signed.append(self.signer.sign(state))
-                return signed[-1].to_dict(), state.expires_at
+                                     models=models)  # noqa: B023
+                signed.append(self.signer.sign(state))  # noqa: B023
+                return signed[-1].to_dict(), state.expires_at  # noqa: B023
 
             with self._publish_lock:
                 generation = self.store.commit_desired(device_id, rules_mark=mark, device_class=device.device_class,

@@ -80,7 +80,7 @@ class DistillFacade:
 
     # ------------------------------------------------------------------------------------------------ jobs
 
-    def _job(self, job_id: int) -> "Job":
+    def _job(self, job_id: int) -> Job:
         row = self.store.get_job(job_id)
         if row is None:
             raise NotFound(f"no job {job_id}; `fleet jobs list` shows the jobs")
@@ -124,7 +124,7 @@ class DistillFacade:
 
     # ------------------------------------------------------------------------------------------------ calibrations
 
-    def calibration(self, device_class: str) -> "Calibration":
+    def calibration(self, device_class: str) -> Calibration:
         from edgefleet.cloud.distill.costmodel import Calibration, default_calibration
 
         stored = self.store.calibrations().get(device_class)
@@ -132,7 +132,7 @@ class DistillFacade:
             return Calibration(**stored)
         return default_calibration(self._class(device_class))
 
-    def _measurements(self, device_class: str, since: datetime) -> list[tuple["ModelVersion", VariantMeasurement]]:
+    def _measurements(self, device_class: str, since: datetime) -> list[tuple[ModelVersion, VariantMeasurement]]:
         """Deployed variants built for the class, with their predictions and the class's devices' telemetry."""
         devices = {d.device_id for d in self.store.list_devices(device_class)}
         windows: dict[tuple[str, int], list] = {}
@@ -147,8 +147,8 @@ class DistillFacade:
             ws = [w for w in windows.get((row.name, row.version), []) if w.count > 0]
             n = sum(w.count for w in ws)
 
-            def mean(attr: str) -> float | None:
-                pairs = [(getattr(w, attr), w.count) for w in ws if getattr(w, attr) is not None]
+            def mean(attr: str) -> float | None:  # called right below, in this iteration
+                pairs = [(getattr(w, attr), w.count) for w in ws if getattr(w, attr) is not None]  # noqa: B023
                 weight = sum(c for _, c in pairs)
                 return sum(v * c for v, c in pairs) / weight if weight else None
 
@@ -190,7 +190,7 @@ class DistillFacade:
 
     def register_variant(self, name: str, variant: Any, reference_onnx: bytes, *, device_class: str, job_id: int,
                          predicted_p95_ms: float | None = None, predicted_mj: float | None = None,
-                         macs: int | None = None, run: Any = None) -> "ModelVersion":
+                         macs: int | None = None, run: Any = None) -> ModelVersion:
         """Store a built variant as the next version of `name`, deployable to `device_class` only.
 
         `run(variant, x) -> y`: how the job runs the variant. A TFLite variant's smoke expected outputs are computed
@@ -218,7 +218,7 @@ class DistillFacade:
 # ---------------------------------------------------------------------------------------------------- the worker
 
 
-def run_distill_job(fleet: Any, ctx: "JobContext") -> dict[str, Any]:
+def run_distill_job(fleet: Any, ctx: JobContext) -> dict[str, Any]:
     """The handler of "distill" jobs (see worker.py): build, then register the chosen variants as versions."""
     from edgefleet.cloud.distill.pipeline import run_distillation
     from edgefleet.cloud.distill.spec import DistillSpec
@@ -255,7 +255,7 @@ def run_distill_job(fleet: Any, ctx: "JobContext") -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _register_result(fleet: Any, ctx: "JobContext", name: str, result: Any) -> dict[str, Any]:
+def _register_result(fleet: Any, ctx: JobContext, name: str, result: Any) -> dict[str, Any]:
     """Versions for the chosen variants, the plot as a blob; the job's result JSON."""
     from edgefleet.cloud.distill import artifacts
 
@@ -282,7 +282,7 @@ def _register_result(fleet: Any, ctx: "JobContext", name: str, result: Any) -> d
 # ---------------------------------------------------------------------------------------------------- views
 
 
-def _job_view(row: "Job") -> JobView:
+def _job_view(row: Job) -> JobView:
     result = row.result or {}
     return JobView(
         id=row.id, kind=row.kind, state=row.state, stage=row.stage, progress=row.progress, attempts=row.attempts,
@@ -294,6 +294,6 @@ def _job_view(row: "Job") -> JobView:
     )
 
 
-def _calibration_view(cal: "Calibration") -> CalibrationView:
+def _calibration_view(cal: Calibration) -> CalibrationView:
     values = dataclasses.asdict(cal)
     return CalibrationView(device_class=cal.device_class, source=cal.source, samples=cal.samples, values=values)

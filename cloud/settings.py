@@ -11,11 +11,11 @@ A config file with a key this class does not know is refused with the key and th
 from __future__ import annotations
 
 import os
-import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -126,7 +126,7 @@ class Settings(BaseSettings):
         return (init_settings, env_settings, _TomlFileSource(settings_cls))
 
     @model_validator(mode="after")
-    def _derive(self) -> "Settings":
+    def _derive(self) -> Settings:
         # Absolute once, so a later chdir (uvicorn reload, tests) cannot move the data.
         self.data_dir = self.data_dir.expanduser().resolve()
         if not self.database_url:

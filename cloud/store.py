@@ -54,7 +54,7 @@ class Store(JobStoreMixin):
         self._dialect = engine.dialect.name
 
     @classmethod
-    def open(cls, url: str) -> "Store":
+    def open(cls, url: str) -> Store:
         """Migrate the database at `url` to head and open it."""
         return cls(migrate(url))
 

@@ -80,7 +80,7 @@ def default_worker_id() -> str:
 class JobContext:
     """What a handler sees of its job: the row as claimed, progress, log, and whether to stop."""
 
-    def __init__(self, fleet: "Fleet", job: "Job", worker_id: str, shutdown: threading.Event) -> None:
+    def __init__(self, fleet: Fleet, job: Job, worker_id: str, shutdown: threading.Event) -> None:
         self.fleet = fleet
         self.job = job
         self.attempt = job.attempts
@@ -156,14 +156,14 @@ class WorkerConfig:
 
 
 class Worker:
-    def __init__(self, fleet: "Fleet", config: WorkerConfig) -> None:
+    def __init__(self, fleet: Fleet, config: WorkerConfig) -> None:
         self.fleet = fleet
         self.config = config
         self.stopping = threading.Event()
 
     @classmethod
-    def from_fleet(cls, fleet: "Fleet", worker_id: str | None = None,
-                   kinds: tuple[str, ...] | None = None) -> "Worker":
+    def from_fleet(cls, fleet: Fleet, worker_id: str | None = None,
+                   kinds: tuple[str, ...] | None = None) -> Worker:
         s = fleet.settings
         return cls(fleet, WorkerConfig(worker_id=worker_id or default_worker_id(), lease_s=s.job_lease_s,
                                        poll_s=s.worker_poll_s, kinds=kinds or tuple(sorted(KINDS))))
@@ -204,7 +204,7 @@ class Worker:
             except CloudError as exc:
                 log.warning("job %d: renewing the lease failed (%s); retrying", ctx.job.id, exc.message)
 
-    def _run(self, job: "Job") -> None:
+    def _run(self, job: Job) -> None:
         ctx = JobContext(self.fleet, job, self.config.worker_id, self.stopping)
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(ctx, done), name=f"job-{job.id}-lease", daemon=True)
@@ -224,7 +224,7 @@ class Worker:
             state = stop.reason
         except CloudError as exc:
             error = exc.message
-        except Exception as exc:  # noqa: BLE001 - the job fails with the reason; the worker lives on
+        except Exception as exc:
             log.exception("job %d failed", job.id)
             error = f"{type(exc).__name__}: {exc}"
         finally:

@@ -27,23 +27,42 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from edgefleet.common.runtimes import make_runtime
+from edgefleet.common.runtimes.base import Runtime
 from edgefleet.edge_agent.config import AgentConfig
-from edgefleet.edge_agent.errors import AgentError, BundleError, CloudUnavailable, SmokeTestFailed
+from edgefleet.edge_agent.errors import (
+    AgentError,
+    BundleError,
+    CloudUnavailable,
+    CrashLoop,
+    EdgefleetError,
+    SmokeTestFailed,
+)
 from edgefleet.edge_agent.installer import Installer
-from edgefleet.edge_agent.lifecycle import CrashLoop, Journal, Outcome, Phase, next_phase
-from edgefleet.edge_agent.reconcile import (Activate, AgentSnapshot, Install, Remove, Report, Resume, RetryPolicy,
-                                            Rollback, Step, plan)
-from edgefleet.edge_agent.runtimes import make_runtime
-from edgefleet.edge_agent.runtimes.base import Runtime
-from edgefleet.edge_agent.state import FailedRecord, InstallRecord, StateStore
+from edgefleet.edge_agent.lifecycle import Journal, Outcome, Phase, next_phase
+from edgefleet.edge_agent.reconcile import (
+    Activate,
+    AgentSnapshot,
+    Install,
+    Remove,
+    Report,
+    Resume,
+    RetryPolicy,
+    Rollback,
+    Step,
+    plan,
+)
+from edgefleet.edge_agent.records import FailedRecord, InstallRecord
+from edgefleet.edge_agent.state import StateStore
 from edgefleet.edge_agent.unpack import UnpackLimits, check_tree, read_manifest, unpack_bundle
 from edgefleet.protos.messages import DesiredState, Manifest, ModelStatus
 
@@ -75,13 +94,6 @@ class StepResult:
     error: str | None = None
 
 
-class _Stop(Exception):
-    """A phase ended the install (failed, rolled back, or waiting on the network); the result is attached."""
-
-    def __init__(self, result: StepResult) -> None:
-        self.result = result
-
-
 class Executor:
     def __init__(self, config: AgentConfig, store: StateStore, installer: Installer, fetcher: Fetcher,
                  verifier: TargetVerifier, *, runtime_factory: Callable[[str], Runtime] | None = None,
@@ -101,7 +113,7 @@ class Executor:
         self.on_phase = on_phase or (lambda name, version, phase: None)  # observers: logs, progress, tests
         self.reporter = reporter
         self.policy = policy or RetryPolicy.from_config(config)
-        self.journal = Journal(store, cap=self.policy.max_phase_entries)
+        self.journal = Journal(store, cap=self.policy.max_phase_entries, saves_cap=self.policy.max_install_saves)
         self.limits = UnpackLimits.from_config(config)
         self.bundle_max_bytes = int(config.limits.bundle_max_mb * 1024 * 1024)
         config.downloads_dir.mkdir(parents=True, exist_ok=True)
@@ -132,18 +144,38 @@ class Executor:
     def plan(self, desired: DesiredState | None, now: datetime) -> list[Step]:
         return plan(self.snapshot(), desired, now, self.policy)
 
-    def converge(self, desired: DesiredState | None, clock: Callable[[], datetime],
-                 max_rounds: int = 20) -> list[StepResult]:
-        """Plan and apply until the plan is empty or makes no progress; the daemon's inner loop."""
+    def converge(self, desired: DesiredState | None, clock: Callable[[], datetime], max_rounds: int | None = None,
+                 *, on_stall: Callable[[str], None] | None = None) -> list[StepResult]:
+        """Plan and apply until the plan is empty or makes no progress; the daemon's inner loop.
+
+        Steps still planned after `max_rounds` (default `reconcile.max_rounds`) mean a step that does not do what
+        the planner expects: that is logged and handed to `on_stall` as one line naming the steps, never silent.
+        """
+        rounds = self.config.reconcile.max_rounds if max_rounds is None else max_rounds
         results: list[StepResult] = []
-        for _ in range(max_rounds):
+        round_results: list[StepResult] = []
+        for _ in range(rounds):
             steps = self.plan(desired, clock())
             if not steps:
-                break
+                return results
             round_results = [self.apply(step, clock()) for step in steps]
             results += round_results
             if all(isinstance(r.step, Report) for r in round_results) and not all(r.ok for r in round_results):
-                break  # only a report left and it could not be sent: no progress to make now
+                return results  # only a report left and it could not be sent: no progress to make now
+        left = self.plan(desired, clock())
+        if left:
+            def names(steps: list[Step]) -> str:
+                words = [" ".join([s.kind, getattr(s, "name", "")] + ([f"v{s.version}"] if hasattr(s, "version")
+                                                                      else [])).strip() for s in steps[:5]]
+                return ", ".join(words) + (f" and {len(steps) - 5} more" if len(steps) > 5 else "")
+
+            errors = "; ".join(r.error for r in round_results[-3:] if r.error)
+            message = (f"reconcile stopped after {rounds} rounds without converging: last round "
+                       f"{names([r.step for r in round_results]) or 'nothing'}, still planned {names(left)}"
+                       + (f" (errors: {errors})" if errors else "") + "; the agent tries again on its next tick")
+            log.warning("%s", message)
+            if on_stall is not None:
+                on_stall(message)
         return results
 
     # -- steps ------------------------------------------------------------------------------------------------------
@@ -195,7 +227,7 @@ class Executor:
         self.installer.activate(step.name, step.version, previous=before)
         try:
             self.on_activate(step.name, step.version)
-        except AgentError as exc:
+        except EdgefleetError as exc:
             if before is not None:
                 self.installer.activate(step.name, before, previous=None)
             else:
@@ -228,7 +260,7 @@ class Executor:
                 outcome, reason, error = Outcome.OK, None, None
             except CloudUnavailable as exc:
                 outcome, reason, error = Outcome.RETRY, exc.reason, str(exc)
-            except AgentError as exc:
+            except EdgefleetError as exc:  # AgentError and the runtimes' errors (edgefleet.common)
                 outcome, reason, error = Outcome.ERROR, exc.reason, str(exc)
             except OSError as exc:  # a full disk, a read-only file system: this attempt fails, the old model stays
                 outcome, reason, error = Outcome.ERROR, "io_error", f"{type(exc).__name__}: {exc}"

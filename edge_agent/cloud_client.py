@@ -5,12 +5,16 @@ backoff), a 4xx becomes `EnrollError` or `AgentError` carrying the server's own 
 `.part` file and resume with `Range: bytes=N-` after an interruption; the caller verifies the finished file against
 TUF's trusted length and hashes (this module never decides what is trusted, it only refuses to read past the trusted
 length so a hostile server cannot fill the disk).
+
+`CloudApi` is the surface the daemon uses, so a unit test can hand it an in-memory cloud instead
+(`tests/edge_agent/fakes.py`).
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -35,6 +39,22 @@ def _server_message(resp: httpx.Response) -> str:
     except ValueError:
         pass
     return resp.text[:200] or resp.reason_phrase
+
+
+class CloudApi(Protocol):
+    def enroll(self, req: EnrollRequest, enrollment_token: str) -> EnrollResponse: ...
+
+    def set_token(self, token: str) -> None: ...
+
+    def desired_state_raw(self, url: str) -> bytes | None: ...
+
+    def post_reported(self, msg: ReportedState) -> None: ...
+
+    def post_telemetry(self, msg: TelemetryBatch) -> None: ...
+
+    def download(self, url: str, dest: Path, *, max_bytes: int) -> Path: ...
+
+    def close(self) -> None: ...
 
 
 class CloudClient:

@@ -22,6 +22,10 @@ Example:
     [telemetry]
     window_s = 60
     outbox_max_mb = 16
+    [link]
+    ack_timeout_s = 5                      # then the HTTP fallback carries the report or batch
+    [reconcile]
+    max_rounds = 20
 """
 
 from __future__ import annotations
@@ -93,6 +97,24 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
+class LinkConfig:
+    # How long a report or telemetry batch waits for the link's acknowledgement (MQTT: PUBACK) before it goes over
+    # HTTP instead. 5 s, as before this was a field: a healthy broker's PUBACK takes well under a second.
+    ack_timeout_s: float = 5.0
+    # While the link is down, fetch the desired state over HTTP this often. None: every retry.retry_max_s.
+    desired_poll_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ReconcileConfig:
+    # The loop waits at most this long for news before it closes telemetry windows and replans (or every
+    # telemetry.window_s, when that is shorter).
+    tick_s: float = 1.0
+    # Plan-and-apply rounds per wake-up; a fresh install takes three. Running out is reported as last_error.
+    max_rounds: int = 20
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     device_class: str
@@ -107,6 +129,13 @@ class AgentConfig:
     runtime: RuntimeConfig = RuntimeConfig()
     energy: EnergyConfig = EnergyConfig()
     mqtt: MqttConfig = MqttConfig()
+    link: LinkConfig = LinkConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
+
+    @property
+    def desired_poll_s(self) -> float:
+        """The HTTP poll interval of the desired state while the link is down (link.desired_poll_s resolved)."""
+        return self.link.desired_poll_s if self.link.desired_poll_s is not None else self.retry.retry_max_s
 
     # The data dir layout, in one place (docs/internals.md "Agent data dir layout").
     @property
@@ -142,6 +171,8 @@ _SECTIONS: dict[str, type] = {
     "runtime": RuntimeConfig,
     "energy": EnergyConfig,
     "mqtt": MqttConfig,
+    "link": LinkConfig,
+    "reconcile": ReconcileConfig,
 }
 _TOP_LEVEL = {"device_id": str, "device_class": str, "cloud_url": str, "data_dir": str, "enrollment_token": str}
 _REQUIRED = ("device_id", "device_class", "cloud_url", "data_dir")
@@ -247,6 +278,12 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config", base_dir: 
     retry = sections.get("retry", {})
     if retry.get("retry_initial_s", RetryConfig.retry_initial_s) > retry.get("retry_max_s", RetryConfig.retry_max_s):
         raise ConfigError(f"{source}: 'retry.retry_initial_s' must not exceed 'retry.retry_max_s'")
+    # Zero would make the loop spin, every publish fall back to HTTP at once, or the poll hammer the cloud.
+    for section, key in (("link", "ack_timeout_s"), ("link", "desired_poll_s"), ("reconcile", "tick_s"),
+                         ("reconcile", "max_rounds")):
+        value = sections.get(section, {}).get(key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"{source}: '{section}.{key}' must be > 0, got {value!r}")
 
     data_dir = Path(top.pop("data_dir")).expanduser()
     if not data_dir.is_absolute() and base_dir is not None:

@@ -1,38 +1,50 @@
 """The agent daemon: serve at once, enroll, then reconcile the signed desired state with what is installed.
 
-Theory of operation. One loop thread owns every decision; other threads only put events on its queue:
-paho's thread hands over desired-state payloads and "connected", the local API's threads run inferences and record
+Theory of operation. One loop thread owns every decision; other threads only put events on its queue: the link's
+thread hands over desired-state payloads and "connected", the local API's threads run inferences and record
 telemetry. At start the daemon serves whatever `models/*/current` names before touching the network, so a device
-that reboots without a network keeps answering. Then it enrolls (once; the answer is kept in state.json), opens the
-MQTT link and, on every (re)connect (and every `retry.retry_max_s` while the broker is away), fetches the full
-desired state over HTTP: the cloud's database is the source of truth, the broker's retained copy only a fast path.
+that reboots without a network keeps answering. Then it enrolls (once; the answer is kept in state.json), opens its
+`CloudLink` (MQTT today) and, on every (re)connect, fetches the full desired state over HTTP: the cloud's database is
+the source of truth, the link's copy only a fast path. While the link is down the fetch repeats every
+`link.desired_poll_s`, and reports and telemetry go over HTTP (`fallback.LinkOrHttp`).
 
 Each desired-state document is verified (signature, device, class, expiry, generation) before it is accepted; the
-highest accepted generation is saved (crash-safe) so a replay is refused after a restart too. Then the executor
-plans and applies steps until nothing is left (`Executor.converge`), waking again when a back-off ends. Telemetry
-windows close every `telemetry.window_s` into the disk outbox and leave it only when the broker acknowledged them
-(or the HTTP fallback got a 2xx).
+highest accepted generation is saved (crash-safe) so a replay is refused after a restart too. The same generation
+arriving twice (the retained copy and the HTTP fetch after every connect) is not news and is dropped quietly; an
+older, foreign, expired, forged or garbled document is refused, counted, and named in the reported state's
+`last_error` (sent at once, and again every tick until it got through). Then the executor plans and applies steps
+until nothing is left (`Executor.converge`, at most `reconcile.max_rounds` rounds; running out goes into
+`last_error` too), waking again when a back-off ends and at the latest every `reconcile.tick_s`. Telemetry windows
+close every `telemetry.window_s` into the disk outbox and leave it only once the link or HTTP acknowledged them.
+
+Seams, each defaulting to the production part: `link_factory` (`link.LinkFactory`, default `MqttLink.from_config`),
+`client` (`cloud_client.CloudApi`), `clock` (`clock.Clock`, the only source of time here) and `trust_factory` (the
+executor's TUF `TargetVerifier`). `run_once` is one turn of the loop, so a unit test can drive it without threads.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import random
 import threading
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from edgefleet.edge_agent.apply import Executor
-from edgefleet.edge_agent.cloud_client import CloudClient
+from edgefleet.edge_agent.apply import Executor, TargetVerifier
+from edgefleet.edge_agent.clock import Clock, SystemClock
+from edgefleet.edge_agent.cloud_client import CloudApi, CloudClient
 from edgefleet.edge_agent.config import AgentConfig
 from edgefleet.edge_agent.errors import AgentError, CloudUnavailable, EnrollError, Replayed, TrustError
+from edgefleet.edge_agent.fallback import LinkOrHttp
 from edgefleet.edge_agent.inference import InferenceService
 from edgefleet.edge_agent.installer import Installer
+from edgefleet.edge_agent.link import CloudLink, LinkFactory
 from edgefleet.edge_agent.link_mqtt import MqttLink
 from edgefleet.edge_agent.local_api import LocalApi
 from edgefleet.edge_agent.meters import ModelledMeter, NullMeter
@@ -53,10 +65,6 @@ log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
 @dataclass(frozen=True)
 class _Event:
     kind: str  # "desired" | "connected" | "stop"
@@ -67,7 +75,7 @@ class _Event:
 class _BundleFetcher:
     """apply.Fetcher over the cloud's TUF targets endpoint, resumable with Range."""
 
-    def __init__(self, client: CloudClient, targets_url: str, max_bytes: int) -> None:
+    def __init__(self, client: CloudApi, targets_url: str, max_bytes: int) -> None:
         self.client = client
         self.targets_url = targets_url.rstrip("/") + "/"
         self.max_bytes = max_bytes
@@ -78,24 +86,33 @@ class _BundleFetcher:
 
 
 class Agent:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, link_factory: LinkFactory | None = None,
+                 client: CloudApi | None = None, clock: Clock | None = None,
+                 trust_factory: Callable[[EnrollResponse], TargetVerifier] | None = None) -> None:
         self.config = config
+        self.clock = clock or SystemClock()
+        self.client = client if client is not None else CloudClient(config.cloud_url)
+        self.link_factory = link_factory or partial(MqttLink.from_config, config, clock=self.clock)
+        self.trust_factory = trust_factory or (lambda enrollment: BundleTrust(
+            config.tuf_dir, enrollment.tuf_metadata_url, trusted_root=enrollment.tuf_root))
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = StateStore(config.state_path)
         self.installer = Installer(config.models_dir)
         self.telemetry = Telemetry.from_config(config)
-        self.service = InferenceService(self.installer, meter=NullMeter(), telemetry=self.telemetry)
+        self.service = InferenceService(self.installer, meter=NullMeter(), telemetry=self.telemetry,
+                                        clock=self.clock.now)
         self.api = LocalApi.from_config(config, self.service, telemetry=self.telemetry)
-        self.client = CloudClient(config.cloud_url)
+        self.link_or_http = LinkOrHttp.from_config(config, self.client, self.clock)
         self.events: queue.Queue[_Event] = queue.Queue()
         self.stopped = threading.Event()
         self.enrollment: EnrollResponse | None = None
         self.verifier: DesiredStateVerifier | None = None
         self.executor: Executor | None = None
-        self.link: MqttLink | None = None
+        self.link: CloudLink | None = None
         self.last_error: str | None = None
         self.counters: dict[str, int] = {}
-        self._last_http_fetch = 0.0  # monotonic time of the last desired-state fetch over HTTP
+        self._error_unsent = False  # last_error changed but no report carried it yet
+        self._stall: str | None = None  # why the last converge ran out of rounds, while it does
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
 
@@ -114,23 +131,23 @@ class Agent:
         """Serve, enroll, connect and reconcile until `stop()`."""
         self.start_serving()
         try:
-            if not self._enroll_with_backoff():
+            if not self.connect():
                 return
-            self._connect()
-            self._loop()
+            while not self.stopped.is_set() and self.run_once(self._next_timeout()):
+                pass
         finally:
-            self._shutdown()
+            self.shutdown()
 
     def stop(self) -> None:
         self.stopped.set()
         self.events.put(_Event("stop"))
 
-    def _shutdown(self) -> None:
+    def shutdown(self) -> None:
         if self.link is not None:
             self.link.stop()
         self.api.stop()
         # Open windows go to the outbox on disk: the next start sends them.
-        self.telemetry.flush(utcnow(), force=True)
+        self.telemetry.flush(self.clock.now(), force=True)
         self.client.close()
         log.info("agent stopped")
 
@@ -142,11 +159,28 @@ class Agent:
         idle = self.config.energy.idle_watts if self.config.energy.idle_watts is not None else cls.idle_watts
         self.service.meter = ModelledMeter(active, idle)
 
+    def connect(self) -> bool:
+        """Enroll (with back-off) and start the link; False when stopped first."""
+        if not self._enroll_with_backoff():
+            return False
+        assert self.enrollment is not None
+        self.link = self.link_factory(
+            self.enrollment,
+            on_desired=lambda raw: self.events.put(_Event("desired", raw, self.link.name if self.link else "link")),
+            on_connected=lambda: self.events.put(_Event("connected")),
+        )
+        self.link_or_http.link = self.link
+        self.link.start()
+        # Also fetch over HTTP now: a link that is down must not keep a new desired state from us.
+        self.events.put(_Event("connected", source="start"))
+        return True
+
     def _enroll_with_backoff(self) -> bool:
         saved = self.store.state.enrollment
         if saved is not None:
             enrollment = parse_message(saved, EnrollResponse)
-            if enrollment.device_id == self.config.device_id and enrollment.device_class.name == self.config.device_class:
+            same_class = enrollment.device_class.name == self.config.device_class
+            if enrollment.device_id == self.config.device_id and same_class:
                 self._enrolled(enrollment)
                 return True
             log.warning("config names %s/%s but state.json was enrolled as %s/%s: enrolling again",
@@ -167,7 +201,7 @@ class Agent:
             except CloudUnavailable as exc:
                 log.warning("enrollment: %s; retrying in %.1f s", exc, delay)
             else:
-                self.store.update(lambda s: s.model_copy(update={"enrollment": enrollment.to_dict()}))
+                self._save_enrollment(enrollment)
                 self._enrolled(enrollment)
                 log.info("enrolled as %s (%s)", enrollment.device_id, enrollment.device_class.name)
                 return True
@@ -176,33 +210,22 @@ class Agent:
             delay = min(self.config.retry.retry_max_s, delay * 2)
         return False
 
+    def _save_enrollment(self, enrollment: EnrollResponse) -> None:
+        doc = enrollment.to_dict()
+        self.store.update(lambda s: s.model_copy(update={"enrollment": doc}))
+
     def _enrolled(self, enrollment: EnrollResponse) -> None:
         self.enrollment = enrollment
         self.client.set_token(enrollment.device_token)
         self._set_meter(enrollment)
         self.verifier = DesiredStateVerifier(enrollment.desired_state_keys)
-        trust = BundleTrust(self.config.tuf_dir, enrollment.tuf_metadata_url, trusted_root=enrollment.tuf_root)
         fetcher = _BundleFetcher(self.client, enrollment.tuf_targets_url,
                                  int(self.config.limits.bundle_max_mb * 1024 * 1024))
-        self.executor = Executor(self.config, self.store, self.installer, fetcher, trust,
+        self.executor = Executor(self.config, self.store, self.installer, fetcher, self.trust_factory(enrollment),
                                  on_activate=self.service.activate, reporter=self._report_models)
         removed = self.executor.start()
         if removed:
             log.info("cleaned up %s", ", ".join(removed))
-
-    def _connect(self) -> None:
-        assert self.enrollment is not None
-        broker = self.enrollment.broker
-        self.link = MqttLink(
-            broker, self.config.device_id,
-            on_desired=lambda raw: self.events.put(_Event("desired", raw, "mqtt")),
-            on_connected=lambda: self.events.put(_Event("connected")),
-            retry_initial_s=self.config.retry.retry_initial_s, retry_max_s=self.config.retry.retry_max_s,
-            host_override=self.config.mqtt.host, port_override=self.config.mqtt.port,
-        )
-        self.link.start()
-        # Also fetch over HTTP now: a broker that is down must not keep a new desired state from us.
-        self.events.put(_Event("connected", source="start"))
 
     # -- the loop -----------------------------------------------------------------------------------------------------
 
@@ -212,32 +235,36 @@ class Agent:
             return None
         return parse_message(doc["payload"], DesiredState)
 
-    def _loop(self) -> None:
-        assert self.executor is not None
-        while not self.stopped.is_set():
-            timeout = self._next_timeout()
-            try:
-                event = self.events.get(timeout=timeout)
-            except queue.Empty:
-                event = None
-            if event is not None and event.kind == "stop":
-                break
-            try:
-                if event is not None and event.kind == "connected":
-                    self._fetch_desired()
-                elif self._should_poll():
-                    self._fetch_desired()
-                elif event is not None and event.kind == "desired" and event.payload is not None:
-                    self._offer_desired(event.payload, event.source)
-                self.executor.converge(self._desired(), utcnow)
-                self._send_telemetry()
-            except Exception:  # noqa: BLE001 - the loop must survive a bug in one step; it is logged with a trace
-                self._count("loop_errors")
-                log.exception("agent loop step failed; continuing")
+    def run_once(self, timeout_s: float) -> bool:
+        """One turn: wait up to `timeout_s` for an event and handle it, replan, send telemetry. False on stop."""
+        assert self.executor is not None, "connect() first"
+        try:
+            event: _Event | None = self.events.get(timeout=timeout_s) if timeout_s > 0 else self.events.get_nowait()
+        except queue.Empty:
+            event = None
+        if event is not None and event.kind == "stop":
+            return False
+        try:
+            if event is not None and event.kind == "connected":
+                self._fetch_desired()
+            elif event is not None and event.kind == "desired" and event.payload is not None:
+                self._offer_desired(event.payload, event.source)
+            if self.link_or_http.poll_due():
+                self._fetch_desired()
+            stalls: list[str] = []
+            self.executor.converge(self._desired(), self.clock.now, on_stall=stalls.append)
+            self._note_stall(stalls[-1] if stalls else None)
+            if self._error_unsent:
+                self._report_error()
+            self._send_telemetry()
+        except Exception:
+            self._count("loop_errors")
+            log.exception("agent loop step failed; continuing")
+        return True
 
     def _next_timeout(self) -> float:
-        now = utcnow()
-        timeout = min(1.0, self.config.telemetry.window_s)
+        now = self.clock.now()
+        timeout = min(self.config.reconcile.tick_s, self.config.telemetry.window_s)
         if self.executor is not None:
             wake = next_wakeup(self.executor.snapshot(), self._desired(), now, self.executor.policy)
             if wake is not None:
@@ -247,23 +274,9 @@ class Agent:
     def _count(self, name: str) -> None:
         self.counters[name] = self.counters.get(name, 0) + 1
 
-    def _should_poll(self) -> bool:
-        """While the broker is away, poll the desired state over HTTP every `retry.retry_max_s`."""
-        if self.link is not None and self.link.connected.is_set():
-            return False
-        return time.monotonic() - self._last_http_fetch >= self.config.retry.retry_max_s
-
     def _fetch_desired(self) -> None:
         assert self.enrollment is not None
-        self._last_http_fetch = time.monotonic()
-        try:
-            raw = self.client.desired_state_raw(self.enrollment.desired_state_url)
-        except CloudUnavailable as exc:
-            log.warning("could not fetch the desired state over HTTP (%s); keeping the accepted one", exc)
-            return
-        except AgentError as exc:
-            log.error("fetching the desired state: %s", exc)
-            return
+        raw = self.link_or_http.fetch_desired(self.enrollment.desired_state_url)
         if raw is not None:
             self._offer_desired(raw, "http")
 
@@ -273,7 +286,7 @@ class Agent:
         highest = self.store.state.highest_generation
         try:
             state = self.verifier.verify(raw, device_id=self.config.device_id, device_class=self.config.device_class,
-                                         highest_generation=highest, now=utcnow())
+                                         highest_generation=highest, now=self.clock.now())
         except Replayed as exc:
             # The same document arrives twice on every connect (retained message and HTTP fetch): not news.
             if highest is not None and self._generation_of(raw) == highest:
@@ -283,19 +296,17 @@ class Agent:
         except TrustError as exc:
             self._refuse(exc, source)
             return
-        import json
-
         doc = json.loads(raw)
         self.store.update(lambda s: s.model_copy(update={"highest_generation": state.generation, "desired": doc}))
-        self.last_error = None
+        if self.last_error is not None:
+            self.last_error = None
+            self._error_unsent = True  # the cloud should see it cleared even if no model status changes
         log.info("accepted desired state generation %d from %s: %s", state.generation, source,
                  ", ".join(f"{m.name} v{m.version}" for m in state.models) or "no models")
 
     @staticmethod
     def _generation_of(raw: bytes) -> int | None:
         try:
-            import json
-
             return int(json.loads(raw)["payload"]["generation"])
         except (ValueError, KeyError, TypeError):
             return None
@@ -304,39 +315,40 @@ class Agent:
         self._count(f"refused_{exc.reason}")
         self.last_error = f"refused desired state from {source}: {exc}"
         log.warning("%s", self.last_error)
-        assert self.executor is not None
-        try:
-            self._report_models(list(self.store.state.reported or []))
-        except AgentError:
-            pass  # reported on the next successful report
+        self._report_error()
+
+    def _note_stall(self, message: str | None) -> None:
+        """A converge that ran out of rounds goes into last_error; the next one that finishes takes it out again."""
+        if message == self._stall:
+            return
+        previous, self._stall = self._stall, message
+        if message is not None:
+            self.last_error = message
+            self._report_error()
+        elif self.last_error == previous:  # not overwritten by newer news (a refusal) meanwhile
+            self.last_error = None
+            self._report_error()
 
     # -- reports and telemetry -----------------------------------------------------------------------------------------
+
+    def _report_error(self) -> None:
+        """Send last_error now with the statuses the cloud already has; on failure, again on the next tick."""
+        try:
+            self._report_models(list(self.store.state.reported or []))
+        except AgentError as exc:
+            self._error_unsent = True
+            log.debug("last_error not reported yet: %s", exc)
 
     def _report_models(self, models: list[ModelStatus]) -> None:
         report = ReportedState(device_id=self.config.device_id, generation=self.store.state.highest_generation or 0,
                                models=models, last_error=self.last_error, agent_version=AGENT_VERSION,
-                               reported_at=utcnow())
-        if self.link is not None and self.link.publish_wait(self.link.topics.reported, report, retain=True,
-                                                            timeout_s=5):
-            return
-        try:
-            self.client.post_reported(report)  # HTTP fallback while the broker is away
-        except AgentError as exc:
-            raise AgentError(f"could not report state over MQTT or HTTP: {exc}") from None
+                               reported_at=self.clock.now())
+        self.link_or_http.report(report)  # the link, or HTTP while it is down or silent; raises when neither took it
+        self._error_unsent = False
 
     def _send_telemetry(self) -> None:
-        self.telemetry.flush(utcnow())
-        for batch in self.telemetry.outbox.pending():
-            sent = self.link is not None and self.link.publish_wait(self.link.topics.telemetry, batch, timeout_s=5)
-            if not sent:
-                try:
-                    self.client.post_telemetry(batch)
-                    sent = True
-                except AgentError as exc:
-                    log.debug("telemetry batch %d stays in the outbox: %s", batch.seq, exc)
-            if not sent:
-                return  # keep order: try again on the next tick
-            self.telemetry.outbox.ack(batch.seq)
+        self.telemetry.flush(self.clock.now())
+        self.link_or_http.send_outbox(self.telemetry.outbox)
 
 
 def status_summary(agent: Agent) -> dict[str, Any]:

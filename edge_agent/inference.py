@@ -17,35 +17,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from edgefleet.edge_agent.errors import InferenceError, RuntimeLoadError
+from edgefleet.common.runtimes import make_runtime
+from edgefleet.common.runtimes.base import Runtime
+from edgefleet.edge_agent.errors import InferenceError, ModelNotFound, ModelNotReady, RuntimeLoadError
 from edgefleet.edge_agent.installer import Installer
 from edgefleet.edge_agent.meters.base import EnergyMeter, NullMeter
-from edgefleet.edge_agent.runtimes import make_runtime
-from edgefleet.edge_agent.runtimes.base import Runtime
 from edgefleet.edge_agent.telemetry import Telemetry
 from edgefleet.edge_agent.unpack import read_manifest
 from edgefleet.protos.messages import Manifest, TensorSpec
 from edgefleet.protos.oip import DATATYPES, NUMPY_TO_DATATYPE, InferRequest, InferResponse, InferTensor, ModelMetadata
 
 log = logging.getLogger(__name__)
-
-
-class ModelNotFound(InferenceError):
-    """No model of that name is installed on this device (HTTP 404)."""
-
-    reason = "model_not_found"
-
-
-class ModelNotReady(InferenceError):
-    """The model is installed but no version is active or loaded (HTTP 503)."""
-
-    reason = "model_not_ready"
 
 
 @dataclass(frozen=True)
@@ -135,7 +124,8 @@ class InferenceService:
             installed = False
         if installed:
             raise ModelNotReady(f"model {name!r} is installed but not active yet; retry shortly")
-        raise ModelNotFound(f"model {name!r} is not on this device; models: {', '.join(sorted(self.models())) or 'none'}")
+        have = ", ".join(sorted(self.models())) or "none"
+        raise ModelNotFound(f"model {name!r} is not on this device; models: {have}")
 
     def metadata(self, name: str) -> ModelMetadata:
         loaded = self.get(name)
@@ -214,7 +204,8 @@ def request_to_numpy(request: InferRequest, specs: list[TensorSpec]) -> dict[str
         try:
             array = np.asarray(tensor.data, dtype=dtype)
         except (ValueError, TypeError, OverflowError) as exc:
-            raise InferenceError(f"input {tensor.name!r}: data is not a list of {tensor.datatype} values ({exc})") from None
+            raise InferenceError(f"input {tensor.name!r}: data is not a list of {tensor.datatype} values "
+                                 f"({exc})") from None
         expected = int(np.prod(shape)) if shape else 1
         if array.size != expected:
             raise InferenceError(f"input {tensor.name!r}: {array.size} values for shape {shape} "

@@ -22,7 +22,7 @@ import os
 import secrets
 from pathlib import Path
 
-from edgefleet.edge_agent.fsutil import atomic_symlink, collect_trash, fsync_dir, remove_tree
+from edgefleet.common.fsutil import atomic_symlink, collect_trash, fsync_dir, remove_tree
 from edgefleet.protos.messages import check_name
 
 CURRENT = "current"

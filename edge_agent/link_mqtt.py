@@ -1,4 +1,5 @@
-"""The agent's MQTT link: connect with backoff, a retained last will, subscribe, publish with acknowledgement.
+"""The agent's MQTT link (a `link.CloudLink`): connect with backoff, a retained last will, subscribe, publish with
+acknowledgement.
 
 Theory: paho's network thread owns the socket and reconnects with exponential backoff (`reconnect_delay_set`), so a
 broker that is down when the agent starts, or goes away later, never blocks inference. On every (re)connect the link
@@ -6,8 +7,9 @@ re-subscribes to the device's desired topic, publishes `online` (retained), and 
 the full desired state over HTTP: the cloud's database, not the broker's retained copy, is the source of truth.
 Callbacks run on paho's thread and only hand bytes to the daemon; nothing heavy happens there.
 
-Telemetry is published at QoS 1 and acknowledged by PUBACK: `publish_wait` returns True only when the broker has it,
-so the outbox deletes a batch only then.
+Everything is published at QoS 1 and acknowledged by PUBACK: `publish_reported` (retained), `publish_telemetry` and
+`publish_status` (retained) return True only when the broker has the message, so the outbox deletes a batch only then.
+The topics (`protos/topics.py`) stay in here; the daemon never names one.
 """
 
 from __future__ import annotations
@@ -20,13 +22,17 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.protos.messages import BrokerInfo, DeviceStatus, Message
+from edgefleet.edge_agent.clock import Clock, SystemClock
+from edgefleet.edge_agent.config import AgentConfig
+from edgefleet.protos.messages import BrokerInfo, DeviceStatus, EnrollResponse, Message, ReportedState, TelemetryBatch
 from edgefleet.protos.topics import device_topics
 
 log = logging.getLogger(__name__)
 
 
 class MqttLink:
+    name = "mqtt"
+
     def __init__(
         self,
         broker: BrokerInfo,
@@ -38,6 +44,7 @@ class MqttLink:
         retry_max_s: float = 60.0,
         host_override: str | None = None,
         port_override: int | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.topics = device_topics(broker.topic_prefix, device_id)
         self.device_id = device_id
@@ -46,7 +53,8 @@ class MqttLink:
         self._keepalive = broker.keepalive_s
         self._on_desired = on_desired
         self._on_connected = on_connected
-        self.connected = threading.Event()
+        self._clock = clock or SystemClock()
+        self._connected = threading.Event()
         # A random suffix is not used: one client id per device lets the broker drop a stale session of ours.
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgefleet-agent-{device_id}",
                              protocol=mqtt.MQTTv311, clean_session=True)
@@ -65,6 +73,18 @@ class MqttLink:
         self._client = client
         self._started = False
 
+    @classmethod
+    def from_config(cls, config: AgentConfig, enrollment: EnrollResponse, *, on_desired: Callable[[bytes], None],
+                    on_connected: Callable[[], None], clock: Clock | None = None) -> MqttLink:
+        """The daemon's default `link.LinkFactory`: the broker named at enrollment, unless `[mqtt]` overrides it."""
+        return cls(enrollment.broker, config.device_id, on_desired=on_desired, on_connected=on_connected,
+                   retry_initial_s=config.retry.retry_initial_s, retry_max_s=config.retry.retry_max_s,
+                   host_override=config.mqtt.host, port_override=config.mqtt.port, clock=clock)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
     # paho callbacks (its network thread) ------------------------------------------------------------------------
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -72,19 +92,18 @@ class MqttLink:
             log.warning("MQTT connect refused by %s:%s: %s", self._host, self._port, reason_code)
             return
         client.subscribe(self.topics.desired, qos=1)
-        from datetime import datetime, timezone
-
-        online = DeviceStatus(device_id=self.device_id, online=True, at=datetime.now(timezone.utc))
+        # Not publish_status: waiting for a PUBACK here would block the very thread that reads it.
+        online = DeviceStatus(device_id=self.device_id, online=True, at=self._clock.now())
         client.publish(self.topics.status, online.to_wire(), qos=1, retain=True)
-        self.connected.set()
+        self._connected.set()
         log.info("MQTT connected to %s:%s", self._host, self._port)
         try:
             self._on_connected()
-        except Exception:  # noqa: BLE001 - a daemon bug must not kill paho's thread
+        except Exception:
             log.exception("on_connected handler failed")
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self.connected.clear()
+        self._connected.clear()
         log.info("MQTT disconnected (%s); paho reconnects with backoff", reason_code)
 
     def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
@@ -92,7 +111,7 @@ class MqttLink:
             return  # an empty retained payload is a clear, not a document
         try:
             self._on_desired(bytes(msg.payload))
-        except Exception:  # noqa: BLE001 - garbage must never kill the link
+        except Exception:
             log.exception("desired-state handler failed")
 
     # daemon side -------------------------------------------------------------------------------------------------
@@ -106,22 +125,25 @@ class MqttLink:
     def stop(self, *, graceful: bool = True) -> None:
         if not self._started:
             return
-        if graceful and self.connected.is_set():
-            from datetime import datetime, timezone
-
-            off = DeviceStatus(device_id=self.device_id, online=False, at=datetime.now(timezone.utc))
-            info = self._client.publish(self.topics.status, off.to_wire(), qos=1, retain=True)
-            try:
-                info.wait_for_publish(timeout=2.0)
-            except (RuntimeError, ValueError):
-                pass
+        if graceful and self.connected:
+            # 2 s: a goodbye on the way out; a broker that stopped answering must not hold up the shutdown.
+            self.publish_status(DeviceStatus(device_id=self.device_id, online=False, at=self._clock.now()), 2.0)
         self._client.disconnect()
         self._client.loop_stop()
         self._started = False
 
-    def publish_wait(self, topic: str, msg: Message, *, retain: bool = False, timeout_s: float = 10.0) -> bool:
+    def publish_reported(self, report: ReportedState, timeout_s: float) -> bool:
+        return self._publish_wait(self.topics.reported, report, retain=True, timeout_s=timeout_s)
+
+    def publish_telemetry(self, batch: TelemetryBatch, timeout_s: float) -> bool:
+        return self._publish_wait(self.topics.telemetry, batch, timeout_s=timeout_s)
+
+    def publish_status(self, status: DeviceStatus, timeout_s: float) -> bool:
+        return self._publish_wait(self.topics.status, status, retain=True, timeout_s=timeout_s)
+
+    def _publish_wait(self, topic: str, msg: Message, *, retain: bool = False, timeout_s: float = 10.0) -> bool:
         """Publish at QoS 1; True once the broker acknowledged it (PUBACK), False when offline or timed out."""
-        if not self.connected.is_set():
+        if not self.connected:
             return False
         info = self._client.publish(topic, msg.to_wire(), qos=1, retain=retain)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:

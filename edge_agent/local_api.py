@@ -34,9 +34,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from edgefleet.edge_agent.errors import AgentError, InferenceError
-from edgefleet.edge_agent.fsutil import atomic_write_json
-from edgefleet.edge_agent.inference import InferenceService, ModelNotFound, ModelNotReady
+from edgefleet.common.fsutil import atomic_write_json
+from edgefleet.edge_agent.errors import AgentError, EdgefleetError, InferenceError, ModelNotFound, ModelNotReady
+from edgefleet.edge_agent.inference import InferenceService
 from edgefleet.protos.oip import InferRequest
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ SERVER_NAME = "edgefleet-agent"
 class _Handler(BaseHTTPRequestHandler):
     server_version = SERVER_NAME
     protocol_version = "HTTP/1.1"  # keep-alive: an app that infers in a loop reuses its connection
-    api: "LocalApi"  # set on the subclass made per LocalApi
+    api: LocalApi  # set on the subclass made per LocalApi
 
     # Unix-socket peers have no (host, port); the base class would index into ''.
     def address_string(self) -> str:
@@ -85,7 +85,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return self.rfile.read(length)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
         service = self.api.service
         if path == "/v2/health/live":
@@ -115,7 +115,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(200, meta.model_dump(mode="json", exclude_none=True))
         return self._error(404, f"no route GET {path}")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         match = _MODEL_ROUTE.match(path)
         if not match or match.group(3) != "/infer":
@@ -133,14 +133,14 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(400, f"not an OIP inference request: {where}: {first.get('msg')}")
         try:
             response = self.api.service.infer(name, request, version=version)
-        except AgentError as exc:
+        except EdgefleetError as exc:
             return self._map_error(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug must answer 500 and keep the server up, not kill the thread
+        except Exception as exc:
             log.exception("inference on %s failed", name)
             return self._error(500, f"internal error: {type(exc).__name__}")
         self._send(200, response.model_dump_json(exclude_none=True).encode())
 
-    def _map_error(self, exc: AgentError) -> None:
+    def _map_error(self, exc: EdgefleetError) -> None:
         if isinstance(exc, ModelNotFound):
             return self._error(404, str(exc))
         if isinstance(exc, ModelNotReady):
@@ -174,7 +174,7 @@ class LocalApi:
         self.tcp_handler = type("TcpHandler", (self.handler,), {"disable_nagle_algorithm": True})
 
     @classmethod
-    def from_config(cls, config, service: InferenceService, telemetry=None) -> "LocalApi":
+    def from_config(cls, config, service: InferenceService, telemetry=None) -> LocalApi:
         return cls(service, http_host=config.api.http_host, http_port=config.api.http_port,
                    unix_socket=config.api.unix_socket or None, api_json=config.api_json_path,
                    max_body_bytes=int(config.api.max_body_mb * 1024 * 1024), telemetry=telemetry)
@@ -190,7 +190,7 @@ class LocalApi:
         host, port = self.address
         return f"http://{host}:{port}"
 
-    def start(self) -> "LocalApi":
+    def start(self) -> LocalApi:
         http = ThreadingHTTPServer((self.http_host, self.http_port), self.tcp_handler)
         http.daemon_threads = True
         self._servers.append(http)
@@ -228,7 +228,7 @@ class LocalApi:
         self._servers.clear()
         self._threads.clear()
 
-    def __enter__(self) -> "LocalApi":
+    def __enter__(self) -> LocalApi:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

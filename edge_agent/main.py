@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from edgefleet.edge_agent.config import load_config
-from edgefleet.edge_agent.errors import AgentError, ConfigError
+from edgefleet.edge_agent.errors import ConfigError, EdgefleetError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: agent.stop())
     try:
         agent.run()
-    except AgentError as exc:
+    except EdgefleetError as exc:
         print(f"edgefleet-agent: {exc}", file=sys.stderr)
         return 1
     return 0

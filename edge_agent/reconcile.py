@@ -21,15 +21,19 @@ yet) installs and removes nothing: the agent keeps serving what it has.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Annotated, Literal, Mapping, Union
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from edgefleet.edge_agent.lifecycle import MAX_PHASE_ENTRIES, Phase, is_crash_loop
-from edgefleet.edge_agent.state import FailedRecord, InstallRecord
+from edgefleet.edge_agent.lifecycle import MAX_INSTALL_SAVES, MAX_PHASE_ENTRIES, Phase, crash_loop_reason, is_crash_loop
+from edgefleet.edge_agent.records import FailedRecord, InstallRecord
 from edgefleet.protos.messages import DesiredModel, DesiredState, ModelStatus
+
+if TYPE_CHECKING:
+    from edgefleet.edge_agent.config import AgentConfig
 
 
 class _Step(BaseModel):
@@ -78,7 +82,7 @@ class Report(_Step):
     models: list[ModelStatus]
 
 
-Step = Annotated[Union[Install, Resume, Rollback, Activate, Remove, Report], Field(discriminator="kind")]
+Step = Annotated[Install | Resume | Rollback | Activate | Remove | Report, Field(discriminator="kind")]
 
 
 @dataclass(frozen=True)
@@ -86,13 +90,14 @@ class RetryPolicy:
     failed_retry_initial_s: float = 60.0
     failed_retry_max_s: float = 3600.0
     max_phase_entries: int = MAX_PHASE_ENTRIES
+    max_install_saves: int = MAX_INSTALL_SAVES
 
     @classmethod
-    def from_config(cls, config) -> "RetryPolicy":
+    def from_config(cls, config: AgentConfig) -> RetryPolicy:
         return cls(config.retry.failed_retry_initial_s, config.retry.failed_retry_max_s)
 
     def failed_backoff_s(self, attempts: int) -> float:
-        return min(self.failed_retry_max_s, self.failed_retry_initial_s * 2 ** max(0, attempts - 1))
+        return min(self.failed_retry_max_s, self.failed_retry_initial_s * 2.0 ** max(0, attempts - 1))
 
 
 @dataclass(frozen=True)
@@ -151,9 +156,9 @@ def _plan_record(rec: InstallRecord, want: DesiredModel | None, desired: Desired
     if desired is not None and (want is None or want.version != rec.version):
         target = f"version {want.version}" if want is not None else "removal"
         return [Rollback(name=rec.name, version=rec.version, reason=f"superseded by {target}", mark_failed=False)]
-    if is_crash_loop(rec, policy.max_phase_entries):
+    if is_crash_loop(rec, policy.max_phase_entries, policy.max_install_saves):
         return [Rollback(name=rec.name, version=rec.version, mark_failed=True,
-                         reason=f"crash loop: phase {rec.phase.value} entered {rec.entries} times without finishing")]
+                         reason=f"crash loop: {crash_loop_reason(rec, policy.max_phase_entries)}")]
     if rec.not_before is not None and now < rec.not_before:
         return []  # backing off after a transient error
     return [Resume(name=rec.name, version=rec.version, phase=rec.phase)]
@@ -185,7 +190,7 @@ def plan(current: AgentSnapshot, desired: DesiredState | None, now: datetime,
         rec = current.installs.get(name)
         if rec is not None:
             steps += _plan_record(rec, want, desired, now, policy)
-        elif want is not None:
+        elif want is not None and desired is not None:  # (a wanted model implies a desired state)
             steps += _plan_model(current, want, desired, now, policy)
         elif desired is not None:
             steps.append(Remove(name=name))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from edgefleet.edge_agent.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
+from edgefleet.common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
 from edgefleet.protos.messages import TelemetryBatch, TelemetryWindow
 
 # 200 windows of ~400 bytes: ~80 KB, well inside MAX_MESSAGE_BYTES (256 KiB) on the telemetry topic.
@@ -188,7 +188,7 @@ class Telemetry:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config) -> "Telemetry":
+    def from_config(cls, config) -> Telemetry:
         outbox = Outbox(config.outbox_dir, int(config.telemetry.outbox_max_mb * 1024 * 1024))
         return cls(config.device_id, config.telemetry.window_s, outbox)
 

@@ -34,52 +34,24 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater
 
+from edgefleet.common.fsutil import atomic_write_bytes
 from edgefleet.edge_agent.errors import (
     BadSignature,
-    CloudUnavailable,
+    BundleMismatch,
     Expired,
+    FrozenRepository,
+    MetadataUnavailable,
     Replayed,
+    RollbackAttack,
     TrustError,
+    UnknownTarget,
+    UntrustedMetadata,
     WrongClass,
     WrongDevice,
 )
 from edgefleet.protos.messages import MAX_MESSAGE_BYTES, DesiredState, MessageError, SignedDesiredState, parse_message
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: streaming hash of bundles of any size in constant memory
-
-
-class RollbackAttack(Replayed):
-    """TUF metadata older than what this agent already trusts, or versions that do not match (mix-and-match)."""
-
-    reason = "rollback"
-
-
-class FrozenRepository(Expired):
-    """TUF metadata has expired: the repository stopped re-signing, or someone replays old metadata."""
-
-    reason = "frozen_repository"
-
-
-class UntrustedMetadata(BadSignature):
-    """TUF metadata not signed by the keys the trusted root names, or not matching its recorded hash."""
-
-    reason = "untrusted_metadata"
-
-
-class UnknownTarget(TrustError):
-    reason = "unknown_target"
-
-
-class BundleMismatch(TrustError):
-    """Downloaded bytes differ from the trusted length or hashes."""
-
-    reason = "bundle_mismatch"
-
-
-class MetadataUnavailable(TrustError, CloudUnavailable):
-    """TUF metadata could not be fetched (network, HTTP error): retry with backoff; nothing was trusted."""
-
-    reason = "cloud_unavailable"
 
 
 # ------------------------------------------------------------------------------------------------- desired state
@@ -97,7 +69,7 @@ class DesiredStateVerifier:
                 body = dict(entry)
                 keyid = body.pop("keyid")
                 self._keys[keyid] = Key.from_dict(keyid, body)
-            except Exception as exc:  # KeyError, ValueError, unsupported key type
+            except Exception as exc:  # noqa: BLE001 - KeyError, ValueError, unsupported key type
                 raise TrustError(f"a desired-state key from enrollment is unusable ({exc!r}): enroll again") from None
         if not self._keys:
             raise TrustError("no desired-state keys were given at enrollment: enroll again")
@@ -149,7 +121,7 @@ class DesiredStateVerifier:
             raise BadSignature("desired state is unsigned: refused; only documents signed by the cloud are accepted")
         try:
             data = encode_canonical(payload).encode("utf-8")  # type: ignore[union-attr]
-        except Exception as exc:  # FormatError: floats or other non-canonical values
+        except Exception as exc:  # noqa: BLE001 - FormatError: floats or other non-canonical values
             raise BadSignature(f"desired state payload has no canonical JSON form ({exc}): refused") from None
         seen: list[str] = []
         for entry in sigs:
@@ -163,7 +135,7 @@ class DesiredStateVerifier:
             try:
                 key.verify_signature(Signature(keyid, sig), data)
                 return
-            except Exception:  # UnverifiedSignatureError / VerificationError: try the next signature
+            except Exception:  # noqa: BLE001 - UnverifiedSignatureError / VerificationError: try the next signature
                 continue
         raise BadSignature(
             f"no valid signature on the desired state from a trusted key (signatures by {seen or 'nobody'}): "
@@ -224,12 +196,7 @@ class BundleTrust:
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         root_file = self.metadata_dir / "root.json"
         if self._root is not None and not os.path.lexists(root_file):
-            tmp = root_file.with_name(".root.json.tmp")
-            with open(tmp, "wb") as f:
-                f.write(self._root)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, root_file)
+            atomic_write_bytes(root_file, self._root)  # the trust anchor survives a power cut whole, or not at all
         elif self._root is None and not root_file.exists():
             raise TrustError(f"no trusted TUF root in {self.metadata_dir}: enroll the device first")
         # The enrollment root is the trust anchor; newer roots cached in root_history/ are re-verified from it (5.3).

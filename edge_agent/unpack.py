@@ -28,8 +28,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgefleet.common.fsutil import fsync_dir
 from edgefleet.edge_agent.errors import BundleError
-from edgefleet.edge_agent.fsutil import fsync_dir
 from edgefleet.protos.messages import Manifest, MessageError, parse_message
 
 MANIFEST_NAME = "manifest.json"
@@ -44,7 +44,7 @@ class UnpackLimits:
     max_members: int = 64
 
     @classmethod
-    def from_config(cls, config) -> "UnpackLimits":
+    def from_config(cls, config) -> UnpackLimits:
         return cls(int(config.limits.unpacked_max_mb * 1024 * 1024), config.limits.unpacked_max_files)
 
 
@@ -193,4 +193,5 @@ def check_tree(directory: str | Path, manifest: Manifest) -> None:
             raise BundleError(f"bundle file {rel!r} is {size} bytes; the manifest says {entry.size}")
         digest = sha256_file(path)
         if digest != entry.sha256:
-            raise BundleError(f"bundle file {rel!r} has sha256 {digest[:12]}..., the manifest says {entry.sha256[:12]}...")
+            raise BundleError(f"bundle file {rel!r} has sha256 {digest[:12]}..., "
+                              f"the manifest says {entry.sha256[:12]}...")

@@ -61,7 +61,7 @@ class FleetClient:
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "FleetClient":
+    def __enter__(self) -> FleetClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -129,10 +129,10 @@ def distill(
     classes: Annotated[str, typer.Option("--classes", help="Comma-separated device classes, e.g. rpi4,rpi5.")],
     name: Annotated[str, typer.Option("--name", "-n", help="Model name the built variants become versions of.")],
     task: Annotated[str, typer.Option("--task", help="classification or regression.")] = "classification",
-    budget: Annotated[Optional[list[str]], typer.Option("--budget", metavar="CLASS:KEY=V,...",
+    budget: Annotated[list[str] | None, typer.Option("--budget", metavar="CLASS:KEY=V,...",
                                                         help="Override budgets: p95_ms, mj, mb (repeatable).")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the training.")] = 0,
-    max_epochs: Annotated[Optional[int], typer.Option("--max-epochs", min=1, help="Cap on epochs per student.")]
+    max_epochs: Annotated[int | None, typer.Option("--max-epochs", min=1, help="Cap on epochs per student.")]
     = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job to its end (default).")] = True,
     as_json: JsonOpt = False,
@@ -162,7 +162,7 @@ def distill(
 
 
 @jobs_app.command("list")
-def jobs_list(ctx: typer.Context, state: Annotated[Optional[str], typer.Option(
+def jobs_list(ctx: typer.Context, state: Annotated[str | None, typer.Option(
         "--state", help="queued, running, succeeded, failed or cancelled.")] = None, as_json: JsonOpt = False) -> None:
     """List jobs, newest first: state, stage, progress, attempts, worker."""
     jobs = _client(ctx).list_jobs(state)

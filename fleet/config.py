@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
+from edgefleet.common.fsutil import atomic_write_text
 from edgefleet.fleet.errors import ConfigError
 
 ENV_URL = "EDGEFLEET_URL"
@@ -138,17 +138,7 @@ def save(url: str, token: str, path: Path | None = None) -> Path:
     body = ("# edgefleet CLI: written by `fleet login`; holds a bearer token, keep it 0600\n" + "\n".join(lines) + "\n")
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".cli.toml.", dir=path.parent)  # mkstemp creates the file 0600
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(body)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o600)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, body, 0o600)  # 0600 from its first byte: it holds a bearer token
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -21,9 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperGroup
 
-from edgefleet.fleet import commands_distill
+from edgefleet.fleet import commands_distill, render
 from edgefleet.fleet import config as cfg
-from edgefleet.fleet import render
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.errors import CloudUnreachable, ConfigError, FleetError
 from edgefleet.protos.api import DeployRequest, EnrollmentTokenRequest
@@ -89,9 +88,9 @@ class _Globals:
 @app.callback()
 def _root(
     ctx: typer.Context,
-    url: Annotated[Optional[str], typer.Option("--url", help="Cloud URL; overrides EDGEFLEET_URL and cli.toml.",
+    url: Annotated[str | None, typer.Option("--url", help="Cloud URL; overrides EDGEFLEET_URL and cli.toml.",
                                                metavar="URL")] = None,
-    token: Annotated[Optional[str], typer.Option("--token", help="Admin token; overrides EDGEFLEET_TOKEN and "
+    token: Annotated[str | None, typer.Option("--token", help="Admin token; overrides EDGEFLEET_TOKEN and "
                                                  "cli.toml.", metavar="TOKEN")] = None,
 ) -> None:
     ctx.obj = _Globals(url, token)
@@ -223,11 +222,11 @@ def models_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 def deploy(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Model name.")],
-    version: Annotated[Optional[int], typer.Option("--version", min=1, help="Model version (default: latest).")] = None,
-    device: Annotated[Optional[str], typer.Option("--device", metavar="ID", help="Target one device.")] = None,
-    device_class: Annotated[Optional[str], typer.Option("--class", metavar="NAME", help="Target a device class.")]
+    version: Annotated[int | None, typer.Option("--version", min=1, help="Model version (default: latest).")] = None,
+    device: Annotated[str | None, typer.Option("--device", metavar="ID", help="Target one device.")] = None,
+    device_class: Annotated[str | None, typer.Option("--class", metavar="NAME", help="Target a device class.")]
     = None,
-    label: Annotated[Optional[str], typer.Option("--label", metavar="KEY=VALUE", help="Target labelled devices.")]
+    label: Annotated[str | None, typer.Option("--label", metavar="KEY=VALUE", help="Target labelled devices.")]
     = None,
     as_json: JsonOpt = False,
 ) -> None:

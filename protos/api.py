@@ -65,7 +65,7 @@ class DeployRequest(View):
     label: str | None = None  # "key=value"
 
     @model_validator(mode="after")
-    def _one_target(self) -> "DeployRequest":
+    def _one_target(self) -> DeployRequest:
         chosen = [x for x in (self.device_id, self.device_class, self.label) if x]
         if len(chosen) != 1:
             raise ValueError("give exactly one target: device_id, device_class or label (key=value)")

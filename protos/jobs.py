@@ -11,7 +11,7 @@ The distillation report itself is `protos.distill.DistillReport`, served as is b
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -85,7 +85,7 @@ class JobView(View):
     lease_until: datetime | None = None
     cancel_requested: bool = False
     error: str | None = None
-    spec: dict
+    spec: dict[str, Any]
     created_at: datetime
     started_at: datetime | None = None
     heartbeat_at: datetime | None = None
@@ -118,7 +118,7 @@ class CalibrationView(View):
     device_class: str
     source: str  # "default" (from the catalog's figures) or "refit" (from telemetry)
     samples: int = 0
-    values: dict  # every field of the Calibration, as stored
+    values: dict[str, Any]  # every field of the Calibration, as stored
 
 
 class VariantMeasurement(View):

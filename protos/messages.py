@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
@@ -305,16 +305,8 @@ class DeviceStatus(Versioned):
 
 
 WireMessage = Annotated[
-    Union[
-        Manifest,
-        EnrollRequest,
-        EnrollResponse,
-        SignedDesiredState,
-        DesiredState,
-        ReportedState,
-        TelemetryBatch,
-        DeviceStatus,
-    ],
+    Manifest | EnrollRequest | EnrollResponse | SignedDesiredState | DesiredState | ReportedState | TelemetryBatch
+    | DeviceStatus,
     Field(discriminator="kind"),
 ]
 _wire = TypeAdapter(WireMessage)

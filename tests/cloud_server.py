@@ -47,11 +47,10 @@ import paho.mqtt.client as mqtt
 import uvicorn
 from paho.mqtt.enums import CallbackAPIVersion
 
-from harness import free_port, wait_for
-
 from edgefleet.cloud.main import CloudRuntime
 from edgefleet.cloud.settings import Settings
 from edgefleet.protos.messages import EnrollResponse
+from tests.harness import free_port, wait_for
 
 
 class AppServer:
@@ -68,7 +67,7 @@ class AppServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, app: Any) -> "AppServer":
+    def start(self, app: Any) -> AppServer:
         self._server = uvicorn.Server(uvicorn.Config(app, lifespan="off", log_level="warning", access_log=False))
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.sock]},
                                         name="test-uvicorn", daemon=True)
@@ -124,7 +123,7 @@ class CloudServer:
         self._http.stop()
         self.runtime.stop()
 
-    def __enter__(self) -> "CloudServer":
+    def __enter__(self) -> CloudServer:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from harness import Mosquitto, PostgresDatabase  # noqa: E402
+from tests.harness import Mosquitto, PostgresDatabase
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(cond: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition") -> Any:
+def wait_for(cond: Callable[[], Any], timeout_s: float = 10.0, interval_s: float = 0.05,
+             what: str = "condition") -> Any:
     """Poll `cond` until it returns something truthy; fail with `what` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     last_exc: BaseException | None = None
@@ -39,7 +40,8 @@ def wait_for(cond: Callable[[], Any], timeout_s: float = 10.0, interval_s: float
         except Exception as exc:  # noqa: BLE001 - the condition may raise until it holds
             last_exc = exc
         time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+    last = f" (last error: {last_exc!r})" if last_exc else ""
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}{last}")
 
 
 def port_open(host: str, port: int) -> bool:
@@ -63,7 +65,7 @@ class Mosquitto:
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
 
-    def start(self) -> "Mosquitto":
+    def start(self) -> Mosquitto:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed: apt-get install mosquitto (.ci/run does this)")
@@ -107,7 +109,7 @@ class PostgresDatabase:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
             conn.execute(sql)
 
-    def create(self) -> "PostgresDatabase":
+    def create(self) -> PostgresDatabase:
         self._admin(f'CREATE DATABASE "{self.name}"')
         return self
 

@@ -1,5 +1,5 @@
 """Test-only job kinds, registered into `edgefleet.cloud.worker.KINDS` on import: in-process by the worker tests, and
-in real worker processes with `edgefleet-cloud worker --plugin job_kinds` (PYTHONPATH=tests).
+in real worker processes with `edgefleet-cloud worker --plugin tests.job_kinds` (PYTHONPATH=the repo root).
 
     test-echo   returns {"echo": spec}; with spec["fail"] = "invalid" raises Invalid, "crash" raises ValueError
     test-spin   reports progress until stopped (cancel, lost lease, shutdown); logs through edgefleet.cloud.distill

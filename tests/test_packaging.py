@@ -54,10 +54,13 @@ def test_cloud_extra_does_pull_the_cloud_stack():
 
 
 def test_agent_modules_import_nothing_heavy():
+    import edgefleet.common as common
     import edgefleet.edge_agent as agent
 
+    # The agent runs on the neutral package too (its runtimes and crash-safe writes live there).
     modules = [m.name for m in pkgutil.walk_packages(agent.__path__, "edgefleet.edge_agent.")]
-    assert "edgefleet.edge_agent.daemon" in modules and "edgefleet.edge_agent.runtimes.onnx" in modules
+    modules += [m.name for m in pkgutil.walk_packages(common.__path__, "edgefleet.common.")]
+    assert "edgefleet.edge_agent.daemon" in modules and "edgefleet.common.runtimes.onnx" in modules
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}:\n"

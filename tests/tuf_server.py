@@ -22,7 +22,7 @@ class TufMetadataServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 with server._lock:
                     server.requests.append(self.path)
                     body = server._lookup(self.path)
@@ -66,7 +66,7 @@ class TufMetadataServer:
         with self._lock:
             self.overrides.clear()
 
-    def start(self) -> "TufMetadataServer":
+    def start(self) -> TufMetadataServer:
         self._thread.start()
         return self
 

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from edgefleet.cloud.services import Fleet
 
 
-def create_app(fleet: "Fleet") -> FastAPI:
+def create_app(fleet: Fleet) -> FastAPI:
     app = FastAPI(
         title="edgefleet cloud",
         version="1",

@@ -12,32 +12,33 @@ state, post its own reported state and telemetry, and download bundles.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
+from edgefleet.cloud.auth import Principal
 from edgefleet.cloud.errors import Forbidden, Invalid, Unauthorized
-
-if TYPE_CHECKING:
-    from edgefleet.cloud.services import Fleet
+from edgefleet.cloud.services import Fleet
 
 # auto_error=False: a missing header reaches `principal` and becomes our own 401 ErrorBody, not FastAPI's.
 _bearer = HTTPBearer(auto_error=False, description="An admin, enrollment or device token.")
 
 
-def get_fleet(request: Request) -> "Fleet":
-    return request.app.state.fleet
+def get_fleet(request: Request) -> Fleet:
+    fleet: Fleet = request.app.state.fleet
+    return fleet
 
 
-FleetDep = Annotated[Any, Depends(get_fleet)]  # Any: FastAPI must not try to read Fleet as a body model
+# A parameter with Depends(...) is resolved by calling the dependency; FastAPI never reads its type as a body.
+FleetDep = Annotated[Fleet, Depends(get_fleet)]
 
 
 def principal(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Any:
+) -> Principal:
     if credentials is None:
         header = request.headers.get("authorization")
         if header:
@@ -47,38 +48,38 @@ def principal(
     return get_fleet(request).authenticate(credentials.credentials)
 
 
-PrincipalDep = Annotated[Any, Depends(principal)]
+PrincipalDep = Annotated[Principal, Depends(principal)]
 
 
-def admin(who: PrincipalDep) -> Any:
+def admin(who: PrincipalDep) -> Principal:
     if who.kind != "admin":
         raise Forbidden(f"this endpoint needs the admin token; a {who.kind} token may not use it")
     return who
 
 
-AdminDep = Annotated[Any, Depends(admin)]
+AdminDep = Annotated[Principal, Depends(admin)]
 
 
-def enrollment(who: PrincipalDep) -> Any:
+def enrollment(who: PrincipalDep) -> Principal:
     if who.kind != "enroll":
         raise Forbidden(f"enrolling needs an enrollment token, not a {who.kind} token: "
                         "create one with POST /api/v1/enrollment-tokens (`fleet tokens create`)")
     return who
 
 
-EnrollDep = Annotated[Any, Depends(enrollment)]
+EnrollDep = Annotated[Principal, Depends(enrollment)]
 
 
-def device_or_admin(who: PrincipalDep) -> Any:
+def device_or_admin(who: PrincipalDep) -> Principal:
     if who.kind not in ("device", "admin"):
         raise Forbidden(f"this endpoint needs a device or admin token; a {who.kind} token may not use it")
     return who
 
 
-DeviceOrAdminDep = Annotated[Any, Depends(device_or_admin)]
+DeviceOrAdminDep = Annotated[Principal, Depends(device_or_admin)]
 
 
-def check_own_device(who: Any, device_id: str, *, admin_allowed: bool = True) -> None:
+def check_own_device(who: Principal, device_id: str, *, admin_allowed: bool = True) -> None:
     """A device token may touch only its own device id; the admin token may read any (where allowed)."""
     if who.kind == "admin" and admin_allowed:
         return

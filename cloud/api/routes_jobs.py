@@ -11,7 +11,7 @@ processes, never in this server.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
@@ -77,7 +77,7 @@ async def submit_distill(
 
 
 @router.get("/jobs", response_model=list[JobView], tags=["jobs"])
-def list_jobs(fleet: FleetDep, who: AdminDep, state: Optional[JobState] = None,
+def list_jobs(fleet: FleetDep, who: AdminDep, state: JobState | None = None,
               limit: int = Query(default=100, ge=1, le=1000)) -> list[JobView]:
     """Jobs, newest first."""
     return fleet.list_jobs(state=state, limit=limit)

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 
-from edgefleet.cloud.api.handlers import error_response
 from edgefleet.cloud.api.deps import DeviceOrAdminDep, FleetDep
+from edgefleet.cloud.api.handlers import error_response
 from edgefleet.cloud.errors import NotFound
 
 router = APIRouter(prefix="/tuf", tags=["tuf"])

@@ -9,10 +9,10 @@ key named, because a silently skipped class shows up much later as "unknown clas
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from pydantic import ValidationError
 
 from edgefleet.cloud.errors import Invalid

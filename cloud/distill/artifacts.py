@@ -140,14 +140,19 @@ def run_variant(v: Variant, x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if v.fmt == "onnx":
         return run_onnx(v.data, x).astype(np.float32)
-    from edgefleet.edge_agent.runtimes.litert import LiteRtRuntime
+    from edgefleet.cloud.distill.errors import ArtifactUnrunnable
+    from edgefleet.common.errors import EdgefleetError
+    from edgefleet.common.runtimes.litert import LiteRtRuntime
 
-    runtime = LiteRtRuntime()
-    runtime.load_bytes(v.data)
+    runtime = LiteRtRuntime()  # the agent's own runtime: what passes here passes on the device
     try:
+        runtime.load_bytes(v.data)
         name, out = runtime.inputs[0].name, runtime.outputs[0].name
         return np.concatenate([runtime.run({name: x[i:i + _RUN_CHUNK]})[out]
                                for i in range(0, len(x), _RUN_CHUNK)]).astype(np.float32)
+    except EdgefleetError as exc:  # the runtimes' errors enter cloud code here, as a CloudError
+        raise ArtifactUnrunnable(f"the {v.precision} {v.fmt} artifact cannot be run by LiteRT: {exc}; "
+                                 "it is not shipped", detail={"precision": v.precision, "format": v.fmt}) from None
     finally:
         runtime.close()
 

@@ -19,8 +19,9 @@ the foundation's catalog schema stays as it is) and are refit from fleet telemet
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -329,8 +330,8 @@ def _count_own(model, input_name: str, shape: tuple[int, ...], model_bytes: int)
 
 
 def _count_onnx_tool(model, input_name: str, shape: tuple[int, ...], model_bytes: int) -> OpCounts:
-    import io
     import contextlib
+    import io
 
     import onnx_tool
 

@@ -77,7 +77,7 @@ def open_session(teacher_bytes: bytes):
     options.log_severity_level = 3
     try:
         return ort.InferenceSession(teacher_bytes, sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime's own exception types: InvalidProtobuf, Fail, InvalidGraph...
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types: InvalidProtobuf, Fail, InvalidGraph...
         text = " ".join(str(exc).split())[:300]
         raise DistillInputError(f"the teacher is not an ONNX model ONNX Runtime can load ({text}); export it with "
                                 "torch.onnx.export, tf2onnx or skl2onnx (zipmap off)") from None

@@ -6,6 +6,7 @@
     ├── Unavailable (503)
     │   └── ConverterUnavailable (503, "converter_unavailable")   the TFLite converter venv could not be made
     ├── ArtifactDrift (500, "artifact_drift")           a quantized/converted artifact changed too many predictions
+    ├── ArtifactUnrunnable (500, "artifact_unrunnable") the runtime (edgefleet.common.runtimes) cannot load or run it
     └── DistillCancelled (409, "cancelled")             the job was cancelled between two steps
 
 Every message names what is wrong and what to change; figures travel in `detail` so the report and the job log can
@@ -25,6 +26,10 @@ class ArtifactDrift(CloudError):
     code = "artifact_drift"
 
 
+class ArtifactUnrunnable(CloudError):
+    code = "artifact_unrunnable"
+
+
 class ConverterUnavailable(Unavailable):
     code = "converter_unavailable"
 
@@ -35,4 +40,4 @@ class DistillCancelled(CloudError):
     code = "cancelled"
 
 
-__all__ = ["ArtifactDrift", "ConverterUnavailable", "DistillCancelled", "DistillInputError"]
+__all__ = ["ArtifactDrift", "ArtifactUnrunnable", "ConverterUnavailable", "DistillCancelled", "DistillInputError"]

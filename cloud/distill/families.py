@@ -178,7 +178,7 @@ def build_student(c: Candidate, input_shape: tuple | list, n_out: int,
     cin = _in_channels(input_shape)
     if c.family == "dscnn2d":
         conv, bn, pool, k = nn.Conv2d, nn.BatchNorm2d, nn.AdaptiveAvgPool2d, 3
-        spatial = [s for s in (input_shape[1:3] if channels_last(input_shape) else input_shape[2:4])]
+        spatial = list(input_shape[1:3] if channels_last(input_shape) else input_shape[2:4])
         view: tuple[int, ...] = (1, cin, 1, 1)
     else:
         conv, bn, pool, k = nn.Conv1d, nn.BatchNorm1d, nn.AdaptiveAvgPool1d, 5

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.cloud.distill import data as data_mod
-from edgefleet.cloud.distill.errors import ArtifactDrift, ConverterUnavailable, DistillCancelled
+from edgefleet.cloud.distill.errors import ArtifactDrift, ArtifactUnrunnable, ConverterUnavailable, DistillCancelled
 from edgefleet.cloud.distill.export import run_onnx, to_onnx
 from edgefleet.cloud.distill.families import Candidate, candidates_for
 from edgefleet.cloud.distill.spec import DistillSpec, resolve_budgets
@@ -182,6 +182,8 @@ class ClassPlanner:
             self._scores[key] = self._variant_scores(variant)
         except ArtifactDrift as exc:
             result = (None, _drift_value(exc.detail), f"{precision} {runtime} variant drifted: {exc.message}")
+        except ArtifactUnrunnable as exc:
+            result = (None, None, f"{precision} {runtime} variant cannot run: {exc.message}")
         except ConverterUnavailable as exc:
             result = (None, None, f"TFLite converter unavailable: {exc.message}")
             if (exc.detail or {}).get("stage") != "convert":  # the venv itself, not this model: same for all
@@ -269,7 +271,7 @@ def _drift_value(result) -> float | None:
 
 def _default_modules(artifacts, costmodel):
     if artifacts is None:
-        from edgefleet.cloud.distill import artifacts as artifacts  # noqa: PLW0127 - the real module, lazily
+        from edgefleet.cloud.distill import artifacts as artifacts
     if costmodel is None:
         from edgefleet.cloud.distill import costmodel as costmodel
     return artifacts, costmodel

@@ -80,7 +80,7 @@ class DistillSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DistillSpec":
+    def from_dict(cls, data: Mapping[str, Any]) -> DistillSpec:
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:

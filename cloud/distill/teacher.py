@@ -17,7 +17,6 @@ the output name and the inputs, so a rebuild (another seed, other classes, anoth
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,6 +26,7 @@ import numpy as np
 from edgefleet.cloud.distill.data import TeacherInfo, open_session
 from edgefleet.cloud.distill.errors import DistillInputError
 from edgefleet.cloud.distill.spec import DistillSpec
+from edgefleet.common.fsutil import staged_file
 
 EPS = 1e-12  # float32 keeps p + 1e-12 exact enough for p >= 1e-6; log 1e-12 = -27.6
 _ROW_SUM_TOL = 1e-3
@@ -79,7 +79,7 @@ def _run(teacher_bytes: bytes, x: np.ndarray, info: TeacherInfo) -> np.ndarray:
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - rows, axis=0)])
         try:
             out = session.run([info.chosen_output], {info.input_name: chunk})[0]
-        except Exception as exc:  # onnxruntime raises its own types; the usual cause is a shape the graph refuses
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own types; usually a shape the graph refuses
             text = " ".join(str(exc).split())[:300]
             raise DistillInputError(f"the teacher failed on the transfer set ({text}); check that x matches what "
                                     "the teacher was trained on") from None
@@ -110,11 +110,10 @@ def teacher_outputs(teacher_bytes: bytes, x: np.ndarray, info: TeacherInfo, spec
     if raw is None:
         raw = _run(teacher_bytes, x, info)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, raw)
-            os.replace(tmp, path)  # atomic: two workers computing the same key both write whole files
+            # Whole or absent, also when two workers compute the same key at once.
+            with staged_file(path.parent, hint=path.name) as staged:
+                np.save(staged.file, raw)
+                staged.commit(path)
 
     bad = ~np.isfinite(raw)
     if bad.any():

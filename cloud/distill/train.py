@@ -5,9 +5,9 @@ Theory (Hinton et al., 2015): the student s learns the teacher's softened distri
 The T^2 factor keeps the soft term's gradients at the scale of the hard term's as T grows (they shrink as 1/T^2).
 Without labels the loss is the soft term alone; with labels on some rows only (the others -1, the realistic case
 of a large unlabelled transfer set), the hard term covers the labelled rows. Regression matches the teacher's values
-with MSE, mixed with MSE to the labels in the same alpha proportion when labels exist. Early stopping watches validation AGREEMENT with the
-teacher (argmax match; negative MSE for regression), not accuracy: the student's job is to stand in for the
-teacher, and agreement needs no labels. The best epoch's weights are kept.
+with MSE, mixed with MSE to the labels in the same alpha proportion when labels exist. Early stopping watches
+validation AGREEMENT with the teacher (argmax match; negative MSE for regression), not accuracy: the student's job
+is to stand in for the teacher, and agreement needs no labels. The best epoch's weights are kept.
 
 Reproducibility: torch.manual_seed and a seeded torch.Generator for the batch order, deterministic algorithms
 (cheap on CPU), and a fixed thread count (1 by default: the reduction order of multi-threaded kernels can vary with

@@ -45,7 +45,7 @@ class DesiredStateSigner:
         payload = state.model_dump(mode="json")
         try:
             data = canonical_bytes(payload)
-        except Exception as exc:  # securesystemslib FormatError: a float slipped into the payload
+        except Exception as exc:  # noqa: BLE001 - securesystemslib FormatError: a float slipped into the payload
             raise Invalid(f"desired state for {state.device_id} cannot be signed: {exc} (canonical JSON has no "
                           "floats; send such values as strings)") from None
         sig = self._signer.sign(data)

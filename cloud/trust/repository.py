@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import stat
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,12 +41,13 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
-from edgefleet.cloud.errors import CloudError, Invalid
-from edgefleet.edge_agent.fsutil import fsync_dir  # one crash-safe write recipe for cloud and agent
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
+
+from edgefleet.cloud.errors import CloudError, Invalid
+from edgefleet.common.fsutil import atomic_write_bytes  # the one crash-safe write recipe for cloud and agent
 
 log = logging.getLogger(__name__)
 
@@ -61,38 +61,12 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o644, *, exclusive: bool = False) -> bool:
-    """Write `data` to `path` via temp file, fsync, rename (or link when `exclusive`), fsync of the folder.
-
-    With `exclusive`, an existing file wins and False is returned: two processes making a key at once agree on one.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                return False
-        else:
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-        return True
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def load_or_create_signer(path: Path) -> CryptoSigner:
     """The ed25519 signer kept in `path` (PEM, 0600), made the first time."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not path.exists():
         fresh = CryptoSigner.generate_ed25519()
-        if atomic_write(path, fresh.private_bytes, 0o600, exclusive=True):
+        if atomic_write_bytes(path, fresh.private_bytes, 0o600, exclusive=True):
             log.info("made signing key %s (keyid %s)", path, fresh.public_key.keyid)
             return fresh
     if stat.S_IMODE(path.stat().st_mode) & 0o077:
@@ -237,7 +211,7 @@ class TufRepository:
     def _write_root(self) -> None:
         md = self._md[Root.type]
         data = self._sign(Root.type, md)
-        atomic_write(self.metadata_dir / f"{md.signed.version}.root.json", data)
+        atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.root.json", data)
 
     def _publish(self, *, targets: bool = False, snapshot: bool = True, bump: bool = True) -> None:
         """Write targets (when changed), snapshot, then timestamp; timestamp.json last is the commit point."""
@@ -246,14 +220,14 @@ class TufRepository:
             md = self._md[Targets.type]
             md.signed.version += step
             self._targets_bytes = self._sign(Targets.type, md)
-            atomic_write(self.metadata_dir / f"{md.signed.version}.targets.json", self._targets_bytes)
+            atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.targets.json", self._targets_bytes)
         if targets or snapshot:
             md = self._md[Snapshot.type]
             md.signed.version += step
             # Version only for targets.json (5.5.5 compares versions; 5.6.4 checks the match).
             md.signed.meta["targets.json"] = MetaFile(self._md[Targets.type].signed.version)
             self._snapshot_bytes = self._sign(Snapshot.type, md)
-            atomic_write(self.metadata_dir / f"{md.signed.version}.snapshot.json", self._snapshot_bytes)
+            atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.snapshot.json", self._snapshot_bytes)
         ts = self._md[Timestamp.type]
         ts.signed.version += step
         # Length and sha256 of the snapshot let clients refuse a swapped snapshot before parsing it (5.5.2).
@@ -262,7 +236,7 @@ class TufRepository:
             len(self._snapshot_bytes),
             {"sha256": hashlib.sha256(self._snapshot_bytes).hexdigest()},
         )
-        atomic_write(self.metadata_dir / "timestamp.json", self._sign(Timestamp.type, ts))
+        atomic_write_bytes(self.metadata_dir / "timestamp.json", self._sign(Timestamp.type, ts))
         self._prune()
 
     def _prune(self) -> None:
@@ -326,5 +300,5 @@ class TufRepository:
                 f"TUF metadata {path} is missing: the repository in {self.root_dir} is incomplete; restore it from "
                 "backup"
             ) from None
-        except Exception as exc:  # DeserializationError and friends: a corrupt file
+        except Exception as exc:  # noqa: BLE001 - DeserializationError and friends: a corrupt file
             raise CloudError(f"TUF metadata {path} is corrupt ({exc}): restore it from backup") from None

@@ -167,7 +167,7 @@ def infer_all(api_url: str, model: str, version, x: np.ndarray) -> np.ndarray:
     return np.asarray(preds)
 
 
-def follow_job(client: FleetClient, job_id: int, procs: "Processes"):
+def follow_job(client: FleetClient, job_id: int, procs: Processes):
     """A progress bar over the job's stages until it finishes; the finished JobView."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 

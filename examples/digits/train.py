@@ -41,11 +41,11 @@ def load_split(seed: int = SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray, np
 def train(out_dir: str | Path, *, seed: int = SEED, max_iter: int = 300) -> dict:
     """Fit, export and check. Returns {"model": path, "heldout": path, "accuracy": float, "onnx_accuracy": float,
     "n_train": int, "n_heldout": int, "opset": int}."""
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

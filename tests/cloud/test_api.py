@@ -13,8 +13,6 @@ from datetime import datetime, timezone
 
 import httpx
 import pytest
-from cloud_server import enroll_device as enroll
-from cloud_server import serve_app, start_cloud_server, tiny_onnx
 
 from edgefleet.cloud.api import create_app
 from edgefleet.protos.api import (
@@ -25,6 +23,8 @@ from edgefleet.protos.api import (
     StatsView,
 )
 from edgefleet.protos.messages import ReportedState, SignedDesiredState, TelemetryBatch
+from tests.cloud_server import enroll_device as enroll
+from tests.cloud_server import serve_app, start_cloud_server, tiny_onnx
 
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
 

@@ -14,14 +14,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from cloud_server import cloud_server, enroll_device
-from harness import wait_for
-from job_kinds import tiny_teacher, tiny_transfer
 
 from edgefleet.protos.jobs import ClassDetailView, JobLogView, JobView
 from edgefleet.protos.messages import TelemetryBatch, TelemetryWindow
+from tests.cloud_server import cloud_server, enroll_device
+from tests.harness import wait_for
+from tests.job_kinds import tiny_teacher, tiny_transfer
 
-TESTS = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repo root: `tests.job_kinds` imports from it
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_queued_job_views_logs_and_cancel(server):
 def _variant(fleet, name: str, device_class: str, precision: str, macs: int, p95: float, mj: float):
     from types import SimpleNamespace
 
-    from cloud_server import tiny_onnx
+    from tests.cloud_server import tiny_onnx
 
     onnx = tiny_onnx()
     v = SimpleNamespace(precision=precision, runtime="onnxruntime", fmt="onnx", data=onnx)
@@ -157,7 +157,7 @@ def test_a_variant_deploys_to_its_class_only(server):
 def start_worker(server, name: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     env |= {"EDGEFLEET_DATABASE_URL": server.settings.database_url, "EDGEFLEET_WORKER_POLL_S": "0.1",
-            "PYTHONPATH": os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])}
+            "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])}
     log = open(server.data_dir.parent / f"{name}.log", "ab")
     return subprocess.Popen([sys.executable, "-m", "edgefleet.cloud.main", "worker", "--data-dir",
                              str(server.data_dir), "--id", name], stdout=log, stderr=log, env=env)

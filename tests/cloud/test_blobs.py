@@ -47,13 +47,13 @@ def test_put_file_streams_and_agrees_with_put_bytes(store, tmp_path: Path):
     key = store.put_file(src)
     assert key == hashlib.sha256(data).hexdigest() == store.put_bytes(data)
     assert store.size(key) == len(data)
-    assert not [p for p in store.root.rglob(".tmp-*")], "temporary files must not remain"
+    assert not list(store.root.rglob(".tmp-*")), "temporary files must not remain"
 
 
 def test_put_file_of_missing_file(store, tmp_path: Path):
     with pytest.raises(Invalid, match="no such file"):
         store.put_file(tmp_path / "missing.bin")
-    assert not [p for p in store.root.rglob(".tmp-*")]
+    assert not list(store.root.rglob(".tmp-*"))
 
 
 def test_missing_blob_is_not_found(store):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import socket
 
 import pytest
-from cloud_server import MqttProbe
-from harness import free_port, port_open, wait_for
 
 from edgefleet.cloud.broker import EmbeddedBroker, MosquittoProcess, plan_broker, start_broker
+from tests.cloud_server import MqttProbe
+from tests.harness import free_port, port_open, wait_for
 
 
 @pytest.fixture

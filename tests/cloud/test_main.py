@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import httpx
-from cloud_server import MqttProbe
-from harness import free_port, port_open, wait_for
 
 from edgefleet.cloud.main import app
+from tests.cloud_server import MqttProbe
+from tests.harness import free_port, port_open, wait_for
 
 CLI = [sys.executable, "-m", "edgefleet.cloud.main"]
 
@@ -108,3 +108,25 @@ def test_console_script_runs():
     exe = Path(sys.executable).with_name("edgefleet-cloud")
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "serve" in out.stdout
+
+
+def test_stopping_the_runtime_closes_its_database_connections(tmp_path, pg_url):
+    """CloudRuntime.stop() ends with Fleet.close(): PostgreSQL sees none of the cloud's connections left."""
+    import psycopg
+
+    from edgefleet.cloud.main import CloudRuntime
+    from edgefleet.cloud.settings import Settings
+    from tests.harness import PG_ADMIN_URL
+
+    database = pg_url.rsplit("/", 1)[1]
+
+    def connections() -> int:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)).fetchone()
+            return int(row[0])
+
+    runtime = CloudRuntime(Settings(data_dir=tmp_path / "data", database_url=pg_url), mqtt=False).start()
+    assert runtime.fleet is not None and runtime.fleet.stats() is not None  # used: the pool holds a connection
+    assert connections() >= 1
+    runtime.stop()
+    wait_for(lambda: connections() == 0, 10, what="the cloud's PostgreSQL connections to close")

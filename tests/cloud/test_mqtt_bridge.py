@@ -15,8 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 import pytest
-from cloud_server import MqttProbe, enroll_device, start_cloud_server, tiny_onnx
-from harness import Mosquitto, wait_for
 
 from edgefleet.cloud.mqtt_bridge import MqttBridge
 from edgefleet.protos.messages import (
@@ -28,6 +26,8 @@ from edgefleet.protos.messages import (
     TelemetryBatch,
     TelemetryWindow,
 )
+from tests.cloud_server import MqttProbe, enroll_device, start_cloud_server, tiny_onnx
+from tests.harness import Mosquitto, wait_for
 
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
 PREFIX = "edgefleet"

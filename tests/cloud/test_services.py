@@ -282,7 +282,7 @@ def test_concurrent_deploys_to_one_device_lose_nothing(fleet):
         t.join(60)
     assert not errors
     view = fleet.get_device("d1")
-    assert view.desired_models == {n: 1 for n in names}
+    assert view.desired_models == dict.fromkeys(names, 1)
     assert {m.name for m in verify(fleet, "d1").models} == set(names)
 
 

@@ -181,7 +181,8 @@ def test_telemetry_replay_is_a_no_op(store):
 def test_telemetry_summary_is_per_model_version(store):
     store.add_telemetry("d", 1, [window("a", 1, 60), window("a", 2, 60, p95=3.0), window("b", 1, 30)], 0, NOW)
     store.add_telemetry("d", 2, [window("a", 2, 120, p95=4.0)], 0, NOW)
-    got = [(w.model, w.version, w.count, w.p95_ms) for w in store.telemetry_summary(NOW - timedelta(seconds=60), "d")["d"]]
+    summary = store.telemetry_summary(NOW - timedelta(seconds=60), "d")["d"]
+    got = [(w.model, w.version, w.count, w.p95_ms) for w in summary]
     assert got == [("a", 1, 10, 5.0), ("a", 2, 20, 3.5), ("b", 1, 10, 5.0)]
 
 

@@ -12,15 +12,15 @@ import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import job_kinds  # noqa: F401 - registers the test-only kinds
 import pytest
-from harness import wait_for
 
 from edgefleet.cloud.services import Fleet
 from edgefleet.cloud.settings import Settings
 from edgefleet.cloud.worker import Worker
+from tests import job_kinds  # noqa: F401 - registers the test-only kinds
+from tests.harness import wait_for
 
-TESTS = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the repo root: `tests.job_kinds` imports from it
 CLI = [sys.executable, "-m", "edgefleet.cloud.main", "worker"]
 
 
@@ -120,11 +120,11 @@ def start_worker(data_dir: Path, db_url: str, name: str, *, gated_distill: bool 
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEFLEET_")}
     # 1.5 s lease: the test waits about that long for the killed worker's job to be free again.
     env |= {"EDGEFLEET_DATABASE_URL": db_url, "EDGEFLEET_JOB_LEASE_S": "1.5", "EDGEFLEET_WORKER_POLL_S": "0.1",
-            "PYTHONPATH": os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])}
+            "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])}
     if gated_distill:
         env["EDGEFLEET_TEST_GATED_DISTILL"] = "1"
     log = open(data_dir.parent / f"{name}.log", "ab")
-    return subprocess.Popen([*CLI, "--data-dir", str(data_dir), "--id", name, "--plugin", "job_kinds"],
+    return subprocess.Popen([*CLI, "--data-dir", str(data_dir), "--id", name, "--plugin", "tests.job_kinds"],
                             stdout=log, stderr=log, env=env)
 
 
@@ -164,9 +164,8 @@ def test_a_killed_workers_job_is_finished_by_another_worker(tmp_path: Path, db_u
 def test_a_worker_killed_while_distilling_loses_nothing(tmp_path: Path, db_url: str):
     """The real distill job: the first worker is SIGKILLed while it trains (attempt 1 holds once training is a third
     done, see job_kinds.gated_distill); a second worker claims the job when the lease runs out and builds it."""
-    from job_kinds import tiny_teacher, tiny_transfer
-
     from edgefleet.protos.jobs import DistillSubmit
+    from tests.job_kinds import tiny_teacher, tiny_transfer
 
     data_dir = tmp_path / "data"
     fleet = Fleet.from_settings(Settings(data_dir=data_dir, database_url=db_url))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from harness import wait_for
+from tests.harness import wait_for
 
 AGENT = [sys.executable, "-m", "edgefleet.edge_agent.main"]
 
@@ -36,7 +36,7 @@ class AgentProcess:
         self.proc: subprocess.Popen | None = None
         self.log = self.data_dir / "agent.log"
 
-    def start(self) -> "AgentProcess":
+    def start(self) -> AgentProcess:
         (self.data_dir / "api.json").unlink(missing_ok=True)
         out = open(self.log, "ab")
         self.proc = subprocess.Popen([*AGENT, "run", "--config", str(self.config)], stdout=out, stderr=out,

@@ -9,20 +9,16 @@ bundle that does not exist, the broker down when the agent starts, and a restart
 from __future__ import annotations
 
 import json
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from agent_process import AgentProcess  # noqa: E402
-from cloud_server import MqttProbe, start_cloud_server, tiny_onnx  # noqa: E402
-from harness import Mosquitto, free_port, wait_for  # noqa: E402
-
-from edgefleet.protos.messages import DesiredModel, DesiredState  # noqa: E402
-from edgefleet.protos.topics import device_topics  # noqa: E402
+from edgefleet.protos.messages import DesiredModel, DesiredState
+from edgefleet.protos.topics import device_topics
+from tests.cloud_server import MqttProbe, start_cloud_server, tiny_onnx
+from tests.e2e.agent_process import AgentProcess
+from tests.harness import Mosquitto, free_port, wait_for
 
 X4 = [0.5, -1.0, 2.0, 0.25]
 
@@ -63,7 +59,8 @@ def start_agent(agents, tmp_path, cloud, admin, device_id, device_class, **kw) -
 
 
 def push(admin, name="tiny", seed_scale=1) -> int:
-    resp = admin.post(f"/api/v1/models?name={name}", content=tiny_onnx(), headers={"Content-Type": "application/octet-stream"})
+    resp = admin.post(f"/api/v1/models?name={name}", content=tiny_onnx(),
+                      headers={"Content-Type": "application/octet-stream"})
     resp.raise_for_status()
     return resp.json()["version"]
 

@@ -14,13 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-TESTS = Path(__file__).resolve().parents[1]
-
-from agent_process import AgentProcess  # noqa: E402
-from cloud_server import start_cloud_server  # noqa: E402
-from harness import wait_for  # noqa: E402
-from job_kinds import tiny_teacher, tiny_transfer  # noqa: E402
+from tests.cloud_server import start_cloud_server
+from tests.e2e.agent_process import AgentProcess
+from tests.harness import wait_for
+from tests.job_kinds import tiny_teacher, tiny_transfer
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Bundles follow docs/internals.md: a gzip tar of manifest.json, model.onnx, smoke/input.npz, smoke/expected.npz, with
 the expected output computed by ONNX Runtime here, as the cloud does. `onnx` is a dev dependency (tests only).
-Imported by the test files after they put this folder on sys.path (pytest runs in importlib mode).
+Imported by the test files as `tests.edge_agent.agent_testkit` (pytest puts the repo root on sys.path: `pythonpath`).
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import hashlib
 import io
 import json
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -34,7 +34,8 @@ def affine_model(scale: float = 2.0, bias: float = 1.0, width: int = 3) -> bytes
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])
     s = helper.make_tensor("s", TensorProto.FLOAT, [1], [scale])
     b = helper.make_tensor("b", TensorProto.FLOAT, [1], [bias])
-    graph = helper.make_graph([helper.make_node("Mul", ["x", "s"], ["xs"]), helper.make_node("Add", ["xs", "b"], ["y"])],
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "s"], ["xs"]),
+                               helper.make_node("Add", ["xs", "b"], ["y"])],
                               "affine", [x], [y], initializer=[s, b])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8  # loadable by every onnxruntime >= 1.14

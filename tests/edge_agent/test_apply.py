@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import json
-import sys
 from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agent_testkit as kit  # noqa: E402
-
-from edgefleet.edge_agent.apply import Executor  # noqa: E402
-from edgefleet.edge_agent.errors import RuntimeLoadError  # noqa: E402
-from edgefleet.edge_agent.inference import InferenceService  # noqa: E402
-from edgefleet.edge_agent.installer import Installer  # noqa: E402
-from edgefleet.edge_agent.lifecycle import FORWARD, MAX_PHASE_ENTRIES, Phase  # noqa: E402
-from edgefleet.edge_agent.reconcile import Activate, Install, Report, Rollback  # noqa: E402
-from edgefleet.edge_agent.state import StateStore  # noqa: E402
-from edgefleet.edge_agent.unpack import check_tree, read_manifest  # noqa: E402
+from edgefleet.edge_agent.apply import Executor
+from edgefleet.edge_agent.errors import RuntimeLoadError
+from edgefleet.edge_agent.inference import InferenceService
+from edgefleet.edge_agent.installer import Installer
+from edgefleet.edge_agent.lifecycle import FORWARD, MAX_PHASE_ENTRIES, Phase
+from edgefleet.edge_agent.reconcile import Activate, Install, Report, Rollback
+from edgefleet.edge_agent.state import StateStore
+from edgefleet.edge_agent.unpack import check_tree, read_manifest
+from tests.edge_agent import agent_testkit as kit
 
 
 class Crash(BaseException):
@@ -62,7 +59,8 @@ class Env:
         self.repo.publish(kit.target_path("digits", version), data)
 
     def converge(self, *versions: int, generation: int = 1):
-        return self.executor.converge(kit.desired([("digits", v) for v in versions], generation), lambda: self.clock_now)
+        want = kit.desired([("digits", v) for v in versions], generation)
+        return self.executor.converge(want, lambda: self.clock_now)
 
     def infer(self, x=(1.0, 2.0, 3.0)):
         out, prov = self.service.run("digits", {"x": np.asarray([x], dtype=np.float32)})

@@ -13,8 +13,7 @@ import pytest
 from edgefleet.edge_agent.cloud_client import CloudClient
 from edgefleet.edge_agent.errors import AgentError, BundleError, CloudUnavailable, EnrollError
 from edgefleet.protos.messages import EnrollRequest
-
-from harness import free_port
+from tests.harness import free_port
 
 BLOB = bytes(range(256)) * 4000  # ~1 MB
 

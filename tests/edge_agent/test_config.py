@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,14 @@ bundle_max_mb = 100
 [mqtt]
 host = "broker.local"
 port = 1883
+
+[link]
+ack_timeout_s = 2
+desired_poll_s = 45
+
+[reconcile]
+tick_s = 0.5
+max_rounds = 30
 """
 
 
@@ -57,14 +66,19 @@ def test_good_config_loads_with_units_and_defaults(tmp_path):
     assert cfg.telemetry.outbox_max_mb == 4.5
     assert cfg.retry.retry_initial_s == 0.5 and cfg.limits.unpacked_max_mb == 2048.0
     assert cfg.mqtt.host == "broker.local" and cfg.mqtt.port == 1883
+    assert cfg.link.ack_timeout_s == 2.0 and cfg.link.desired_poll_s == 45.0 and cfg.desired_poll_s == 45.0
+    assert cfg.reconcile.tick_s == 0.5 and cfg.reconcile.max_rounds == 30
     assert cfg.state_path == cfg.data_dir / "state.json" and cfg.api_json_path == cfg.data_dir / "api.json"
-    with pytest.raises(Exception):
-        cfg.device_id = "x"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.device_id = "x"  # type: ignore[misc]
 
 
 def test_minimal_config(tmp_path):
     cfg = load_config(write(tmp_path, 'device_id="d1"\ndevice_class="rpi4"\ncloud_url="https://c"\ndata_dir="/var/x"\n'))
     assert cfg.data_dir == Path("/var/x") and cfg.mqtt.host is None and cfg.api.unix_socket == ""
+    # The daemon's timings as they were before they became fields: the HTTP poll follows retry.retry_max_s.
+    assert cfg.link.ack_timeout_s == 5.0 and cfg.link.desired_poll_s is None and cfg.desired_poll_s == 300.0
+    assert cfg.reconcile.tick_s == 1.0 and cfg.reconcile.max_rounds == 20
 
 
 BAD = [
@@ -73,9 +87,11 @@ BAD = [
     ("typo key", GOOD.replace("window_s = 30", "windows_s = 30"),
      "unknown key 'telemetry.windows_s' (did you mean 'telemetry.window_s'?)"),
     ("top typo", GOOD.replace("cloud_url", "clod_url"), "unknown key 'clod_url' (did you mean 'cloud_url'?)"),
-    ("port str", GOOD.replace("http_port = 8181", 'http_port = "abc"'), "'api.http_port' must be an integer, got 'abc'"),
+    ("port str", GOOD.replace("http_port = 8181", 'http_port = "abc"'),
+     "'api.http_port' must be an integer, got 'abc'"),
     ("port bool", GOOD.replace("http_port = 8181", "http_port = true"), "'api.http_port' must be an integer, got True"),
-    ("port range", GOOD.replace("http_port = 8181", "http_port = 70000"), "'api.http_port' must be between 0 and 65535"),
+    ("port range", GOOD.replace("http_port = 8181", "http_port = 70000"),
+     "'api.http_port' must be between 0 and 65535"),
     ("window neg", GOOD.replace("window_s = 30", "window_s = -1"), "'telemetry.window_s' must be a finite number >= 0"),
     ("float str", GOOD.replace("outbox_max_mb = 4.5", 'outbox_max_mb = "big"'),
      "'telemetry.outbox_max_mb' must be a number, got 'big'"),
@@ -85,6 +101,14 @@ BAD = [
     ("retry order", GOOD.replace("retry_max_s = 60", "retry_max_s = 0.1"),
      "'retry.retry_initial_s' must not exceed 'retry.retry_max_s'"),
     ("url", GOOD.replace("http://cloud.local:8000", "cloud.local"), "'cloud_url' must start with http://"),
+    ("ack zero", GOOD.replace("ack_timeout_s = 2", "ack_timeout_s = 0"), "'link.ack_timeout_s' must be > 0, got 0.0"),
+    ("poll zero", GOOD.replace("desired_poll_s = 45", "desired_poll_s = 0"), "'link.desired_poll_s' must be > 0"),
+    ("tick zero", GOOD.replace("tick_s = 0.5", "tick_s = 0"), "'reconcile.tick_s' must be > 0"),
+    ("rounds zero", GOOD.replace("max_rounds = 30", "max_rounds = 0"), "'reconcile.max_rounds' must be > 0, got 0"),
+    ("rounds float", GOOD.replace("max_rounds = 30", "max_rounds = 2.5"),
+     "'reconcile.max_rounds' must be an integer, got 2.5"),
+    ("link typo", GOOD.replace("ack_timeout_s = 2", "ack_timeout = 2"),
+     "unknown key 'link.ack_timeout' (did you mean 'link.ack_timeout_s'?)"),
 ]
 
 

@@ -22,13 +22,11 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agent_testkit as kit  # noqa: E402
-
-from edgefleet.edge_agent.installer import Installer  # noqa: E402
-from edgefleet.edge_agent.lifecycle import FORWARD, MAX_PHASE_ENTRIES  # noqa: E402
-from edgefleet.edge_agent.state import StateStore  # noqa: E402
-from edgefleet.edge_agent.unpack import check_tree, read_manifest  # noqa: E402
+from edgefleet.edge_agent.installer import Installer
+from edgefleet.edge_agent.lifecycle import FORWARD, MAX_PHASE_ENTRIES
+from edgefleet.edge_agent.state import StateStore
+from edgefleet.edge_agent.unpack import check_tree, read_manifest
+from tests.edge_agent import agent_testkit as kit
 
 CHILD = Path(__file__).parent / "install_child.py"
 WAIT_S = 60.0

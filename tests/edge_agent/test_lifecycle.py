@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agent_testkit as kit  # noqa: E402
-
-from edgefleet.edge_agent.lifecycle import (FORWARD, MAX_PHASE_ENTRIES, TERMINAL, TRANSITIONS, CrashLoop,  # noqa: E402
-                                            Journal, LifecycleError, Outcome, Phase, next_phase)
-from edgefleet.edge_agent.state import InstallRecord, StateStore  # noqa: E402
+from edgefleet.edge_agent.errors import CrashLoop, LifecycleError
+from edgefleet.edge_agent.lifecycle import (
+    FORWARD,
+    MAX_INSTALL_SAVES,
+    MAX_PHASE_ENTRIES,
+    TERMINAL,
+    TRANSITIONS,
+    Journal,
+    Outcome,
+    Phase,
+    crash_loop_reason,
+    is_crash_loop,
+    next_phase,
+)
+from edgefleet.edge_agent.records import InstallRecord
+from edgefleet.edge_agent.state import StateStore
+from tests.edge_agent import agent_testkit as kit
 
 
 def test_happy_path_walks_the_table():
@@ -59,9 +67,55 @@ def test_journal_saves_before_and_counts(tmp_path):
     record = journal.enter(record, Phase.VERIFY, kit.T0)  # a new phase starts its own count
     assert record.entries == 1 and record.saves == MAX_PHASE_ENTRIES + 1
     record = journal.retry(record, "offline", kit.T0)
-    assert record.entries == 0 and record.retries == 1
+    assert record.entries == 0 and record.retries == 1  # the entry that met the network error did finish
     journal.finish("m")
     assert StateStore(tmp_path / "state.json").state.installs == {}
+
+
+def _journal(tmp_path, **caps):
+    journal = Journal(StateStore(tmp_path / "state.json"), **caps)
+    record = journal.begin(InstallRecord(name="m", version=1, bundle_target="t", started_at=kit.T0, updated_at=kit.T0))
+    return journal, record
+
+
+def test_a_transient_retry_keeps_earlier_crashes_counted(tmp_path):
+    journal, record = _journal(tmp_path)
+    for _ in range(MAX_PHASE_ENTRIES - 1):  # two entries killed mid-phase
+        record = journal.enter(record, Phase.DOWNLOAD, kit.T0)
+    record = journal.enter(record, Phase.DOWNLOAD, kit.T0)  # the third meets a network error
+    record = journal.retry(record, "offline", kit.T0)
+    assert record.entries == MAX_PHASE_ENTRIES - 1
+    record = journal.enter(record, Phase.DOWNLOAD, kit.T0)  # and is killed: three crashes in the same place
+    with pytest.raises(CrashLoop):
+        journal.enter(record, Phase.DOWNLOAD, kit.T0)
+
+
+def test_a_long_network_outage_never_trips_a_cap(tmp_path):
+    journal, record = _journal(tmp_path)
+    for _ in range(10 * MAX_INSTALL_SAVES):
+        record = journal.enter(record, Phase.DOWNLOAD, kit.T0)
+        record = journal.retry(record, "offline", kit.T0)
+    assert record.saves == 1 and record.retries == 10 * MAX_INSTALL_SAVES and record.entries == 0
+
+
+def test_an_install_using_every_phase_allowance_fits_the_saves_cap(tmp_path):
+    journal, record = _journal(tmp_path)
+    for phase in FORWARD:
+        for _ in range(MAX_PHASE_ENTRIES):
+            record = journal.enter(record, phase, kit.T0)
+    assert record.saves == MAX_INSTALL_SAVES
+
+
+def test_the_saves_cap_is_enforced(tmp_path):
+    journal, record = _journal(tmp_path, saves_cap=4)
+    for phase in FORWARD[:4]:
+        record = journal.enter(record, phase, kit.T0)
+    with pytest.raises(CrashLoop, match="4 phase saves"):
+        journal.enter(record, FORWARD[4], kit.T0)
+    assert StateStore(tmp_path / "state.json").state.installs["m"].phase is FORWARD[3]  # nothing saved past it
+    assert is_crash_loop(record, saves_cap=4) and not is_crash_loop(record)
+    assert "4 phase saves" in crash_loop_reason(record)
+    assert journal.enter(record, Phase.ROLLBACK, kit.T0).phase is Phase.ROLLBACK  # roll back is never capped
 
 
 def test_corrupt_state_file_is_moved_aside(tmp_path):

@@ -9,19 +9,18 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.edge_agent.link_mqtt import MqttLink
-from edgefleet.protos.messages import BrokerInfo, DeviceStatus, TelemetryBatch, parse_message
+from edgefleet.protos.messages import BrokerInfo, DeviceStatus, ReportedState, TelemetryBatch, parse_message
 from edgefleet.protos.topics import device_topics
-
-from harness import Mosquitto, free_port, wait_for
+from tests.harness import Mosquitto, free_port, wait_for
 
 
 class Watcher:
     """A plain paho client that records what it sees on a topic filter."""
 
-    def __init__(self, broker, topic: str):
+    def __init__(self, broker, topic: str, client_id: str = "watcher"):
         self.messages: list[tuple[str, bytes, bool]] = []
         self.lock = threading.Lock()
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="watcher")
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
         c.on_message = self._on_message
         c.connect(broker.host, broker.port)
         c.subscribe(topic, qos=1)
@@ -51,14 +50,22 @@ def test_desired_delivery_status_and_puback(mosquitto):
     link = _link(mosquitto, received, connects)
     link.start()
     try:
-        wait_for(link.connected.is_set, 10, what="link connected")
+        wait_for(lambda: link.connected, 10, what="link connected")
         wait_for(lambda: connects, 5, what="on_connected called")
         watcher.client.publish(topics.desired, b'{"kind":"x"}', qos=1)
         watcher.client.publish(topics.desired, b"", qos=1)  # a clear: not handed on
         wait_for(lambda: received == [b'{"kind":"x"}'], 5, what="desired payload")
         batch = TelemetryBatch(device_id="dev-1", seq=1, windows=[], sent_at=datetime.now(timezone.utc))
-        assert link.publish_wait(topics.telemetry, batch) is True
+        assert link.publish_telemetry(batch, 10) is True
         wait_for(lambda: any(t == topics.telemetry for t, _, _ in watcher.messages), 5, what="telemetry seen")
+        report = ReportedState(device_id="dev-1", generation=3, reported_at=datetime.now(timezone.utc))
+        assert link.publish_reported(report, 10) is True  # the link picks the topic and retains it
+        later = Watcher(mosquitto, topics.reported, client_id="late-watcher")
+        try:
+            wait_for(lambda: later.messages, 5, what="retained reported state")
+            assert later.messages[0][2] is True and parse_message(later.messages[0][1], ReportedState) == report
+        finally:
+            later.stop()
         status = [parse_message(p, DeviceStatus) for t, p, _ in watcher.messages if t == topics.status]
         assert status and status[-1].online is True
     finally:
@@ -71,9 +78,9 @@ def test_last_will_marks_offline_when_the_agent_dies(mosquitto):
     received: list[bytes] = []
     link = _link(mosquitto, received, [], device="dev-2")
     link.start()
-    wait_for(link.connected.is_set, 10, what="link connected")
+    wait_for(lambda: link.connected, 10, what="link connected")
     # Kill the socket without DISCONNECT, as a crash or power loss would.
-    link._client.socket().close()  # noqa: SLF001 - simulating a crash
+    link._client.socket().close()
     watcher = Watcher(mosquitto, topics.status)
     try:
         def offline():
@@ -96,14 +103,13 @@ def test_broker_down_at_start_then_up(tmp_path):
                     retry_initial_s=1, retry_max_s=1)
     link.start()  # must not raise while the broker is down
     try:
-        assert not link.connected.is_set()
-        assert link.publish_wait("t/devices/dev-3/telemetry",
-                                 DeviceStatus(device_id="dev-3", online=True)) is False
+        assert not link.connected
+        assert link.publish_status(DeviceStatus(device_id="dev-3", online=True), 1) is False
         broker.start()
-        wait_for(link.connected.is_set, 20, what="link connected after the broker came up")
+        wait_for(lambda: link.connected, 20, what="link connected after the broker came up")
         # broker restart: the link reconnects and calls on_connected again
         broker.stop()
-        wait_for(lambda: not link.connected.is_set(), 10, what="disconnect noticed")
+        wait_for(lambda: not link.connected, 10, what="disconnect noticed")
         broker.start()
         wait_for(lambda: len(connects) >= 2, 20, what="reconnect")
     finally:

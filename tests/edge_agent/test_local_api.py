@@ -5,25 +5,20 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import sys
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agent_testkit as kit  # noqa: E402
-
-from edgefleet.edge_agent.errors import InferenceError  # noqa: E402
-from edgefleet.edge_agent.inference import (InferenceService, ModelNotFound, ModelNotReady,  # noqa: E402
-                                            request_to_numpy)
-from edgefleet.edge_agent.installer import Installer  # noqa: E402
-from edgefleet.edge_agent.local_api import LocalApi  # noqa: E402
-from edgefleet.edge_agent.meters import ModelledMeter  # noqa: E402
-from edgefleet.edge_agent.telemetry import Outbox, Telemetry  # noqa: E402
-from edgefleet.protos.messages import TensorSpec  # noqa: E402
-from edgefleet.protos.oip import InferRequest, InferResponse  # noqa: E402
+from edgefleet.edge_agent.errors import InferenceError, ModelNotFound, ModelNotReady
+from edgefleet.edge_agent.inference import InferenceService, request_to_numpy
+from edgefleet.edge_agent.installer import Installer
+from edgefleet.edge_agent.local_api import LocalApi
+from edgefleet.edge_agent.meters import ModelledMeter
+from edgefleet.edge_agent.telemetry import Outbox, Telemetry
+from edgefleet.protos.messages import TensorSpec
+from edgefleet.protos.oip import InferRequest, InferResponse
+from tests.edge_agent import agent_testkit as kit
 
 BODY = {"inputs": [{"name": "x", "shape": [2, 3], "datatype": "FP32", "data": [1, 2, 3, 4, 5, 6]}]}
 

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agent_testkit as kit  # noqa: E402
-
-from edgefleet.edge_agent.lifecycle import FORWARD, MAX_PHASE_ENTRIES, Phase  # noqa: E402
-from edgefleet.edge_agent.reconcile import (Activate, AgentSnapshot, Install, Remove, Report, Resume,  # noqa: E402
-                                            RetryPolicy, Rollback, next_wakeup, plan, statuses)
-from edgefleet.edge_agent.state import FailedRecord, InstallRecord  # noqa: E402
+from edgefleet.edge_agent.lifecycle import FORWARD, MAX_INSTALL_SAVES, MAX_PHASE_ENTRIES, Phase
+from edgefleet.edge_agent.reconcile import (
+    Activate,
+    AgentSnapshot,
+    Install,
+    Remove,
+    Report,
+    Resume,
+    RetryPolicy,
+    Rollback,
+    next_wakeup,
+    plan,
+    statuses,
+)
+from edgefleet.edge_agent.records import FailedRecord, InstallRecord
+from tests.edge_agent import agent_testkit as kit
 
 NOW = kit.T0
 POLICY = RetryPolicy(failed_retry_initial_s=60, failed_retry_max_s=3600)
@@ -94,13 +101,25 @@ def test_plan_table(name, current, want, expected):
 @pytest.mark.parametrize("entries", range(1, MAX_PHASE_ENTRIES + 2))
 def test_crash_at_every_phase_resumes_then_rolls_back(phase, entries):
     """A record left by a crash in `phase`: resume it, until the phase was entered MAX_PHASE_ENTRIES times."""
-    current = snap(installed={"digits": (1,)}, active={"digits": 1}, installs={"digits": rec(phase=phase, entries=entries)})
+    current = snap(installed={"digits": (1,)}, active={"digits": 1},
+                   installs={"digits": rec(phase=phase, entries=entries)})
     steps = work(plan(current, kit.desired([("digits", 2)]), NOW, POLICY))
     if entries < MAX_PHASE_ENTRIES:
         assert steps == [Resume(name="digits", version=2, phase=phase)]
     else:
         assert len(steps) == 1 and isinstance(steps[0], Rollback) and steps[0].mark_failed
         assert f"phase {phase.value} entered {entries} times" in steps[0].reason
+
+
+def test_an_install_past_its_saves_cap_rolls_back():
+    looped = rec(phase=Phase.VERIFY, entries=1, saves=MAX_INSTALL_SAVES)
+    current = snap(installed={"digits": (1,)}, active={"digits": 1}, installs={"digits": looped})
+    (step,) = work(plan(current, kit.desired([("digits", 2)]), NOW, POLICY))
+    assert isinstance(step, Rollback) and step.mark_failed and f"{MAX_INSTALL_SAVES} phase saves" in step.reason
+    below = looped.model_copy(update={"saves": MAX_INSTALL_SAVES - 1})
+    current = snap(installed={"digits": (1,)}, active={"digits": 1}, installs={"digits": below})
+    assert work(plan(current, kit.desired([("digits", 2)]), NOW, POLICY)) == [
+        Resume(name="digits", version=2, phase=Phase.VERIFY)]
 
 
 def test_report_first_and_only_on_change():
@@ -133,7 +152,3 @@ def test_next_wakeup_is_the_earliest_backoff():
     assert next_wakeup(snap(), kit.desired([]), NOW, POLICY) is None
 
 
-def test_plan_is_pure():
-    current = snap(installed={"digits": (1,)}, active={"digits": 1})
-    want = kit.desired([("digits", 2)])
-    assert plan(current, want, NOW, POLICY) == plan(current, want, NOW, POLICY)

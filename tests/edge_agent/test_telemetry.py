@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agent_testkit as kit  # noqa: E402
-
-from edgefleet.edge_agent.meters import EnergyMeter, ModelledMeter, NullMeter  # noqa: E402
-from edgefleet.edge_agent.telemetry import Outbox, Telemetry, percentile  # noqa: E402
-from edgefleet.protos.messages import TelemetryBatch, parse_message  # noqa: E402
+from edgefleet.edge_agent.meters import EnergyMeter, ModelledMeter, NullMeter
+from edgefleet.edge_agent.telemetry import Outbox, Telemetry, percentile
+from edgefleet.protos.messages import TelemetryBatch, parse_message
+from tests.edge_agent import agent_testkit as kit
 
 T0 = kit.T0  # a multiple of 60 s since the epoch
 

@@ -38,8 +38,8 @@ from edgefleet.edge_agent.trust import (
     UntrustedMetadata,
 )
 from edgefleet.protos.messages import DesiredModel, DesiredState
-from harness import free_port, wait_for
-from tuf_server import TufMetadataServer
+from tests.harness import free_port, wait_for
+from tests.tuf_server import TufMetadataServer
 
 A, B = "bundles/digits/v1/rpi4.tar.gz", "bundles/digits/v2/rpi4.tar.gz"
 DATA_A, DATA_B = b"A" * 5000, b"B" * 7000
@@ -117,6 +117,21 @@ def test_restart_without_root_uses_the_cached_trusted_state(tmp_path: Path, repo
     assert restarted.target_info(A).length == len(DATA_A)
     with pytest.raises(TrustError, match="enroll the device first"):
         BundleTrust(tmp_path / "other" / "tuf", server.url).target_info(A)
+
+
+def test_the_enrollment_root_is_written_crash_safe(tmp_path: Path, repo, server, monkeypatch):
+    """The trust anchor goes through the one crash-safe write: whole file, then the folder fsynced."""
+    from edgefleet.common import fsutil
+
+    synced = []
+    monkeypatch.setattr(fsutil, "fsync_dir", lambda p: synced.append(Path(p).resolve()))
+    trust = agent(tmp_path, repo, server)
+    with pytest.raises(TrustError):  # nothing is deployed yet; the root is written before the refresh all the same
+        trust.target_info(A)
+    metadata = (tmp_path / "agent" / "tuf").resolve()
+    assert metadata in synced
+    assert json.loads((metadata / "root.json").read_bytes())["signed"]["_type"] == "root"
+    assert [p.name for p in metadata.iterdir() if ".tmp" in p.name] == []
 
 
 def test_unreachable_server_is_a_retryable_trust_error(tmp_path: Path, repo):

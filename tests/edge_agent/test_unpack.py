@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agent_testkit as kit  # noqa: E402
-
-from edgefleet.edge_agent.errors import BundleError  # noqa: E402
-from edgefleet.edge_agent.unpack import UnpackLimits, check_tree, unpack_bundle  # noqa: E402
+from edgefleet.edge_agent.errors import BundleError
+from edgefleet.edge_agent.unpack import UnpackLimits, check_tree, unpack_bundle
+from tests.edge_agent import agent_testkit as kit
 
 
 def write(tmp_path: Path, data: bytes) -> Path:
@@ -153,8 +150,8 @@ def test_staging_must_be_empty(tmp_path):
 def test_cloud_built_bundle_unpacks_and_passes_the_smoke_test(tmp_path):
     """The agent reads what cloud/bundles.py writes (the format in docs/internals.md)."""
     bundles = pytest.importorskip("edgefleet.cloud.bundles")
+    from edgefleet.common.runtimes import make_runtime
     from edgefleet.edge_agent.apply import smoke_test
-    from edgefleet.edge_agent.runtimes import make_runtime
     from edgefleet.protos.messages import DeviceClassInfo, TensorSpec
 
     cls = DeviceClassInfo(name="x86-cpu", cores=4, memory_mb=1024, runtimes=["onnxruntime"], idle_watts=1,

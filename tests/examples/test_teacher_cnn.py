@@ -3,19 +3,13 @@ batch, and writes transfer and held-out sets that the distillation pipeline acce
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
+import onnxruntime as ort
 import pytest
+import sklearn  # noqa: F401
+import torch  # noqa: F401
 
-import onnxruntime as ort  # noqa: E402
-import sklearn  # noqa: E402,F401
-import torch  # noqa: E402,F401
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "digits"))
-
-import teacher_cnn  # noqa: E402
+from examples.digits import teacher_cnn
 
 
 @pytest.fixture(scope="module")

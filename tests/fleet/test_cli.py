@@ -92,7 +92,7 @@ class _Scripted(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = _answer
+    do_GET = do_POST = _answer  # noqa: N815 - http.server's method names
 
     def log_message(self, *args: object) -> None:
         pass
@@ -257,7 +257,7 @@ def tiny_onnx(scale: float = 2.0) -> bytes:
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory):
-    from cloud_server import start_cloud_server
+    from tests.cloud_server import start_cloud_server
 
     server = start_cloud_server(tmp_path_factory.mktemp("cloud"), max_model_mb=1)
     try:

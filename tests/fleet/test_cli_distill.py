@@ -13,8 +13,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from cloud_server import cloud_server
-from job_kinds import tiny_teacher, tiny_transfer
 from typer.testing import CliRunner
 
 from edgefleet.fleet.commands_distill import _outcome, parse_budgets
@@ -22,8 +20,8 @@ from edgefleet.fleet.errors import Rejected
 from edgefleet.fleet.main import app
 from edgefleet.protos.jobs import JobView
 from edgefleet.protos.messages import Budgets
-
-TESTS = Path(__file__).resolve().parent.parent
+from tests.cloud_server import cloud_server
+from tests.job_kinds import tiny_teacher, tiny_transfer
 
 
 class Cli:

@@ -3,7 +3,6 @@ the drift check that refuses an artifact which answers differently from the fp32
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +10,9 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import artifact_models as am  # noqa: E402
-
-from edgefleet.cloud.distill import artifacts as art  # noqa: E402
-from edgefleet.cloud.distill.errors import ArtifactDrift  # noqa: E402
+from edgefleet.cloud.distill import artifacts as art
+from edgefleet.cloud.distill.errors import ArtifactDrift
+from tests.cloud.distill import artifact_models as am
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,15 @@ actionable message, and a real onnx2tf conversion needs no download besides PyPI
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import artifact_models as am  # noqa: E402
-
-from edgefleet.cloud.distill import converter as conv  # noqa: E402
-from edgefleet.cloud.distill.errors import ConverterUnavailable  # noqa: E402
+from edgefleet.cloud.distill import converter as conv
+from edgefleet.cloud.distill.errors import ConverterUnavailable
+from tests.cloud.distill import artifact_models as am
 
 
 def test_venv_is_keyed_by_requirements_and_root(tmp_path, monkeypatch):
@@ -104,7 +99,7 @@ def test_real_conversion_keeps_the_onnx_layout(tmp_path):
     start = time.monotonic()
     tflite = am.tflite_or_skip(data, x, tmp_path, "fp32")
     print(f"conversion took {time.monotonic() - start:.1f} s")
-    from edgefleet.edge_agent.runtimes.litert import LiteRtRuntime
+    from edgefleet.common.runtimes.litert import LiteRtRuntime
 
     runtime = LiteRtRuntime()
     runtime.load_bytes(tflite, ["input"], ["logits"])

@@ -3,22 +3,17 @@ prediction against ONNX Runtime on this machine, and refit recovering a known ca
 
 from __future__ import annotations
 
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import artifact_models as am  # noqa: E402
-
-from edgefleet.cloud.catalog import builtin_catalog  # noqa: E402
-from edgefleet.cloud.distill import costmodel as cm  # noqa: E402
-from edgefleet.cloud.distill.artifacts import make_fp16, make_int8  # noqa: E402
-from edgefleet.protos.messages import DeviceClassInfo  # noqa: E402
+from edgefleet.cloud.catalog import builtin_catalog
+from edgefleet.cloud.distill import costmodel as cm
+from edgefleet.cloud.distill.artifacts import make_fp16, make_int8
+from edgefleet.protos.messages import DeviceClassInfo
+from tests.cloud.distill import artifact_models as am
 
 
 def own(data: bytes, shape) -> cm.OpCounts:

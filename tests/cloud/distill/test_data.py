@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from distill_teachers import (digits, label_only_teacher, linear_teacher, npz_bytes,  # noqa: E402
-                              sklearn_teacher, torch_teacher)
-
-from edgefleet.cloud.catalog import builtin_catalog  # noqa: E402
-from edgefleet.cloud.distill.data import check_labels, inspect_teacher, load_transfer_set, split  # noqa: E402
-from edgefleet.cloud.distill.errors import DistillInputError  # noqa: E402
-from edgefleet.cloud.distill.spec import DistillSpec, resolve_budgets  # noqa: E402
-from edgefleet.protos.messages import Budgets  # noqa: E402
+from edgefleet.cloud.catalog import builtin_catalog
+from edgefleet.cloud.distill.data import check_labels, inspect_teacher, load_transfer_set, split
+from edgefleet.cloud.distill.errors import DistillInputError
+from edgefleet.cloud.distill.spec import DistillSpec, resolve_budgets
+from edgefleet.protos.messages import Budgets
+from tests.cloud.distill.distill_teachers import (
+    digits,
+    label_only_teacher,
+    linear_teacher,
+    npz_bytes,
+    sklearn_teacher,
+    torch_teacher,
+)
 
 SPEC = DistillSpec(classes=("rpi4",))
 

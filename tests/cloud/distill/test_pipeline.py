@@ -4,29 +4,29 @@ model, budgets, fallbacks (drift, no converter) with an injected stand-in, repro
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from distill_teachers import (digits, label_only_teacher, linear_teacher, npz_bytes,  # noqa: E402
-                              sklearn_teacher, torch_teacher)
-
-from edgefleet.cloud.catalog import builtin_catalog  # noqa: E402
-from edgefleet.cloud.distill import costmodel, pipeline  # noqa: E402
-from edgefleet.cloud.distill.errors import (ArtifactDrift, ConverterUnavailable, DistillCancelled,  # noqa: E402
-                                            DistillInputError)
-from edgefleet.cloud.distill.pipeline import choose, run_distillation  # noqa: E402
-from edgefleet.cloud.distill.data import split  # noqa: E402
-from edgefleet.cloud.distill.spec import DistillSpec  # noqa: E402
-from edgefleet.protos.distill import CandidateFigures, DistillReport  # noqa: E402
-from edgefleet.protos.messages import Budgets, DeviceClassInfo  # noqa: E402
+from edgefleet.cloud.catalog import builtin_catalog
+from edgefleet.cloud.distill import costmodel, pipeline
+from edgefleet.cloud.distill.data import split
+from edgefleet.cloud.distill.errors import ArtifactDrift, ConverterUnavailable, DistillCancelled, DistillInputError
+from edgefleet.cloud.distill.pipeline import choose, run_distillation
+from edgefleet.cloud.distill.spec import DistillSpec
+from edgefleet.protos.distill import CandidateFigures, DistillReport
+from edgefleet.protos.messages import Budgets, DeviceClassInfo
+from tests.cloud.distill.distill_teachers import (
+    digits,
+    label_only_teacher,
+    linear_teacher,
+    npz_bytes,
+    sklearn_teacher,
+    torch_teacher,
+)
 
 FAST = dict(max_epochs=4, patience=2, max_candidates=2)
 # A CPU class that prefers int8, and a calibration on which int8 clearly pays (int8 50x the fp32 throughput, no

@@ -7,8 +7,7 @@ import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
 
 from edgefleet.cloud.distill.report import plot_svg, summary_text
-from edgefleet.protos.distill import (CandidateFigures, ClassResult, DistillReport, ModelFigures,
-                                      StudentFigures)
+from edgefleet.protos.distill import CandidateFigures, ClassResult, DistillReport, ModelFigures, StudentFigures
 from edgefleet.protos.messages import Budgets
 
 SVG = "{http://www.w3.org/2000/svg}"

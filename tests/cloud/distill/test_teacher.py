@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from distill_teachers import digits, linear_teacher, sklearn_teacher, torch_teacher  # noqa: E402
-
-from edgefleet.cloud.distill import teacher as teacher_mod  # noqa: E402
-from edgefleet.cloud.distill.data import inspect_teacher  # noqa: E402
-from edgefleet.cloud.distill.errors import DistillInputError  # noqa: E402
-from edgefleet.cloud.distill.spec import DistillSpec  # noqa: E402
-from edgefleet.cloud.distill.teacher import EPS, looks_like_probabilities, teacher_outputs  # noqa: E402
+from edgefleet.cloud.distill import teacher as teacher_mod
+from edgefleet.cloud.distill.data import inspect_teacher
+from edgefleet.cloud.distill.errors import DistillInputError
+from edgefleet.cloud.distill.spec import DistillSpec
+from edgefleet.cloud.distill.teacher import EPS, looks_like_probabilities, teacher_outputs
+from tests.cloud.distill.distill_teachers import digits, linear_teacher, sklearn_teacher, torch_teacher
 
 SPEC = DistillSpec(classes=("rpi4",))
 

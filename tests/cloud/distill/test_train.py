@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from distill_teachers import digits, linear_teacher, torch_teacher  # noqa: E402
-
-from edgefleet.cloud.distill.data import TransferSet, inspect_teacher, split  # noqa: E402
-from edgefleet.cloud.distill.errors import DistillCancelled  # noqa: E402
-from edgefleet.cloud.distill.export import run_onnx, to_onnx  # noqa: E402
-from edgefleet.cloud.distill.families import candidates_for  # noqa: E402
-from edgefleet.cloud.distill.spec import DistillSpec  # noqa: E402
-from edgefleet.cloud.distill.teacher import teacher_outputs  # noqa: E402
-from edgefleet.cloud.distill.train import predict, train_labels_only, train_student  # noqa: E402
+from edgefleet.cloud.distill.data import TransferSet, inspect_teacher, split
+from edgefleet.cloud.distill.errors import DistillCancelled
+from edgefleet.cloud.distill.export import run_onnx, to_onnx
+from edgefleet.cloud.distill.families import candidates_for
+from edgefleet.cloud.distill.spec import DistillSpec
+from edgefleet.cloud.distill.teacher import teacher_outputs
+from edgefleet.cloud.distill.train import predict, train_labels_only, train_student
+from tests.cloud.distill.distill_teachers import digits, linear_teacher, torch_teacher
 
 SPEC = DistillSpec(classes=("rpi4",), max_epochs=12, patience=4)
 
@@ -179,7 +173,8 @@ def test_partly_labelled_set_trains_and_masks_unlabelled_rows():
     y = logits.argmax(1).astype(np.int64)
     y_part = np.full_like(y, -1)
     y_part[:12] = y[:12]  # 10% labelled
-    from edgefleet.cloud.distill.data import TransferSet, split as _split
+    from edgefleet.cloud.distill.data import TransferSet
+    from edgefleet.cloud.distill.data import split as _split
     from edgefleet.cloud.distill.families import Candidate
     from edgefleet.cloud.distill.spec import DistillSpec
     from edgefleet.cloud.distill.teacher import TeacherOutputs

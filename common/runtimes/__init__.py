@@ -6,11 +6,11 @@ ai-edge-litert) is imported only when a runtime of that kind is made.
 
 import importlib.util
 
-from edgefleet.edge_agent.runtimes.base import Runtime, available_runtimes, make_runtime, register_runtime
+from edgefleet.common.runtimes.base import Runtime, available_runtimes, make_runtime, register_runtime
 
 
 def _onnx_factory(**options):
-    from edgefleet.edge_agent.runtimes.onnx import OnnxRuntime
+    from edgefleet.common.runtimes.onnx import OnnxRuntime
 
     return OnnxRuntime(**options)
 
@@ -19,7 +19,7 @@ register_runtime("onnxruntime", "onnxruntime", "onnxruntime", _onnx_factory)
 
 
 def _litert_factory(**options):
-    from edgefleet.edge_agent.runtimes.litert import LiteRtRuntime
+    from edgefleet.common.runtimes.litert import LiteRtRuntime
 
     return LiteRtRuntime(**options)
 

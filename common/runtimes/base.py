@@ -12,12 +12,13 @@ inputs `InferenceError`. `run` must be safe to call from several threads at once
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from edgefleet.edge_agent.errors import RuntimeLoadError
+from edgefleet.common.errors import RuntimeLoadError
 from edgefleet.protos.messages import Manifest, TensorSpec
 
 

@@ -1,20 +1,17 @@
-"""edge_agent/runtimes: real ONNX Runtime on a tiny model, provider filtering, the registry's clear errors."""
+"""common/runtimes: real ONNX Runtime on a tiny model, provider filtering, the registry's clear errors."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-import agent_testkit as kit  # noqa: E402
-
-from edgefleet.edge_agent.errors import InferenceError, RuntimeLoadError  # noqa: E402
-from edgefleet.edge_agent.runtimes import Runtime, make_runtime  # noqa: E402
-from edgefleet.edge_agent.runtimes.onnx import OnnxRuntime, choose_providers  # noqa: E402
-from edgefleet.protos.messages import Manifest, parse_message  # noqa: E402
+from edgefleet.common.runtimes import Runtime, make_runtime
+from edgefleet.common.runtimes.onnx import OnnxRuntime, choose_providers
+from edgefleet.edge_agent.errors import InferenceError, RuntimeLoadError
+from edgefleet.protos.messages import Manifest, parse_message
+from tests.edge_agent import agent_testkit as kit
 
 
 def model_dir(tmp_path: Path, model: bytes | None = None) -> tuple[Path, Manifest]:
@@ -68,6 +65,6 @@ def test_corrupt_model_is_a_load_error(tmp_path):
 
 
 def test_registry_messages():
-    assert type(make_runtime("litert")).__name__ == "LiteRtRuntime"  # registered; tests/edge_agent/test_runtime_litert.py
+    assert type(make_runtime("litert")).__name__ == "LiteRtRuntime"  # registered; see test_runtime_litert.py
     with pytest.raises(RuntimeLoadError, match="unknown to this agent"):
         make_runtime("tensorflow")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefleet.edge_agent.errors import InferenceError, RuntimeLoadError
+from edgefleet.common.errors import InferenceError, RuntimeLoadError
 from edgefleet.protos.messages import Manifest, TensorSpec
 
 # ONNX Runtime type strings -> numpy dtype names (the ones protos.oip can carry).
@@ -62,7 +62,8 @@ class OnnxRuntime:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise RuntimeLoadError("runtime 'onnxruntime' is not installed on this device: pip install onnxruntime") from None
+            raise RuntimeLoadError("runtime 'onnxruntime' is not installed on this device: "
+                                   "pip install onnxruntime") from None
         path = Path(model_dir) / manifest.model_file
         if not path.is_file():
             raise RuntimeLoadError(f"model file {manifest.model_file!r} is missing from {model_dir}")
@@ -99,7 +100,8 @@ class OnnxRuntime:
             text = str(exc)
             if "INVALID_ARGUMENT" in text or "Invalid" in type(exc).__name__:
                 raise InferenceError(f"the model refused the input: {text.splitlines()[0]}") from None
-            raise RuntimeLoadError(f"onnxruntime failed to run the model: {text.splitlines()[0] if text else exc!r}") from None
+            first = text.splitlines()[0] if text else repr(exc)
+            raise RuntimeLoadError(f"onnxruntime failed to run the model: {first}") from None
         return {spec.name: np.asarray(value) for spec, value in zip(self._outputs, results)}
 
     def close(self) -> None:

@@ -1,4 +1,4 @@
-"""edge_agent/runtimes/litert.py: a real .tflite made by the converter venv, loaded through the registry by the
+"""common/runtimes/litert.py: a real .tflite made by the converter venv, loaded through the registry by the
 manifest's runtime "litert", passing the same smoke test as its ONNX sibling; the tflite-runtime fallback and the
 clear error when neither package is installed."""
 
@@ -14,16 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "cloud" / "distill"))
-
-import artifact_models as am  # noqa: E402
-
-from edgefleet.cloud.distill.artifacts import run_onnx  # noqa: E402
-from edgefleet.edge_agent.apply import smoke_test  # noqa: E402
-from edgefleet.edge_agent.errors import InferenceError, RuntimeLoadError, SmokeTestFailed  # noqa: E402
-from edgefleet.edge_agent.runtimes import Runtime, available_runtimes, make_runtime  # noqa: E402
-from edgefleet.edge_agent.runtimes.litert import LiteRtRuntime  # noqa: E402
-from edgefleet.protos.messages import FileEntry, Manifest, SmokeTest, TensorSpec  # noqa: E402
+from edgefleet.cloud.distill.artifacts import run_onnx
+from edgefleet.common.runtimes import Runtime, available_runtimes, make_runtime
+from edgefleet.common.runtimes.litert import LiteRtRuntime
+from edgefleet.edge_agent.apply import smoke_test
+from edgefleet.edge_agent.errors import InferenceError, RuntimeLoadError, SmokeTestFailed
+from edgefleet.protos.messages import FileEntry, Manifest, SmokeTest, TensorSpec
+from tests.cloud.distill import artifact_models as am
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefleet.edge_agent.errors import InferenceError, RuntimeLoadError
+from edgefleet.common.errors import InferenceError, RuntimeLoadError
 from edgefleet.protos.messages import Manifest, TensorSpec
 
 INSTALL_HINT = "pip install 'edgefleet[litert]' (ai-edge-litert)"
