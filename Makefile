@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
 # mypy, strict, over the contracts and the pure cores (pyproject.toml [tool.mypy] says why these).
-MYPY_TARGETS := -p edgefleet.protos -m edgefleet.common.errors -m edgefleet.common.fsutil \
+MYPY_TARGETS := -p edgefleet.protos -m edgefleet.common.errors -m edgefleet.common.fsutil -m edgefleet.common.backoff \
 	-m edgefleet.edge_agent.reconcile -m edgefleet.edge_agent.lifecycle -m edgefleet.edge_agent.records
 # The folders install as edgefleet.<name> through setuptools' package_dir, which static tools cannot follow through
 # an editable install: mypy reads them through a tree of links named as they install.
@@ -48,7 +48,8 @@ clean:
 # '.[agent,cli]' in its own venv, then the agent's and the CLI's tests that need no cloud. Not part of `make test`
 # (it downloads the agent's wheels for 3.10); run it when touching the agent's or CLI's imports.
 PY310 ?= python3.10  # e.g. make check-py310 PY310=~/.pyenv/versions/3.10.13/bin/python3.10
-PY310_TESTS := tests/edge_agent tests/common/test_fsutil.py tests/common/test_runtime_onnx.py tests/fleet/test_config.py \
+PY310_TESTS := tests/edge_agent tests/common/test_fsutil.py tests/common/test_runtime_onnx.py tests/common/test_dsse.py \
+	tests/fleet/test_config.py \
 	tests/test_layering.py
 check-py310:
 	$(PY310) -m venv .venv310

@@ -13,6 +13,12 @@ amqtt's `Broker` binds itself to the running asyncio loop at construction, so `E
 loop of its own in a daemon thread and hands start/stop across with `run_coroutine_threadsafe`. Retained messages
 live in memory only: the cloud's MQTT bridge republishes desired states on every connect, because the database,
 not the broker, is the source of truth.
+
+With a `BrokerAuth` (settings `mqtt_auth` other than "none") neither broker is open: the embedded one checks
+logins and topics in-process (cloud/broker_auth.py), and the Mosquitto one runs the dynamic security plugin with the
+cloud's login as its first admin (`mosquitto_ctrl dynsec init`), so the cloud provisions device accounts over MQTT
+(cloud/dynsec.py) exactly as it does on an operator's Mosquitto. Without one (the class defaults, which the broker
+tests use) both are anonymous, as before.
 """
 
 from __future__ import annotations
@@ -27,13 +33,34 @@ import socket
 import subprocess
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
+
+if TYPE_CHECKING:
+    from edgefleet.cloud.broker_auth import EmbeddedAuthority
+    from edgefleet.cloud.mqtt_accounts import CloudLogin
+    from edgefleet.cloud.store import Store
 
 log = logging.getLogger(__name__)
 
 BrokerPlan = Literal["none", "embedded", "mosquitto"]
 _START_TIMEOUT_S = 10.0  # amqtt binds in milliseconds; Mosquitto in well under a second on a Pi
+# Where Debian/Ubuntu (multiarch), Fedora, Alpine and a source install put the dynamic security plugin.
+_DYNSEC_PLUGIN_GLOBS = ("/usr/lib/*/mosquitto_dynamic_security.so", "/usr/lib/mosquitto_dynamic_security.so",
+                        "/usr/lib64/mosquitto_dynamic_security.so", "/usr/lib/mosquitto/mosquitto_dynamic_security.so",
+                        "/usr/local/lib/mosquitto_dynamic_security.so")
+
+
+@dataclass(frozen=True)
+class BrokerAuth:
+    """What a broker the cloud runs needs to enforce per-device logins: the cloud's own, the topic prefix, the
+    database the embedded broker checks devices against, and (optional) where the dynsec plugin is."""
+
+    login: CloudLogin
+    prefix: str
+    store: Store
+    dynsec_plugin: Path | None = None
 
 
 class RunningBroker(Protocol):
@@ -56,8 +83,28 @@ def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
-def plan_broker(mode: str, host: str, port: int) -> BrokerPlan:
-    """What `start_broker` will run for `embedded_broker = mode`; see the module docstring."""
+def dynsec_plugin(configured: Path | None = None) -> Path | None:
+    """The dynamic security plugin: `configured` when it exists, else the first of the usual places."""
+    if configured is not None:
+        return configured if Path(configured).exists() else None
+    import glob
+
+    for pattern in _DYNSEC_PLUGIN_GLOBS:
+        found = sorted(glob.glob(pattern))
+        if found:
+            return Path(found[0])
+    return None
+
+
+def mosquitto_ctrl_binary() -> str | None:
+    return shutil.which("mosquitto_ctrl") or ("/usr/bin/mosquitto_ctrl" if Path("/usr/bin/mosquitto_ctrl").exists()
+                                              else None)
+
+
+def plan_broker(mode: str, host: str, port: int, *, dynsec: bool = False,
+                plugin: Path | None = None) -> BrokerPlan:
+    """What `start_broker` will run for `embedded_broker = mode`; see the module docstring. With `dynsec`, "auto"
+    runs Mosquitto only where it can secure it (the plugin and mosquitto_ctrl exist), else the embedded broker."""
     if mode == "never":
         return "none"
     if mode == "always":
@@ -66,28 +113,53 @@ def plan_broker(mode: str, host: str, port: int) -> BrokerPlan:
         raise ValueError(f"embedded_broker must be auto, always or never, not {mode!r}")
     if port_open(host, port):
         return "none"
-    return "mosquitto" if mosquitto_binary() else "embedded"
+    if not mosquitto_binary():
+        return "embedded"
+    if dynsec and (dynsec_plugin(plugin) is None or mosquitto_ctrl_binary() is None):
+        log.warning("mosquitto is installed but its dynamic security plugin or mosquitto_ctrl is not: running the "
+                    "embedded broker, which checks device logins itself")
+        return "embedded"
+    return "mosquitto"
 
 
 class EmbeddedBroker:
-    """amqtt in a thread with its own asyncio loop. Anonymous, TCP only, no $SYS chatter."""
+    """amqtt in a thread with its own asyncio loop. TCP only, no $SYS chatter; anonymous unless `authority`
+    is given, then only the cloud's and the devices' logins, each on its own topics (cloud/broker_auth.py)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 1883) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 1883, *,
+                 authority: EmbeddedAuthority | None = None) -> None:
         self.host = host
         self.port = port
+        self.authority = authority
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._broker = None
 
     def _config(self) -> dict:
-        return {
-            "listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}},
+        if self.authority is not None:
+            from edgefleet.cloud.broker_auth import plugin_config
+
+            plugins = plugin_config(self.authority)
+        else:
             # Only anonymous auth: the default plugin set also logs every packet and publishes $SYS every 20 s.
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
-        }
+            plugins = {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}
+        return {"listeners": {"default": {"type": "tcp", "bind": f"{self.host}:{self.port}"}}, "plugins": plugins}
+
+    def kick(self, username: str) -> int:
+        """Drop `username`'s live connections (a rotated or revoked login); thread-safe; how many."""
+        loop, broker = self._loop, self._broker
+        if loop is None or broker is None or loop.is_closed() or not hasattr(broker, "kick"):
+            return 0
+        return asyncio.run_coroutine_threadsafe(broker.kick(username), loop).result(_START_TIMEOUT_S)
 
     def start(self) -> EmbeddedBroker:
-        from amqtt.broker import Broker  # the cloud extra has it; imported late so `--help` stays fast
+        # The cloud extra has amqtt; imported late so `--help` stays fast.
+        if self.authority is not None:
+            from edgefleet.cloud.broker_auth import GuardedBroker as Broker
+
+            self.authority.open()
+        else:
+            from amqtt.broker import Broker
 
         # amqtt logs every connection and its state machine (`transitions`) every transition at INFO; unless the
         # operator chose levels for them, keep them to warnings so the cloud's own log stays readable.
@@ -143,26 +215,68 @@ class EmbeddedBroker:
             loop.call_soon_threadsafe(loop.stop)
         thread.join(_START_TIMEOUT_S)
         self._loop = self._thread = self._broker = None
+        if self.authority is not None:
+            self.authority.close()
+
+
+@dataclass(frozen=True)
+class DynsecSetup:
+    """Run Mosquitto with the dynamic security plugin; `admin` is the first dynsec admin (the cloud's login)."""
+
+    plugin: Path
+    admin_username: str
+    admin_password: str
 
 
 class MosquittoProcess:
-    """A Mosquitto subprocess with its own config and persistence folder, stopped by its PID."""
+    """A Mosquitto subprocess with its own config and persistence folder, stopped by its PID. Anonymous unless
+    `dynsec` is given: then no anonymous client, and logins and ACLs come from the dynamic security plugin."""
 
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 1883, *, persistence: bool = True) -> None:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int = 1883, *, persistence: bool = True,
+                 dynsec: DynsecSetup | None = None) -> None:
         self.workdir = Path(workdir)
         self.host = host
         self.port = port
         self.persistence = persistence
+        self.dynsec = dynsec
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def dynsec_file(self) -> Path:
+        return self.workdir / "dynamic-security.json"
+
+    def _init_dynsec(self, setup: DynsecSetup) -> None:
+        """First start only: a dynsec config whose one client is the cloud's login, an admin (mosquitto_ctrl)."""
+        if self.dynsec_file.exists():
+            return  # devices' accounts live here: never remade
+        ctrl = mosquitto_ctrl_binary()
+        if ctrl is None:
+            raise RuntimeError("mosquitto_ctrl is not installed (it comes with mosquitto 2): install it, or set "
+                               "embedded_broker=always")
+        # The password goes in on stdin (asked twice), never on a command line that `ps` shows.
+        password = setup.admin_password + "\n"
+        done = subprocess.run([ctrl, "dynsec", "init", str(self.dynsec_file), setup.admin_username],
+                              input=password * 2, capture_output=True, text=True, timeout=_START_TIMEOUT_S)
+        if done.returncode != 0 or not self.dynsec_file.exists():
+            raise RuntimeError(f"mosquitto_ctrl dynsec init failed ({done.returncode}): "
+                               f"{(done.stderr or done.stdout).strip()[:200]}")
+        self.dynsec_file.chmod(0o600)
 
     def start(self) -> MosquittoProcess:
         binary = mosquitto_binary()
         if binary is None:
             raise RuntimeError("mosquitto is not installed: apt-get install mosquitto, or set embedded_broker=always")
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        lines = [f"listener {self.port} {self.host}", "allow_anonymous true", "log_dest stderr",
-                 "log_type error", "log_type warning"]
+        lines = [f"listener {self.port} {self.host}", "log_dest stderr", "log_type error", "log_type warning"]
+        if self.dynsec is None:
+            lines.append("allow_anonymous true")
+        else:
+            self._init_dynsec(self.dynsec)
+            # The plugin authenticates before Mosquitto drops an older session of the same client id, and binds
+            # each device login to its client id, so no one takes over the cloud's or an agent's connection.
+            lines += ["allow_anonymous false", f"plugin {self.dynsec.plugin}",
+                      f"plugin_opt_config_file {self.dynsec_file}"]
         # Started as root, Mosquitto drops to the user "mosquitto", which cannot write our folder: stay who we are.
         lines.append(f"user {pwd.getpwuid(os.geteuid()).pw_name}")
         if self.persistence:
@@ -194,11 +308,25 @@ class MosquittoProcess:
             proc.wait(_START_TIMEOUT_S)
 
 
-def start_broker(mode: str, host: str, port: int, data_dir: Path) -> RunningBroker | None:
-    """Start what `plan_broker` decides; None when an outside broker is expected."""
-    plan = plan_broker(mode, host, port)
+def start_broker(mode: str, host: str, port: int, data_dir: Path, *,
+                 auth: BrokerAuth | None = None) -> RunningBroker | None:
+    """Start what `plan_broker` decides; None when an outside broker is expected. With `auth`, the broker started
+    refuses anonymous clients and enforces per-device logins and topics."""
+    plugin = dynsec_plugin(auth.dynsec_plugin) if auth is not None else None
+    plan = plan_broker(mode, host, port, dynsec=auth is not None, plugin=auth.dynsec_plugin if auth else None)
     if plan == "embedded":
-        return EmbeddedBroker(host, port).start()
+        authority = None
+        if auth is not None:
+            from edgefleet.cloud.broker_auth import EmbeddedAuthority
+
+            authority = EmbeddedAuthority(auth.store, auth.prefix, auth.login)
+        return EmbeddedBroker(host, port, authority=authority).start()
     if plan == "mosquitto":
-        return MosquittoProcess(Path(data_dir) / "mosquitto", host, port).start()
+        setup = None
+        if auth is not None:
+            if plugin is None:
+                raise RuntimeError("Mosquitto's dynamic security plugin was not found: set mosquitto_dynsec_plugin "
+                                   "to mosquitto_dynamic_security.so, or embedded_broker=always")
+            setup = DynsecSetup(plugin, auth.login.username, auth.login.password)
+        return MosquittoProcess(Path(data_dir) / "mosquitto", host, port, dynsec=setup).start()
     return None

@@ -4,7 +4,9 @@ Theory: a bundle carries everything an agent needs to decide, without the cloud,
 device: `manifest.json` (a `protos.messages.Manifest`: signature, budgets of the class, sha256 and size of every
 other member), `model.onnx`, and a smoke test: `smoke/input.npz`, a deterministic seeded sample with one array per
 model input, and `smoke/expected.npz`, the outputs ONNX Runtime computes for it here. The agent runs the input before
-activation and compares within the manifest's tolerances.
+activation and compares within the manifest's tolerances. A bundle the `Fleet` builds also carries
+`provenance.dsse.json`, a signed in-toto statement of how its model was made (`cloud/provenance.py`); the agent
+checks its hash like any member's and otherwise ignores it.
 
 The archive is byte-for-byte deterministic for the same inputs (fixed member order, mtimes from `created_at`, owner
 0, mode 0644, gzip header without name or time, npz members with a fixed date), so building the same bundle twice
@@ -25,6 +27,7 @@ import numpy as np
 
 from edgefleet.cloud.errors import Invalid
 from edgefleet.protos.messages import DeviceClassInfo, FileEntry, Manifest, SmokeTest, TensorSpec
+from edgefleet.protos.provenance import PROVENANCE_FILE
 
 MODEL_FILE = "model.onnx"
 TFLITE_MODEL_FILE = "model.tflite"  # a LiteRT variant built by a distillation job
@@ -46,6 +49,11 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # the earliest time a zip entry can hold
 def target_path(model: str, version: int, device_class: str) -> str:
     """The TUF target path of a bundle (also its URL under /tuf/targets/)."""
     return f"bundles/{model}/v{version}/{device_class}.tar.gz"
+
+
+def model_file_for(model_format: str) -> str:
+    """The bundle member that holds a model of this format."""
+    return TFLITE_MODEL_FILE if model_format == "tflite" else MODEL_FILE
 
 
 def smoke_inputs(inputs: list[TensorSpec], seed: int = SMOKE_SEED) -> dict[str, np.ndarray]:
@@ -173,12 +181,15 @@ def build_bundle(
     runtime: str = "onnxruntime",
     model_format: str = "onnx",
     expected: dict[str, np.ndarray] | None = None,
+    provenance: bytes | None = None,
 ) -> tuple[bytes, Manifest]:
     """The archive bytes and its manifest; raises Invalid when the model cannot be bundled for this class.
 
     A pushed model is fp32 ONNX for ONNX Runtime (the defaults). A distilled variant says its precision, runtime
     and format; a TFLite one becomes `model.tflite`. `expected`: smoke outputs computed elsewhere (a TFLite
     variant's, by the worker that built it); otherwise they are computed here with the variant's runtime.
+    `provenance`: the signed DSSE envelope about the model file (`cloud/provenance.py`), carried as
+    `provenance.dsse.json` and listed in the manifest like every other member.
     """
     if runtime != "onnxruntime" and runtime not in device_class.runtimes:
         raise Invalid(
@@ -202,13 +213,15 @@ def build_bundle(
     if expected is None:
         run = run_reference_litert if model_format == "tflite" else run_reference
         expected = run(model_bytes, feeds, outputs)
-    model_file = TFLITE_MODEL_FILE if model_format == "tflite" else MODEL_FILE
+    model_file = model_file_for(model_format)
     rtol, atol = SMOKE_TOLERANCES.get(precision, (SMOKE_RTOL, SMOKE_ATOL))
     members = [
         (model_file, model_bytes),
         (SMOKE_EXPECTED, write_npz(expected)),
         (SMOKE_INPUT, write_npz(feeds)),
     ]
+    if provenance is not None:
+        members.append((PROVENANCE_FILE, provenance))
     if created_at.tzinfo is None:
         raise ValueError("created_at must be timezone-aware")
     manifest = Manifest(
@@ -234,4 +247,4 @@ def build_bundle(
     return archive, manifest
 
 
-__all__ = ["build_bundle", "read_npz", "run_reference", "smoke_inputs", "target_path", "write_npz"]
+__all__ = ["build_bundle", "model_file_for", "read_npz", "run_reference", "smoke_inputs", "target_path", "write_npz"]

@@ -3,7 +3,8 @@
     CloudError (500, "internal")
     ├── Invalid (422, "invalid")
     │   ├── ModelInvalid (422, "model_invalid")
-    │   └── UnknownClass (422, "unknown_class")
+    │   ├── UnknownClass (422, "unknown_class")
+    │   └── Refused (422, "refused")   a device message outside the contract's limits or the cloud's record
     ├── TooLarge (413, "too_large")
     ├── Unauthorized (401, "unauthorized")
     ├── Forbidden (403, "forbidden")
@@ -41,6 +42,12 @@ class ModelInvalid(Invalid):
 
 class UnknownClass(Invalid):
     code = "unknown_class"
+
+
+class Refused(Invalid):
+    """A device's message was refused whole and counted (`refused_messages`); nothing of it was stored."""
+
+    code = "refused"
 
 
 class TooLarge(CloudError):

@@ -1,9 +1,10 @@
 """`edgefleet-cloud`: run the cloud service (`serve`) and its job workers (`worker`, see cloud/worker.py).
 
 Theory: `serve` builds a `CloudRuntime` (settings -> `Fleet.from_settings`, which migrates the database -> the admin
-token -> a broker when settings ask for one -> the MQTT bridge wired as the Fleet's publish -> a refresher thread),
-then runs uvicorn in the main thread. uvicorn owns SIGINT/SIGTERM: it stops serving, returns, and the runtime
-stops the refresher, the bridge and the broker in that order (the bridge before the broker it talks to).
+token -> the MQTT side (cloud/mqtt_runtime.py: a broker when settings ask for one, who provisions device logins, the
+bridge wired as the Fleet's publish) -> a refresher thread), then runs uvicorn in the main thread. uvicorn owns
+SIGINT/SIGTERM: it stops serving, returns, and the runtime stops the refresher, the bridge, the dynsec client and
+the broker in that order (the clients before the broker they talk to).
 
 The admin token exists once: made at first start, printed once to stderr with the path of the 0600 file that keeps
 it, never printed again. `tests/cloud_server.py` runs the same `CloudRuntime` under uvicorn in a thread, so tests
@@ -22,12 +23,14 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from edgefleet.cloud.errors import CloudError
+from edgefleet.cloud.keys_cli import keys_app
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from edgefleet.cloud.broker import RunningBroker
     from edgefleet.cloud.mqtt_bridge import MqttBridge
+    from edgefleet.cloud.mqtt_runtime import MqttSide
     from edgefleet.cloud.services import Fleet
     from edgefleet.cloud.settings import Settings
 
@@ -35,6 +38,7 @@ log = logging.getLogger("edgefleet.cloud")
 
 app = typer.Typer(help="edgefleet cloud: model registry, signed bundles, desired states, REST API and MQTT bridge.",
                   no_args_is_help=True, add_completion=False)
+app.add_typer(keys_app, name="keys")
 
 
 class CloudRuntime:
@@ -47,26 +51,26 @@ class CloudRuntime:
         self.admin_token: str | None = None  # set only at the first start of a data dir
         self.broker: RunningBroker | None = None
         self.bridge: MqttBridge | None = None
+        self.mqtt_side: MqttSide | None = None
         self.app: FastAPI | None = None
         self._stop_refresh = threading.Event()
         self._refresher: threading.Thread | None = None
 
     def start(self) -> CloudRuntime:
         from edgefleet.cloud.api import create_app
-        from edgefleet.cloud.broker import start_broker
-        from edgefleet.cloud.mqtt_bridge import MqttBridge
+        from edgefleet.cloud.mqtt_runtime import start_mqtt
         from edgefleet.cloud.services import Fleet
 
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.fleet = Fleet.from_settings(s)
             self.admin_token = self.fleet.ensure_admin_token()
             if self.mqtt:
-                self.broker = start_broker(s.embedded_broker, s.mqtt_host, s.mqtt_port, s.data_dir)
-                self.bridge = MqttBridge(self.fleet, s.mqtt_host, s.mqtt_port, s.mqtt_topic_prefix,
-                                         keepalive_s=s.mqtt_keepalive_s).start()
+                # Broker, device logins (cloud/mqtt_accounts.py) and bridge, wired in cloud/mqtt_runtime.py.
+                self.mqtt_side = start_mqtt(s, self.fleet)
+                self.broker, self.bridge = self.mqtt_side.broker, self.mqtt_side.bridge
                 self.fleet.publish = self.bridge.publish
+                self.fleet.broker_accounts = self.mqtt_side.accounts
             self._refresher = threading.Thread(target=self._refresh_loop, name="edgefleet-refresh", daemon=True)
             self._refresher.start()
             self.app = create_app(self.fleet)
@@ -90,14 +94,13 @@ class CloudRuntime:
         self._stop_refresh.set()
         if self._refresher is not None:
             self._refresher.join(5)
-        if self.bridge is not None:
-            self.bridge.stop()
-            self.bridge = None
         if self.fleet is not None:
             self.fleet.publish = None
-        if self.broker is not None:
-            self.broker.stop()
-            self.broker = None
+            self.fleet.broker_accounts = None
+        if self.mqtt_side is not None:
+            self.mqtt_side.stop()  # the bridge, the dynsec control client, then the broker
+            self.mqtt_side = None
+        self.bridge = self.broker = None
         if self.fleet is not None:
             self.fleet.close()  # last: the bridge and the refresher above may still write until they stop
 
@@ -182,7 +185,6 @@ def worker(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings(config_file=config, **({"data_dir": data_dir} if data_dir else {}))
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
         import_plugins(plugin)
         fleet = Fleet.from_settings(settings)
     except CloudError as exc:

@@ -1,16 +1,21 @@
 """The cloud's MQTT client: desired states out, reported state, telemetry and status in.
 
 Theory of operation:
-- One paho 2.x client with `loop_start()` (its own network thread). paho reconnects by itself with exponential
-  backoff (`reconnect_delay_set`); `on_connect` subscribes again to `cloud_subscriptions(prefix)` every time, since a
-  clean session forgets subscriptions; the bridge counts as connected once the SUBACK arrives.
+- One paho 2.x client with `loop_start()` (its own network thread), logged in as the cloud (`client_id`,
+  `username`, `password`: cloud/mqtt_accounts.py `cloud_login`). paho's thread reconnects by itself, waiting a
+  full-jitter delay between attempts (`common.mqtt_client.JitteredClient`), so several clouds, or a cloud and its
+  fleet, do not hammer a restarted broker in lockstep; `on_connect` subscribes again to `cloud_subscriptions(prefix)`
+  every time, since a clean session forgets subscriptions; the bridge counts as connected once the SUBACK arrives.
 - Out: `publish(device_id, doc)` (what `Fleet` calls after it signs a document) sends the `SignedDesiredState` bytes
   retained at QoS 1 on the device's desired topic, the same bytes the HTTP route serves.
 - In: every message is checked in this order: topic ours, payload not empty (a retained clear: ignored, not counted),
   size, `parse_message(payload, Expected)`, topic device id == payload device id. A failure is logged, counted as
-  `malformed_messages` and dropped; the bridge never raises into paho's thread. A `Fleet` call that raises is logged
-  and counted as `ingest_errors`. Ingest runs inline in the network thread so that paho sends the PUBACK only
-  after the database has the message (at-least-once; `record_telemetry` is idempotent on seq).
+  `malformed_messages` and dropped; the bridge never raises into paho's thread. A readable message outside the
+  contract's limits (protos/limits.py: NaN, a p95 of 1e308, errors > count, an oversize text), or one the `Fleet`
+  refuses (`Refused`: a generation it never issued), is dropped whole and counted as `refused_messages` and
+  `refused_{channel}_{reason}`. Any other exception from a `Fleet` call is logged and counted as `ingest_errors`.
+  Ingest runs inline in the network thread so that paho sends the PUBACK only after the database has the message
+  (at-least-once; `record_telemetry` is idempotent on seq).
 - The database is the source of truth, not the broker: an embedded broker loses its retained messages on restart
   and a broker may be swapped. So after every (re)connect the bridge republishes each device's current desired
   state, in a thread of its own so the network loop keeps answering pings. It costs one message per device per
@@ -27,6 +32,9 @@ from typing import TYPE_CHECKING, Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefleet.cloud.errors import Refused
+from edgefleet.common.backoff import Backoff
+from edgefleet.common.mqtt_client import JitteredClient
 from edgefleet.protos.messages import (
     MAX_MESSAGE_BYTES,
     DeviceStatus,
@@ -60,8 +68,8 @@ class MqttBridge:
         *,
         client_id: str = "edgefleet-cloud",
         keepalive_s: int = 30,
-        reconnect_min_s: int = 1,
-        reconnect_max_s: int = 30,
+        reconnect_min_s: float = 1.0,
+        reconnect_max_s: float = 30.0,
         republish_on_connect: bool = True,
         username: str | None = None,
         password: str | None = None,
@@ -78,15 +86,15 @@ class MqttBridge:
         self._stopping = False
         self._subscribe_mid: int | None = None
         # MQTT 3.1.1: amqtt speaks nothing newer, and nothing here needs MQTT 5 yet.
-        self._client = mqtt.Client(
+        self._client = JitteredClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=client_id,
             clean_session=True,
             protocol=mqtt.MQTTv311,
+            backoff=Backoff(reconnect_min_s, reconnect_max_s),
         )
         if username:
             self._client.username_pw_set(username, password)
-        self._client.reconnect_delay_set(min_delay=reconnect_min_s, max_delay=reconnect_max_s)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = self._on_subscribe
         self._client.on_disconnect = self._on_disconnect
@@ -152,7 +160,9 @@ class MqttBridge:
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         if reason_code.is_failure:
-            log.warning("MQTT broker %s:%d refused the connection: %s", self.host, self.port, reason_code)
+            log.warning("MQTT broker %s:%d refused the cloud's connection: %s; check mqtt_username/mqtt_password "
+                        "(or %s) against the broker's accounts", self.host, self.port, reason_code,
+                        "the data dir's mqtt-cloud.password")
             return
         _rc, self._subscribe_mid = client.subscribe([(topic, _QOS) for topic in cloud_subscriptions(self.prefix)])
         log.info("connected to MQTT broker %s:%d; subscribing", self.host, self.port)
@@ -185,7 +195,8 @@ class MqttBridge:
     # -- in --------------------------------------------------------------------------------------------------------
 
     def handle(self, topic: str, payload: bytes) -> str:
-        """Check and ingest one message; returns what happened ("recorded", "ignored", "malformed", "failed")."""
+        """Check and ingest one message; returns what happened: "recorded", "ignored", "malformed", "refused" (a
+        readable message outside the contract's limits, or a generation the cloud never issued), "failed"."""
         where = parse_topic(self.prefix, topic)
         if where is None or where[1] not in _EXPECTED:
             return self._malformed(topic, "topic is not a device's reported, telemetry or status channel")
@@ -197,6 +208,8 @@ class MqttBridge:
         try:
             msg = parse_message(bytes(payload), _EXPECTED[channel])
         except MessageError as exc:
+            if exc.refused:
+                return self._refused(topic, channel, exc.reason, str(exc))
             return self._malformed(topic, str(exc))
         if msg.device_id != device_id:
             return self._malformed(topic, f"payload device_id {msg.device_id!r} does not match the topic's")
@@ -207,6 +220,10 @@ class MqttBridge:
         }[channel]
         try:
             record(msg)
+        except Refused as exc:  # counted by the Fleet, which knows why
+            log.warning("refused a %s message from %s: %s", channel, device_id, exc.message[:_REASON_MAX_CHARS])
+            self.counters["refused_messages"] += 1
+            return "refused"
         except Exception:
             log.exception("recording %s from %s failed", channel, device_id)
             self._count("ingest_errors")
@@ -218,6 +235,15 @@ class MqttBridge:
         log.warning("dropped a malformed message on %r: %s", topic[:_REASON_MAX_CHARS], reason[:_REASON_MAX_CHARS])
         self._count("malformed_messages")
         return "malformed"
+
+    def _refused(self, topic: str, channel: str, reason: str, text: str) -> str:
+        log.warning("refused a message on %r (%s): %s", topic[:_REASON_MAX_CHARS], reason, text[:_REASON_MAX_CHARS])
+        self.counters["refused_messages"] += 1
+        try:
+            self.fleet.count_refused(channel, reason)
+        except Exception:
+            log.warning("could not store the refusal counters", exc_info=True)
+        return "refused"
 
     def _count(self, name: str) -> None:
         self.counters[name] += 1

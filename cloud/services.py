@@ -21,38 +21,38 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
-from edgefleet.cloud import auth
-from edgefleet.cloud.auth import Principal
+from pydantic import ValidationError
+
 from edgefleet.cloud.blobs import BlobStore, LocalBlobStore
-from edgefleet.cloud.bundles import build_bundle, read_npz, target_path
+from edgefleet.cloud.bundles import build_bundle, model_file_for, read_npz, target_path
 from edgefleet.cloud.catalog import load_catalog, parse_class
 from edgefleet.cloud.db.models import Bundle, Deployment, Device, ModelVersion
-from edgefleet.cloud.errors import CloudError, Conflict, Invalid, NotFound, Unavailable, UnknownClass
+from edgefleet.cloud.errors import CloudError, Conflict, Invalid, NotFound, Refused, Unavailable, UnknownClass
 from edgefleet.cloud.registry import validate_model
+from edgefleet.cloud.services_broker import BrokerLoginFacade
 from edgefleet.cloud.services_distill import DistillFacade
+from edgefleet.cloud.services_identity import IdentityFacade
+from edgefleet.cloud.services_provenance import ProvenanceFacade
 from edgefleet.cloud.settings import Settings
 from edgefleet.cloud.store import ADMIN_MARKER, Store
 from edgefleet.cloud.trust import DesiredStateSigner, TufRepository
+from edgefleet.common.fsutil import private_dir
 from edgefleet.protos.api import (
     BundleView,
     DeploymentView,
     DeployRequest,
     DeviceStatusRow,
     DeviceView,
-    EnrollmentTokenRequest,
-    EnrollmentTokenView,
     ModelVersionView,
     StatsView,
     TelemetrySummary,
 )
+from edgefleet.protos.limits import MAX_SHORT_TEXT_CHARS, clip_text
 from edgefleet.protos.messages import (
-    BrokerInfo,
     DesiredModel,
     DesiredState,
     DeviceClassInfo,
     DeviceStatus,
-    EnrollRequest,
-    EnrollResponse,
     ModelStatus,
     ReportedState,
     SignedDesiredState,
@@ -73,8 +73,10 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-class Fleet(DistillFacade):
-    """The facade; jobs, distillation and calibrations are in `services_distill.py`, mixed in."""
+class Fleet(DistillFacade, BrokerLoginFacade, IdentityFacade, ProvenanceFacade):
+    """The facade; jobs, distillation and calibrations are in `services_distill.py`, devices' broker logins in
+    `services_broker.py`, tokens, enrollment and resets in `services_identity.py`, bundle provenance in
+    `services_provenance.py`, mixed in."""
 
     def __init__(self, settings: Settings, store: Store, blobs: BlobStore, tuf: TufRepository,
                  signer: DesiredStateSigner, catalog: dict[str, DeviceClassInfo],
@@ -88,36 +90,29 @@ class Fleet(DistillFacade):
         self.publish = publish
         # Serialises commit + publish in this process, so retained MQTT messages go out in generation order.
         self._publish_lock = threading.Lock()
+        # The desired-state keys the stored documents were last checked against (refresh_expiring re-signs on change).
+        self._signed_with: frozenset[str] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Fleet:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if private_dir(settings.data_dir):  # keys, the admin token and the broker logins live here
+            log.warning("data dir %s was open to other users; made it 0700", settings.data_dir)
         store = Store.open(settings.database_url)
-        return cls(
+        fleet = cls(
             settings=settings,
             store=store,
             blobs=LocalBlobStore(settings.blobs_dir),
-            tuf=TufRepository(settings.tuf_dir, timestamp_expiry_s=settings.tuf_timestamp_expiry_s),
+            tuf=TufRepository(settings.tuf_dir, timestamp_expiry_s=settings.tuf_timestamp_expiry_s,
+                              offline_root=settings.tuf_offline_root),
             signer=DesiredStateSigner(settings.keys_dir),
             catalog=load_catalog(settings.classes_dir),
         )
+        fleet.provenance_signer  # noqa: B018 - its key is made at first start, like the desired-state key
+        return fleet
 
     def close(self) -> None:
         """Release the database engine's connections (its pool); the Fleet is unusable afterwards."""
         self.store.close()
-
-    # ------------------------------------------------------------------------------------------------ auth
-
-    def ensure_admin_token(self) -> str | None:
-        return auth.ensure_admin_token(self.store, self.settings.admin_token_file)
-
-    def authenticate(self, token: str | None) -> Principal:
-        return auth.authenticate(self.store, token)
-
-    def create_enrollment_token(self, req: EnrollmentTokenRequest) -> EnrollmentTokenView:
-        token, expires_at = auth.issue_token(self.store, "enroll", ttl_s=req.ttl_s, note=req.note)
-        assert expires_at is not None
-        return EnrollmentTokenView(token=token, expires_at=expires_at, note=req.note)
 
     # ------------------------------------------------------------------------------------------------ classes
 
@@ -187,6 +182,9 @@ class Fleet(DistillFacade):
         if model.smoke_sha256:
             with self.blobs.open(model.smoke_sha256) as f:
                 expected = read_npz(f.read())
+        path = target_path(model.name, model.version, cls.name)
+        # The signed statement of how the model was made goes into the bundle (services_provenance.py).
+        provenance = self._bundle_provenance(model, cls, model_bytes, model_file_for(model.format or "onnx"), path)
         try:
             archive, manifest = build_bundle(
                 model_bytes, name=model.name, version=model.version, device_class=cls,
@@ -194,43 +192,18 @@ class Fleet(DistillFacade):
                 outputs=[TensorSpec.model_validate(s) for s in model.outputs],
                 created_at=model.created_at,  # the model's time, not now: rebuilding gives the same bytes
                 precision=model.precision or "fp32", runtime=model.runtime or "onnxruntime",
-                model_format=model.format or "onnx", expected=expected,
+                model_format=model.format or "onnx", expected=expected, provenance=provenance,
             )
         except Invalid as exc:
             raise Invalid(f"cannot build a bundle of {model.name} v{model.version} for class {cls.name}: "
                           f"{exc.message}") from None
         key = self.blobs.put_bytes(archive)
-        path = target_path(model.name, model.version, cls.name)
         self.tuf.add_target(path, archive)
         return self.store.add_bundle(model=model.name, version=model.version, device_class=cls.name,
                                      target_path=path, sha256=key, size_bytes=len(archive),
                                      manifest=manifest.to_dict(), now=_now())
 
     # ------------------------------------------------------------------------------------------------ devices
-
-    def enroll(self, req: EnrollRequest, enrolled_by: str | None = None) -> EnrollResponse:
-        """Enroll a device, or re-enroll an existing id of the same class with the enrollment token that enrolled
-        it (`enrolled_by`: that token's hash; its device token is then rotated: the old one stops working, and the
-        device keeps its generation, deployments and telemetry). Another token gets a Conflict."""
-        cls = self._class(req.device_class)
-        token = auth.new_token("device")
-        _, created = self.store.enroll_device(req.device_id, cls.name, dict(req.labels), req.agent_version,
-                                              auth.hash_token(token), _now(), enrolled_by=enrolled_by)
-        self.count("devices_enrolled" if created else "devices_reenrolled")
-        self._resign(req.device_id)
-        s = self.settings
-        return EnrollResponse(
-            device_id=req.device_id,
-            device_token=token,
-            device_class=cls,
-            broker=BrokerInfo(host=s.mqtt_host, port=s.mqtt_port, topic_prefix=s.mqtt_topic_prefix, tls=s.mqtt_tls,
-                              keepalive_s=s.mqtt_keepalive_s),
-            tuf_root=self.tuf.root(),
-            tuf_metadata_url=f"{s.public_url}/tuf/metadata/",
-            tuf_targets_url=f"{s.public_url}/tuf/targets/",
-            desired_state_keys=self.signer.public_keys(),
-            desired_state_url=f"{s.public_url}/api/v1/devices/{req.device_id}/desired",
-        )
 
     def _device(self, device_id: str) -> Device:
         row = self.store.get_device(device_id)
@@ -353,23 +326,47 @@ class Fleet(DistillFacade):
         return SignedDesiredState.model_validate(device.desired_doc)
 
     def refresh_expiring(self) -> int:
-        """Re-sign (and publish) every document past half its life; the number re-signed."""
+        """Re-sign (and publish) every document past half its life, and, after the desired-state keys changed (a
+        rotation step, maybe by `edgefleet-cloud keys` in another process), every one not signed by exactly them;
+        the number re-signed."""
         cutoff = _now() + timedelta(seconds=self.settings.desired_state_ttl_s / 2)
+        due = self.store.devices_expiring_before(cutoff)
+        signing = self.signer.signing_keyids()
+        if signing != self._signed_with:
+            stale = [d.device_id for d in self.store.list_devices() if not _signed_by_exactly(d.desired_doc, signing)]
+            due = sorted(set(due) | set(stale))
         done = 0
-        for device_id in self.store.devices_expiring_before(cutoff):
+        for device_id in due:
             self._resign(device_id)
             done += 1
+        self._signed_with = signing
         return done
 
     # ------------------------------------------------------------------------------------------------ ingest
 
     def record_reported(self, msg: ReportedState) -> None:
-        stored = self.store.set_reported(msg.device_id, doc=msg.to_dict(), generation=msg.generation,
-                                         last_error=msg.last_error, reported_at=msg.reported_at, now=_now())
-        if stored is None:
+        """Store a report; raise `Refused` (counted) for a generation this cloud never issued to the device."""
+        now = _now()
+        # Reports of one generation are ordered by the device's clock, but never past the cloud's: one dated far
+        # ahead (forged, or a clock gone wrong) would otherwise make every real report after it look stale.
+        outcome = self.store.set_reported(msg.device_id, doc=msg.to_dict(), generation=msg.generation,
+                                          last_error=msg.last_error, reported_at=min(msg.reported_at, now), now=now)
+        if outcome == "unknown":
             self.count("dropped_unknown_device")
-        elif not stored:
+        elif outcome == "stale":
             self.count("reported_stale")
+        elif outcome == "ahead":
+            self.count_refused("reported", "generation_ahead")
+            issued = self._device(msg.device_id).desired_generation
+            raise Refused(f"generation {msg.generation} is above the highest generation this cloud issued to "
+                          f"{msg.device_id} ({issued}); report the generation of a desired state it signed",
+                          detail={"fields": [{"field": "body.generation", "reason": "above the issued generation"}]})
+
+    def count_refused(self, channel: str, reason: str) -> None:
+        """A device message refused whole: counted in all (`refused_messages`) and by channel and reason
+        (`refused_telemetry_not_finite`, `refused_reported_generation_ahead`, ...), shown by `fleet stats`."""
+        self.count("refused_messages")
+        self.count(f"refused_{channel}_{reason}")
 
     def record_telemetry(self, msg: TelemetryBatch) -> None:
         if self.store.get_device(msg.device_id) is None:
@@ -408,6 +405,12 @@ class Fleet(DistillFacade):
 # ---------------------------------------------------------------------------------------------------- views
 
 
+def _signed_by_exactly(doc: dict | None, keyids: frozenset[str]) -> bool:
+    """Whether a stored signed desired state is signed by `keyids` and no other key (after a finished rotation, a
+    document still signed by the revoked key is re-signed, so agents see the new key alone and learn the revocation)."""
+    return doc is not None and keyids == {s.get("keyid") for s in doc.get("signatures", [])}
+
+
 def _label_matches(rule: str, labels: dict[str, str]) -> bool:
     key, _, value = rule.partition("=")
     return labels.get(key) == value
@@ -441,7 +444,20 @@ def _desired_models_of(device: Device) -> dict[str, int]:
 def _reported_models(device: Device) -> list[ModelStatus]:
     if not device.reported_doc:
         return []
-    return [ModelStatus.model_validate(m) for m in device.reported_doc.get("models", [])]
+    out: list[ModelStatus] = []
+    for m in device.reported_doc.get("models", []):
+        try:
+            out.append(ModelStatus.model_validate(m))
+        except ValidationError:
+            # Stored under an older, looser contract (an error past today's cap, a version 0): a listing must still
+            # build, so show it with its texts clipped, or leave it out when even that does not read.
+            try:
+                out.append(ModelStatus.model_validate({**m, "error": clip_text(m.get("error")),
+                                                       "phase": clip_text(m.get("phase"), MAX_SHORT_TEXT_CHARS)}))
+            except (ValidationError, TypeError, AttributeError):
+                log.warning("device %s: a stored model status no longer reads; left out of the view",
+                            device.device_id)
+    return out
 
 
 def _summary(w) -> TelemetrySummary:
@@ -455,7 +471,9 @@ def _device_view(device: Device, telemetry: list) -> DeviceView:
         last_seen=device.last_seen, enrolled_at=device.enrolled_at, desired_generation=device.desired_generation,
         reported_generation=device.reported_generation, desired_models=_desired_models_of(device),
         models=_reported_models(device), last_error=device.last_error,
-        telemetry=[_summary(w) for w in telemetry],
+        telemetry=[_summary(w) for w in telemetry], has_device_key=device.public_key is not None,
+        reset_pending=device.reset_at is not None, enrollments_refused=device.enrollments_refused or 0,
+        last_refused_at=device.last_refused_at, last_refused_reason=device.last_refused_reason,
     )
 
 

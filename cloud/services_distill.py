@@ -18,6 +18,7 @@ Every distillation refits its classes first (where telemetry exists), so each bu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import shutil
 from datetime import datetime, timedelta, timezone
@@ -260,6 +261,7 @@ def _register_result(fleet: Any, ctx: JobContext, name: str, result: Any) -> dic
     from edgefleet.cloud.distill import artifacts
 
     versions: list[dict[str, Any]] = []
+    provenance: dict[str, dict[str, Any]] = {}  # per version: facts its bundles' statements need (provenance.py)
     for device_class, chosen in sorted(result.chosen.items()):
         figures = result.report.classes[device_class].chosen
         row = fleet.register_variant(
@@ -271,12 +273,14 @@ def _register_result(fleet: Any, ctx: JobContext, name: str, result: Any) -> dic
                             precision=row.precision, runtime=row.runtime, format=row.format,
                             predicted_p95_ms=row.predicted_p95_ms, predicted_mj=row.predicted_mj)
         versions.append(view.model_dump(mode="json"))
+        provenance[str(row.version)] = {"candidate": chosen.candidate,
+                                        "student_sha256": hashlib.sha256(chosen.fp32_onnx).hexdigest()}
         ctx.log(f"{device_class}: {chosen.candidate} {row.precision}/{row.runtime} is {row.name} v{row.version}")
     for device_class, cr in sorted(result.report.classes.items()):
         if cr.chosen is None:
             ctx.log(f"{device_class}: no candidate fits ({cr.reason})")
     plot = fleet.blobs.put_bytes(result.plot_svg().encode())
-    return {"report": result.report.to_dict(), "plot_sha256": plot, "versions": versions}
+    return {"report": result.report.to_dict(), "plot_sha256": plot, "versions": versions, "provenance": provenance}
 
 
 # ---------------------------------------------------------------------------------------------------- views

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from edgefleet.cloud.errors import Invalid
+from edgefleet.protos.messages import MAX_MESSAGE_BYTES
 
 CONFIG_ENV = "EDGEFLEET_CONFIG"
 
@@ -78,14 +79,40 @@ class Settings(BaseSettings):
     # 30 s: the agent's MQTT keepalive; the broker declares it gone (last will) after 1.5x this.
     mqtt_keepalive_s: int = Field(default=30, ge=5)
     embedded_broker: Literal["auto", "always", "never"] = "auto"
+    # Per-device broker accounts (issued at enrollment, see cloud/mqtt_accounts.py). "auto": the embedded broker
+    # checks them in-process, and any Mosquitto (the cloud's own or the operator's) gets them through its dynamic
+    # security plugin; "dynsec": the same, said explicitly; "none": no accounts are provisioned (an open broker).
+    mqtt_auth: Literal["auto", "dynsec", "none"] = "auto"
+    # The cloud's own broker login and client id. No device can take either: device ids are checked against the
+    # username, and every device account is bound to its client id "edgefleet-agent-{device_id}".
+    mqtt_username: str = Field(default="edgefleet-cloud", min_length=1, max_length=128)
+    # None: made at the first start and kept in {data_dir}/mqtt-cloud.password (0600), like the admin token.
+    mqtt_password: SecretStr | None = None
+    mqtt_client_id: str = Field(default="edgefleet-cloud", min_length=1, max_length=128)
+    # 5 s: a dynamic-security command is one round trip on a local broker; past this enrollment answers 503 and
+    # the agent retries with backoff.
+    mqtt_command_timeout_s: float = Field(default=5.0, gt=0)
+    # The bridge's reconnect backoff (full jitter, common/backoff.py): 1 s first window, capped at 30 s.
+    mqtt_retry_initial_s: float = Field(default=1.0, gt=0)
+    mqtt_retry_max_s: float = Field(default=30.0, gt=0)
+    # None: looked up where Debian, Alpine and the Mosquitto tarball install mosquitto_dynamic_security.so.
+    mosquitto_dynsec_plugin: Path | None = None
 
     # 200 MB: larger than any model an edge class in the catalog can hold, small enough to refuse a mistaken upload.
     max_model_mb: float = Field(default=200.0, gt=0)
+    # 512 KiB: the cap on a JSON request body. The largest real one is a reported state or telemetry batch over the
+    # HTTP fallback, at most MAX_MESSAGE_BYTES (256 KiB), so the cap may not go below that; a deployment or a class
+    # is a few hundred bytes. Over it is a 413 before the rest is read (cloud/api/limits.py).
+    max_json_body_kb: int = Field(default=512, ge=MAX_MESSAGE_BYTES // 1024)
     # 1 day: a device whose control plane is frozen stops trusting its desired state within a day; documents are
     # re-signed when past half their life (refresh_expiring), so a connected device never sees one expire.
     desired_state_ttl_s: int = Field(default=86400, ge=60)
     # 1 day: TUF's timestamp role is the freshness signal; the cloud re-signs it well before expiry.
     tuf_timestamp_expiry_s: int = Field(default=86400, ge=60)
+    # The TUF root key is kept off this machine: the cloud refuses to start while {data_dir}/tuf/keys/root.pem exists,
+    # still re-signs targets, snapshot and timestamp with their online keys, and a new root is exported, signed
+    # elsewhere and imported (`edgefleet-cloud keys export-root | sign-root | import-root`).
+    tuf_offline_root: bool = False
     # 60 s: how often the serve loop runs refresh_expiring and the TUF timestamp refresh.
     refresh_interval_s: float = Field(default=60.0, gt=0)
     # Status and device views roll telemetry up over this look-back (count-weighted; see Store.telemetry_summary).
@@ -138,6 +165,10 @@ class Settings(BaseSettings):
         self.mqtt_topic_prefix = self.mqtt_topic_prefix.strip("/")
         if not self.mqtt_topic_prefix or any(c in self.mqtt_topic_prefix for c in "+#"):
             raise ValueError("mqtt_topic_prefix must be non-empty and contain no MQTT wildcards (+ #)")
+        if self.mqtt_client_id.startswith("edgefleet-agent-"):
+            raise ValueError("mqtt_client_id must not start with edgefleet-agent- (the devices' client ids)")
+        if self.mqtt_retry_initial_s > self.mqtt_retry_max_s:
+            raise ValueError("mqtt_retry_initial_s must not exceed mqtt_retry_max_s")
         return self
 
     # Layout of the data directory: one place, so every part agrees.
@@ -162,8 +193,20 @@ class Settings(BaseSettings):
         return self.data_dir / "admin.token"
 
     @property
+    def mqtt_password_file(self) -> Path:
+        return self.data_dir / "mqtt-cloud.password"
+
+    @property
+    def mosquitto_dir(self) -> Path:
+        return self.data_dir / "mosquitto"
+
+    @property
     def max_model_bytes(self) -> int:
         return int(self.max_model_mb * 1024 * 1024)
+
+    @property
+    def max_json_body_bytes(self) -> int:
+        return self.max_json_body_kb * 1024
 
     @property
     def max_transfer_bytes(self) -> int:

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import Float, case, cast, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -37,16 +37,20 @@ from edgefleet.cloud.db.models import (
     Token,
 )
 from edgefleet.cloud.db.session import make_sessionmaker, migrate
+from edgefleet.cloud.enrollment import Enrolled, EnrollmentRefused
 from edgefleet.cloud.errors import Conflict, Unavailable
 from edgefleet.cloud.store_jobs import JobStoreMixin
+from edgefleet.cloud.store_mqtt import MqttCredentialStoreMixin
+from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS
 
 # 8 tries: each retry happens only when another writer took the same version between our read and insert.
 VERSION_RETRIES = 8
 ADMIN_MARKER = "admin_token_created"  # a counter row whose primary key makes "first start" happen once
 
 
-class Store(JobStoreMixin):
-    """All SQL; the jobs queue and calibrations are in `store_jobs.py`, mixed in."""
+class Store(JobStoreMixin, MqttCredentialStoreMixin):
+    """All SQL; the jobs queue and calibrations are in `store_jobs.py`, devices' broker logins in
+    `store_mqtt.py`, mixed in."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -111,6 +115,37 @@ class Store(JobStoreMixin):
     def find_token(self, token_hash: str) -> Token | None:
         with self._tx() as s:
             return s.scalar(select(Token).where(Token.token_hash == token_hash))
+
+    def token_id(self, token_hash: str) -> int | None:
+        with self._tx() as s:
+            return s.scalar(select(Token.id).where(Token.token_hash == token_hash))
+
+    def list_tokens(self, kind: str | None = None) -> list[Token]:
+        query = select(Token).order_by(Token.id)
+        if kind is not None:
+            query = query.where(Token.kind == kind)
+        with self._tx() as s:
+            return list(s.scalars(query))
+
+    def delete_token(self, token_id: int) -> Token | None:
+        """Revoke: the row goes, so the token authenticates no more from the next request on. None when absent.
+        A device token's device forgets it too."""
+        with self._tx() as s:
+            row = s.get(Token, token_id, with_for_update=True)
+            if row is None:
+                return None
+            if row.kind == "device" and row.device_id is not None:
+                s.execute(update(Device).where(Device.device_id == row.device_id, Device.token_hash == row.token_hash)
+                          .values(token_hash=None))
+            s.delete(row)
+        return row
+
+    def set_token_expiry(self, token_id: int, expires_at: datetime) -> Token | None:
+        with self._tx() as s:
+            row = s.get(Token, token_id, with_for_update=True)
+            if row is not None:
+                row.expires_at = expires_at
+        return row
 
     # ---------------------------------------------------------------------------------------------- classes
 
@@ -187,39 +222,68 @@ class Store(JobStoreMixin):
     # ---------------------------------------------------------------------------------------------- devices
 
     def enroll_device(self, device_id: str, device_class: str, labels: dict[str, str], agent_version: str,
-                      token_hash: str, now: datetime, enrolled_by: str | None = None) -> tuple[Device, bool]:
-        """Create the device, or re-enroll it with the same class; either way its device token is replaced.
+                      token_hash: str, now: datetime, enrolled_by: str | None = None, *,
+                      public_key: str | None = None, proof_at: datetime | None = None,
+                      admit: Callable[[Enrolled], str | None] | None = None) -> tuple[Device, bool]:
+        """Create the device, or re-enroll an existing one; either way its device token is replaced.
 
-        Returns (row, created). A different class for an existing id is a Conflict: its desired state, bundles and
-        telemetry belong to the old class. So is an existing id enrolled with another enrollment token: whoever
-        holds some enrollment token must not take over a device id and its models.
+        Returns (row, created). For an existing id `admit` (the pure rule of `cloud/enrollment.py`) decides, on the
+        locked row; a refusal is recorded on the device (count, time, reason) and committed, THEN raised as
+        `EnrollmentRefused`, so the attempt stays visible. A different class for an existing id is a Conflict: its
+        desired state, bundles and telemetry belong to the old class.
         """
+        refused: str | None = None
         with self._tx() as s:
             row = s.get(Device, device_id, with_for_update=True)
             created = row is None
             if row is None:
                 row = Device(device_id=device_id, device_class=device_class, labels=labels, enrolled_at=now,
-                             online=False, desired_generation=0, agent_version=agent_version)
+                             online=False, desired_generation=0, agent_version=agent_version,
+                             enrollments_refused=0)
                 s.add(row)
-            elif row.enrolled_by is not None and enrolled_by is not None and row.enrolled_by != enrolled_by:
-                raise Conflict(
-                    f"device id {device_id!r} is already enrolled with another enrollment token: re-enroll it with "
-                    "the token that enrolled it, or give this device another id"
-                )
             elif row.device_class != device_class:
                 raise Conflict(
                     f"device {device_id!r} is enrolled as class {row.device_class!r}, not {device_class!r}: enroll "
                     "with the same class, or pick a new device id"
                 )
-            row.labels = dict(labels)
-            row.agent_version = agent_version
-            if enrolled_by is not None:
-                row.enrolled_by = enrolled_by
-            row.token_hash = token_hash
-            # Rotation: the previous device token stops working the moment the new one exists.
-            s.execute(delete(Token).where(Token.kind == "device", Token.device_id == device_id))
-            s.add(Token(token_hash=token_hash, kind="device", device_id=device_id, note="enrollment", created_at=now))
+            elif admit is not None and (refused := admit(Enrolled(
+                    device_class=row.device_class, public_key=row.public_key, last_proof_at=row.last_proof_at,
+                    reset=row.reset_at is not None))) is not None:
+                row.enrollments_refused = (row.enrollments_refused or 0) + 1
+                row.last_refused_at = now
+                row.last_refused_reason = refused[:300]
+            if refused is None:
+                row.labels = dict(labels)
+                row.agent_version = agent_version
+                if enrolled_by is not None:
+                    row.enrolled_by = enrolled_by
+                if public_key is not None or row.reset_at is not None:
+                    row.public_key = public_key  # registered at the first enrollment, or after a reset
+                row.last_proof_at = proof_at or row.last_proof_at
+                row.reset_at = None
+                row.token_hash = token_hash
+                # Rotation: the previous device token stops working the moment the new one exists.
+                s.execute(delete(Token).where(Token.kind == "device", Token.device_id == device_id))
+                s.add(Token(token_hash=token_hash, kind="device", device_id=device_id, note="enrollment",
+                            created_at=now))
+        if refused is not None:
+            raise EnrollmentRefused(f"device id {device_id!r} is already enrolled and this request may not take it "
+                                    f"over: {refused}", detail={"device_id": device_id})
         return row, created
+
+    def reset_device(self, device_id: str, now: datetime) -> Device | None:
+        """An operator's word that the device was reinstalled: forget its key, revoke its device tokens; the next
+        enrollment of the id registers the key it brings. None when there is no such device."""
+        with self._tx() as s:
+            row = s.get(Device, device_id, with_for_update=True)
+            if row is None:
+                return None
+            row.public_key = None
+            row.last_proof_at = None
+            row.reset_at = now
+            row.token_hash = None
+            s.execute(delete(Token).where(Token.kind == "device", Token.device_id == device_id))
+        return row
 
     def get_device(self, device_id: str) -> Device | None:
         with self._tx() as s:
@@ -269,23 +333,28 @@ class Store(JobStoreMixin):
             return list(s.scalars(query))
 
     def set_reported(self, device_id: str, *, doc: dict[str, Any], generation: int, last_error: str | None,
-                     reported_at: datetime, now: datetime) -> bool | None:
-        """Store a reported state. None: unknown device; False: older than the one stored (a replay), ignored."""
+                     reported_at: datetime, now: datetime) -> Literal["stored", "stale", "ahead", "unknown"]:
+        """Store a reported state: "stored"; "stale": older than the one stored (a replay), ignored; "ahead": a
+        generation above the highest the cloud issued to the device (forged, or from another database), refused
+        and nothing touched, so it cannot make every real report after it look stale; "unknown": no such device."""
         with self._tx() as s:
             row = s.get(Device, device_id, with_for_update=True)
             if row is None:
-                return None
+                return "unknown"
+            # Under the row lock: commit_desired raises desired_generation under the same lock, before publishing.
+            if generation > row.desired_generation:
+                return "ahead"
             row.last_seen = now
             if row.reported_generation is not None and (
                 generation < row.reported_generation
                 or (generation == row.reported_generation and row.reported_at and reported_at < row.reported_at)
             ):
-                return False
+                return "stale"
             row.reported_doc = doc
             row.reported_generation = generation
             row.reported_at = reported_at
             row.last_error = last_error
-            return True
+            return "stored"
 
     def set_online(self, device_id: str, online: bool, now: datetime) -> bool:
         with self._tx() as s:
@@ -352,20 +421,31 @@ class Store(JobStoreMixin):
         Counts, errors and energy add up exactly. Percentiles of windows cannot be merged exactly: p50 and p95 here
         are the count-weighted means of the windows' own percentiles, and p99 the worst window's. Good enough to see a
         device drift; the windows themselves stay in the table for exact questions.
+
+        Safe at the contract's extremes: weighted sums are computed in double precision, where count x figure is
+        at most INT32_MAX x MAX_ENERGY_MJ (about 8e19) per window, nowhere near an overflow for any number of
+        windows. Rows outside the contract (stored before it had limits: a p95 of 1e308, NaN, a negative figure)
+        are left out, so one of them cannot make PostgreSQL raise on overflow and every listing answer 503.
         """
         w = TelemetryWindowRow
-        weight = func.sum(w.count)
+        count = cast(w.count, Float)
+
+        def weighted(figure: Any) -> Any:
+            given = func.sum(case((figure.is_not(None), count), else_=0.0))
+            return (func.sum(figure * count) / func.nullif(given, 0)).label(figure.key)
+
+        def admitted(figure: Any, ceiling: float) -> Any:
+            # NaN sorts above every number on PostgreSQL and is NULL on SQLite, so BETWEEN leaves it out too.
+            return or_(figure.is_(None), figure.between(0, ceiling))
+
         query = (
-            select(w.device_id, w.model, w.version, weight.label("count"), func.sum(w.errors).label("errors"),
-                   (func.sum(w.p50_ms * w.count) / func.nullif(func.sum(case((w.p50_ms.is_not(None), w.count),
-                                                                             else_=0)), 0)).label("p50_ms"),
-                   (func.sum(w.p95_ms * w.count) / func.nullif(func.sum(case((w.p95_ms.is_not(None), w.count),
-                                                                             else_=0)), 0)).label("p95_ms"),
-                   func.max(w.p99_ms).label("p99_ms"),
-                   (func.sum(w.mean_mj * w.count) / func.nullif(func.sum(case((w.mean_mj.is_not(None), w.count),
-                                                                              else_=0)), 0)).label("mean_mj"),
+            select(w.device_id, w.model, w.version, func.sum(w.count).label("count"),
+                   func.sum(w.errors).label("errors"), weighted(w.p50_ms), weighted(w.p95_ms),
+                   func.max(w.p99_ms).label("p99_ms"), weighted(w.mean_mj),
                    func.max(w.energy_source).label("energy_source"), func.max(w.end).label("window_end"))
-            .where(w.end >= since)
+            .where(w.end >= since, w.count >= 0, w.errors.between(0, w.count),
+                   admitted(w.p50_ms, MAX_LATENCY_MS), admitted(w.p95_ms, MAX_LATENCY_MS),
+                   admitted(w.p99_ms, MAX_LATENCY_MS), admitted(w.mean_mj, MAX_ENERGY_MJ))
             .group_by(w.device_id, w.model, w.version)
             .order_by(w.device_id, w.model, w.version)
         )

@@ -4,6 +4,8 @@
 - `runtimes`: the inference engines behind the `Runtime` seam (ONNX Runtime, LiteRT). The agent serves with them;
   the cloud checks what it builds with the same code, so a bundle that passes in the cloud passes on the device.
 - `errors`: the errors that code raises, the root both sides' trees hang from.
+- `backoff`, `mqtt_client`: the full-jitter retry rule and the paho client that follows it, for every link the agent
+  and the cloud own, so neither side reconnects in lockstep.
 
 `tests/test_layering.py` keeps the rule: it fails when a module here imports cloud, the agent or the CLI.
 """

@@ -3,6 +3,7 @@
     EdgefleetError ("error")
     ├── RuntimeLoadError ("runtime_load")  an engine could not load or run a model (missing package, bad file)
     ├── InferenceError ("inference")       a bad inference request: missing input, wrong dtype or shape
+    ├── SignatureError ("bad_signature")   a DSSE envelope that does not verify under the trusted keys (dsse.py)
     └── (edge_agent.errors.AgentError and its tree)
 
 Each class carries a short `reason` code that goes into the agent's reported state. The cloud, which runs the same
@@ -24,4 +25,8 @@ class InferenceError(EdgefleetError):
     reason = "inference"
 
 
-__all__ = ["EdgefleetError", "InferenceError", "RuntimeLoadError"]
+class SignatureError(EdgefleetError):
+    reason = "bad_signature"
+
+
+__all__ = ["EdgefleetError", "InferenceError", "RuntimeLoadError", "SignatureError"]

@@ -37,6 +37,19 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def private_dir(path: str | Path) -> bool:
+    """Make `path` (and missing parents) a folder only its owner can enter: 0700. A program's data dir holds its
+    keys and tokens; the files are 0600 and the folder must not let others list or reach them. Tightens an existing
+    looser folder; returns True when it did (the caller may say so)."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(path, mode & 0o700)
+        return True
+    return False
+
+
 def fsync_file(path: str | Path) -> None:
     fd = os.open(str(path), os.O_RDONLY)
     try:

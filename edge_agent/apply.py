@@ -64,6 +64,7 @@ from edgefleet.edge_agent.reconcile import (
 from edgefleet.edge_agent.records import FailedRecord, InstallRecord
 from edgefleet.edge_agent.state import StateStore
 from edgefleet.edge_agent.unpack import UnpackLimits, check_tree, read_manifest, unpack_bundle
+from edgefleet.protos.limits import clip_text
 from edgefleet.protos.messages import DesiredState, Manifest, ModelStatus
 
 log = logging.getLogger(__name__)
@@ -396,7 +397,7 @@ class Executor:
                 phase: str | None = None) -> ModelStatus:
         return ModelStatus(name=record.name, active_version=self.installer.active_version(record.name),
                            target_version=record.version, state=state, phase=phase or record.phase.value,
-                           error=error)
+                           error=clip_text(error))  # an exception's text may exceed the contract's cap
 
 
 def _drop_download(record: InstallRecord) -> None:

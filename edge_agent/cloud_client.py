@@ -18,7 +18,7 @@ from typing import Protocol
 
 import httpx
 
-from edgefleet.edge_agent.errors import AgentError, BundleError, CloudUnavailable, EnrollError
+from edgefleet.edge_agent.errors import AgentError, BundleError, CloudUnavailable, EnrollError, EnrollmentRefused
 from edgefleet.protos.messages import (
     EnrollRequest,
     EnrollResponse,
@@ -39,6 +39,14 @@ def _server_message(resp: httpx.Response) -> str:
     except ValueError:
         pass
     return resp.text[:200] or resp.reason_phrase
+
+
+def _server_code(resp: httpx.Response) -> str | None:
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    return str(body.get("error")) if isinstance(body, dict) and body.get("error") else None
 
 
 class CloudApi(Protocol):
@@ -90,6 +98,8 @@ class CloudClient:
     def enroll(self, req: EnrollRequest, enrollment_token: str) -> EnrollResponse:
         resp = self._request("POST", "/api/v1/enroll", token=enrollment_token, content=req.to_wire(),
                              headers={"Content-Type": "application/json"})
+        if resp.status_code == 409 and _server_code(resp) == "enrollment_refused":
+            raise EnrollmentRefused(f"enrollment refused: {_server_message(resp)}")
         if resp.status_code != 200:
             raise EnrollError(f"enrollment refused ({resp.status_code}): {_server_message(resp)}")
         try:

@@ -18,6 +18,7 @@ Example:
     [api]
     http_host = "127.0.0.1"
     http_port = 8181                       # 0: ephemeral; the bound address goes to {data_dir}/api.json
+    read_timeout_s = 10                    # then a stalled request is answered 408 and closed
     unix_socket = "/run/edgefleet/api.sock"
     [telemetry]
     window_s = 60
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from edgefleet.edge_agent.errors import ConfigError
+from edgefleet.protos.limits import MAX_WINDOW_S
 from edgefleet.protos.messages import check_device_id, check_name
 
 try:  # Python 3.11+; the agent also runs on 3.10 images where tomli is the same parser
@@ -51,6 +53,11 @@ class ApiConfig:
     http_port: int = 0  # 0: ephemeral, written to {data_dir}/api.json
     unix_socket: str = ""  # empty: no unix socket
     max_body_mb: float = 16.0  # an OIP JSON body for a 1 MP float image is about 12 MB
+    # 10 s: how long a request has to arrive whole (line, headers, body) once the server waits for it; past it a body
+    # is answered 408 and anything else closed (an idle keep-alive connection too). 16 MB over localhost or the
+    # unix socket takes milliseconds; without a bound, a client that sends less than its Content-Length holds a
+    # server thread forever.
+    read_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -278,12 +285,18 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config", base_dir: 
     retry = sections.get("retry", {})
     if retry.get("retry_initial_s", RetryConfig.retry_initial_s) > retry.get("retry_max_s", RetryConfig.retry_max_s):
         raise ConfigError(f"{source}: 'retry.retry_initial_s' must not exceed 'retry.retry_max_s'")
-    # Zero would make the loop spin, every publish fall back to HTTP at once, or the poll hammer the cloud.
+    # Zero would make the loop spin, every publish fall back to HTTP at once, the poll hammer the cloud, or every
+    # local API read time out at once.
     for section, key in (("link", "ack_timeout_s"), ("link", "desired_poll_s"), ("reconcile", "tick_s"),
-                         ("reconcile", "max_rounds")):
+                         ("reconcile", "max_rounds"), ("api", "read_timeout_s")):
         value = sections.get(section, {}).get(key)
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: '{section}.{key}' must be > 0, got {value!r}")
+    # The cloud refuses a telemetry window longer than the contract's MAX_WINDOW_S (protos/limits.py).
+    window_s = sections.get("telemetry", {}).get("window_s", TelemetryConfig.window_s)
+    if not 0 < window_s <= MAX_WINDOW_S:
+        raise ConfigError(f"{source}: 'telemetry.window_s' must be > 0 and at most {MAX_WINDOW_S} (one day), "
+                          f"got {window_s!r}")
 
     data_dir = Path(top.pop("data_dir")).expanduser()
     if not data_dir.is_absolute() and base_dir is not None:

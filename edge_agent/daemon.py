@@ -12,7 +12,10 @@ Each desired-state document is verified (signature, device, class, expiry, gener
 highest accepted generation is saved (crash-safe) so a replay is refused after a restart too. The same generation
 arriving twice (the retained copy and the HTTP fetch after every connect) is not news and is dropped quietly; an
 older, foreign, expired, forged or garbled document is refused, counted, and named in the reported state's
-`last_error` (sent at once, and again every tick until it got through). Then the executor plans and applies steps
+`last_error` (sent at once, and again every tick until it got through). The keys the signature is checked against
+follow the cloud's key rotations (`keyring.py`): a document signed by a key the agent does not know, or one that a
+trusted key no longer signs, makes the agent walk the cloud's signed key lists (through TUF) and save the result in
+`desired_keys.json` before using it. Then the executor plans and applies steps
 until nothing is left (`Executor.converge`, at most `reconcile.max_rounds` rounds; running out goes into
 `last_error` too), waking again when a back-off ends and at the latest every `reconcile.tick_s`. Telemetry windows
 close every `telemetry.window_s` into the disk outbox and leave it only once the link or HTTP acknowledged them.
@@ -36,14 +39,26 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from edgefleet.common.backoff import full_jitter_delay
+from edgefleet.common.fsutil import private_dir
 from edgefleet.edge_agent.apply import Executor, TargetVerifier
 from edgefleet.edge_agent.clock import Clock, SystemClock
 from edgefleet.edge_agent.cloud_client import CloudApi, CloudClient
 from edgefleet.edge_agent.config import AgentConfig
-from edgefleet.edge_agent.errors import AgentError, CloudUnavailable, EnrollError, Replayed, TrustError
+from edgefleet.edge_agent.errors import (
+    AgentError,
+    BadSignature,
+    CloudUnavailable,
+    EnrollError,
+    EnrollmentRefused,
+    Replayed,
+    TrustError,
+)
 from edgefleet.edge_agent.fallback import LinkOrHttp
+from edgefleet.edge_agent.identity import DeviceKey
 from edgefleet.edge_agent.inference import InferenceService
 from edgefleet.edge_agent.installer import Installer
+from edgefleet.edge_agent.keyring import advance, load_ring, save_ring
 from edgefleet.edge_agent.link import CloudLink, LinkFactory
 from edgefleet.edge_agent.link_mqtt import MqttLink
 from edgefleet.edge_agent.local_api import LocalApi
@@ -51,7 +66,8 @@ from edgefleet.edge_agent.meters import ModelledMeter, NullMeter
 from edgefleet.edge_agent.reconcile import next_wakeup
 from edgefleet.edge_agent.state import StateStore
 from edgefleet.edge_agent.telemetry import Telemetry
-from edgefleet.edge_agent.trust import BundleTrust, DesiredStateVerifier
+from edgefleet.edge_agent.trust import BundleTrust, DesiredStateVerifier, KeyDocumentSource
+from edgefleet.protos.limits import clip_text
 from edgefleet.protos.messages import (
     DesiredState,
     EnrollRequest,
@@ -63,6 +79,10 @@ from edgefleet.protos.messages import (
 
 log = logging.getLogger(__name__)
 AGENT_VERSION = "0.1.0"
+DESIRED_KEYS_FILE = "desired_keys.json"
+# 60 s: the least time between two looks at the cloud's key lists prompted by a document signed by an unknown key,
+# so a stream of such documents costs one TUF refresh a minute, not one each.
+UNKNOWN_KEY_RECHECK_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +115,8 @@ class Agent:
         self.link_factory = link_factory or partial(MqttLink.from_config, config, clock=self.clock)
         self.trust_factory = trust_factory or (lambda enrollment: BundleTrust(
             config.tuf_dir, enrollment.tuf_metadata_url, trusted_root=enrollment.tuf_root))
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        if private_dir(config.data_dir):  # state.json holds the device token, device_key.pem the device's key
+            log.warning("data dir %s was open to other users; made it 0700", config.data_dir)
         self.store = StateStore(config.state_path)
         self.installer = Installer(config.models_dir)
         self.telemetry = Telemetry.from_config(config)
@@ -107,6 +128,8 @@ class Agent:
         self.stopped = threading.Event()
         self.enrollment: EnrollResponse | None = None
         self.verifier: DesiredStateVerifier | None = None
+        self.key_source: KeyDocumentSource | None = None  # where rotated desired-state keys are learned (TUF)
+        self._keys_looked_at: float | None = None  # monotonic time of the last look prompted by an unknown key
         self.executor: Executor | None = None
         self.link: CloudLink | None = None
         self.last_error: str | None = None
@@ -186,12 +209,23 @@ class Agent:
             log.warning("config names %s/%s but state.json was enrolled as %s/%s: enrolling again",
                         self.config.device_id, self.config.device_class, enrollment.device_id,
                         enrollment.device_class.name)
-        request = EnrollRequest(device_id=self.config.device_id, device_class=self.config.device_class,
-                                labels=dict(self.config.labels), agent_version=AGENT_VERSION)
+        key = DeviceKey.load_or_create(self.config.data_dir)
         delay = self.config.retry.retry_initial_s
         while not self.stopped.is_set():
+            # Signed afresh for every try: the cloud accepts a proof only newer than the last one it took.
+            request = EnrollRequest(device_id=self.config.device_id, device_class=self.config.device_class,
+                                    labels=dict(self.config.labels), agent_version=AGENT_VERSION,
+                                    public_key=key.public_key,
+                                    proof=key.proof(self.config.device_id, self.config.device_class, self.clock.now()))
             try:
                 enrollment = self.client.enroll(request, self.config.enrollment_token)
+            except EnrollmentRefused as exc:
+                # Another agent holds this id, or this one was reinstalled: only the operator can decide which.
+                log.error("%s. If this device was reinstalled, ask the operator to run `fleet devices reset %s`; "
+                          "if this config was copied from another device, give this one its own device_id. "
+                          "Serving local models meanwhile; retrying in %.0f s", exc, self.config.device_id,
+                          self.config.retry.retry_max_s)
+                delay = self.config.retry.retry_max_s
             except EnrollError as exc:
                 # A refused token will not fix itself, but a daemon that exits gets restarted in a loop: keep serving
                 # local models and try again slowly, loudly.
@@ -205,7 +239,9 @@ class Agent:
                 self._enrolled(enrollment)
                 log.info("enrolled as %s (%s)", enrollment.device_id, enrollment.device_class.name)
                 return True
-            if self.stopped.wait(delay * (1 + random.random() * 0.2)):
+            # Full jitter (common/backoff.py): uniform in [0, delay), so a fleet that lost the cloud together does not
+            # come back together; `delay` is the doubling window.
+            if self.stopped.wait(full_jitter_delay(0, initial_s=delay, max_s=delay, draw=random.random())):
                 return False
             delay = min(self.config.retry.retry_max_s, delay * 2)
         return False
@@ -218,10 +254,13 @@ class Agent:
         self.enrollment = enrollment
         self.client.set_token(enrollment.device_token)
         self._set_meter(enrollment)
-        self.verifier = DesiredStateVerifier(enrollment.desired_state_keys)
+        # The keys pinned at enrollment, moved along every key rotation this agent has followed since.
+        self.verifier = DesiredStateVerifier(ring=load_ring(self._keys_path, enrollment.desired_state_keys))
         fetcher = _BundleFetcher(self.client, enrollment.tuf_targets_url,
                                  int(self.config.limits.bundle_max_mb * 1024 * 1024))
-        self.executor = Executor(self.config, self.store, self.installer, fetcher, self.trust_factory(enrollment),
+        trust = self.trust_factory(enrollment)
+        self.key_source = trust if isinstance(trust, KeyDocumentSource) else None
+        self.executor = Executor(self.config, self.store, self.installer, fetcher, trust,
                                  on_activate=self.service.activate, reporter=self._report_models)
         removed = self.executor.start()
         if removed:
@@ -285,8 +324,7 @@ class Agent:
         assert self.verifier is not None
         highest = self.store.state.highest_generation
         try:
-            state = self.verifier.verify(raw, device_id=self.config.device_id, device_class=self.config.device_class,
-                                         highest_generation=highest, now=self.clock.now())
+            state = self._verify_desired(raw, highest)
         except Replayed as exc:
             # The same document arrives twice on every connect (retained message and HTTP fetch): not news.
             if highest is not None and self._generation_of(raw) == highest:
@@ -303,6 +341,57 @@ class Agent:
             self._error_unsent = True  # the cloud should see it cleared even if no model status changes
         log.info("accepted desired state generation %d from %s: %s", state.generation, source,
                  ", ".join(f"{m.name} v{m.version}" for m in state.models) or "no models")
+        if self.verifier.signed_by != set(self.verifier.ring.keys):
+            # A trusted key did not sign: the cloud may have finished a rotation and revoked it. Learn that now,
+            # so the revoked key is refused from here on.
+            self._update_desired_keys()
+
+    def _verify_desired(self, raw: bytes, highest: int | None) -> DesiredState:
+        assert self.verifier is not None
+
+        def verify() -> DesiredState:
+            assert self.verifier is not None
+            return self.verifier.verify(raw, device_id=self.config.device_id, device_class=self.config.device_class,
+                                        highest_generation=highest, now=self.clock.now())
+
+        try:
+            return verify()
+        except BadSignature:
+            # Signed by a key the cloud may have rotated in since: learn its key lists, then one more try.
+            now = self.clock.monotonic()
+            recent = self._keys_looked_at is not None and now - self._keys_looked_at < UNKNOWN_KEY_RECHECK_S
+            if recent or not self.verifier.names_unknown_key(raw):
+                raise
+            self._keys_looked_at = now
+            if not self._update_desired_keys():
+                raise
+        return verify()
+
+    @property
+    def _keys_path(self) -> Path:
+        return self.config.data_dir / DESIRED_KEYS_FILE
+
+    def _update_desired_keys(self) -> bool:
+        """Walk the cloud's desired-state key lists (through TUF) and keep the result, saved before it is used;
+        True when the trusted keys changed. A failure changes nothing and is logged and counted."""
+        assert self.verifier is not None
+        if self.key_source is None:
+            return False
+        try:
+            ring = advance(self.verifier.ring, self.key_source.desired_key_documents())
+        except TrustError as exc:
+            self._count(f"desired_keys_{exc.reason}")
+            log.warning("desired-state keys not updated: %s", exc)
+            return False
+        if ring == self.verifier.ring:
+            return False
+        save_ring(self._keys_path, ring)  # a fresh enrollment's place in the chain is worth keeping too
+        changed = ring.trust != self.verifier.ring.trust
+        self.verifier.ring = ring
+        if changed:
+            log.info("desired-state keys now v%s: %s%s", ring.version, ", ".join(k[:12] for k in sorted(ring.keys)),
+                     f" (revoked: {', '.join(k[:12] for k in sorted(ring.revoked))})" if ring.revoked else "")
+        return changed
 
     @staticmethod
     def _generation_of(raw: bytes) -> int | None:
@@ -341,7 +430,7 @@ class Agent:
 
     def _report_models(self, models: list[ModelStatus]) -> None:
         report = ReportedState(device_id=self.config.device_id, generation=self.store.state.highest_generation or 0,
-                               models=models, last_error=self.last_error, agent_version=AGENT_VERSION,
+                               models=models, last_error=clip_text(self.last_error), agent_version=AGENT_VERSION,
                                reported_at=self.clock.now())
         self.link_or_http.report(report)  # the link, or HTTP while it is down or silent; raises when neither took it
         self._error_unsent = False

@@ -8,6 +8,7 @@
     └── AgentError ("agent_error")
         ├── ConfigError ("config")             a bad config file: one line naming the key
         ├── EnrollError ("enroll")             the cloud refused enrollment
+        │   └── EnrollmentRefused ("enrollment_refused")   the id is enrolled by another key: reset, or a new id
         ├── CloudUnavailable ("cloud_unavailable")   network or 5xx: retry with backoff
         │   └── MetadataUnavailable             TUF metadata could not be fetched (also a TrustError)
         ├── TrustError ("untrusted")           TUF or desired-state verification failed
@@ -55,6 +56,10 @@ class ConfigError(AgentError):
 
 class EnrollError(AgentError):
     reason = "enroll"
+
+
+class EnrollmentRefused(EnrollError):
+    reason = "enrollment_refused"
 
 
 class CloudUnavailable(AgentError):
@@ -127,7 +132,8 @@ class CrashLoop(AgentError):
 
 __all__ = [
     "AgentError", "BadSignature", "BundleError", "BundleMismatch", "CloudUnavailable", "ConfigError", "CrashLoop",
-    "EdgefleetError", "EnrollError", "Expired", "FrozenRepository", "InferenceError", "LifecycleError",
+    "EdgefleetError", "EnrollError", "EnrollmentRefused", "Expired", "FrozenRepository", "InferenceError",
+    "LifecycleError",
     "MetadataUnavailable", "ModelNotFound", "ModelNotReady", "Replayed", "RollbackAttack", "RuntimeLoadError",
     "SmokeTestFailed", "TrustError", "UnknownTarget", "UntrustedMetadata", "WrongClass",
     "WrongDevice",

@@ -8,6 +8,7 @@ wins, the cloud ignores a telemetry seq it already stored), a loss is not: a bat
 one of the two paths acknowledged it, and the outbox drains oldest first and stops at the first batch neither path
 took, so the cloud sees batches in order. The desired state comes over HTTP after every (re)connect (the daemon
 asks), and every `link.desired_poll_s` (default `retry.retry_max_s`, on the monotonic clock) while the link is down.
+Every report is first fitted to MAX_MESSAGE_BYTES (`fit_report`), so neither path carries one the cloud would drop.
 """
 
 from __future__ import annotations
@@ -20,9 +21,49 @@ from edgefleet.edge_agent.config import AgentConfig
 from edgefleet.edge_agent.errors import AgentError, CloudUnavailable
 from edgefleet.edge_agent.link import CloudLink
 from edgefleet.edge_agent.telemetry import Outbox
-from edgefleet.protos.messages import ReportedState, TelemetryBatch
+from edgefleet.protos.limits import MAX_ERROR_CHARS
+from edgefleet.protos.messages import MAX_MESSAGE_BYTES, ReportedState, TelemetryBatch
 
 log = logging.getLogger(__name__)
+TRUNCATED = "… [truncated]"
+# Error lengths tried, longest first, until a report fits; 40 characters still name the failure.
+_ERROR_STEPS = (MAX_ERROR_CHARS // 2, MAX_ERROR_CHARS // 4, 120, 40)
+
+
+def clip_error(text: str | None, limit: int) -> str | None:
+    """The start of `text`, at most `limit` characters, ending in TRUNCATED when it was cut."""
+    if text is None or len(text) <= limit:
+        return text
+    return text[: max(0, limit - len(TRUNCATED))] + TRUNCATED
+
+
+def fit_report(report: ReportedState, max_bytes: int = MAX_MESSAGE_BYTES) -> ReportedState:
+    """`report` shortened until its wire form fits `max_bytes`, the most the cloud takes on either path.
+
+    A larger report is acknowledged by the broker and then dropped by the cloud, so the device would look silent
+    (measured: a long refusal made a 328 KB report). Every model's error is cut first, keeping its start, to shorter
+    lengths in turn (`last_error` is one text, already at most MAX_ERROR_CHARS: the daemon clips it). Only if the
+    statuses alone do not fit (hundreds of models) are the last ones left out, and `last_error` says how many.
+    """
+    if len(report.to_wire()) <= max_bytes:
+        return report
+    for limit in _ERROR_STEPS:
+        models = [m.model_copy(update={"error": clip_error(m.error, limit)}) for m in report.models]
+        candidate = report.model_copy(update={"models": models})
+        if len(candidate.to_wire()) <= max_bytes:
+            return candidate
+
+    def cut(keep: int) -> ReportedState:
+        note = (f"report cut to fit {max_bytes} bytes: {len(report.models) - keep} of {len(report.models)} model "
+                f"statuses left out; {report.last_error or 'no other error'}")
+        return candidate.model_copy(update={"models": candidate.models[:keep],
+                                            "last_error": clip_error(note, MAX_ERROR_CHARS)})
+
+    fits, too_many = 0, len(candidate.models)  # cut(0) fits: a bare report is a few hundred bytes
+    while too_many - fits > 1:
+        mid = (fits + too_many) // 2
+        fits, too_many = (mid, too_many) if len(cut(mid).to_wire()) <= max_bytes else (fits, mid)
+    return cut(fits)
 
 
 class LinkOrHttp:
@@ -43,7 +84,8 @@ class LinkOrHttp:
         return self.link is not None and self.link.connected
 
     def report(self, report: ReportedState) -> None:
-        """Send the reported state; AgentError when neither path took it."""
+        """Send the reported state (shortened to fit, `fit_report`); AgentError when neither path took it."""
+        report = fit_report(report)
         if self.link is not None and self.link.publish_reported(report, self.ack_timeout_s):
             return
         try:

@@ -15,6 +15,7 @@ reach the runtime as a crash.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -206,11 +207,17 @@ def request_to_numpy(request: InferRequest, specs: list[TensorSpec]) -> dict[str
         except (ValueError, TypeError, OverflowError) as exc:
             raise InferenceError(f"input {tensor.name!r}: data is not a list of {tensor.datatype} values "
                                  f"({exc})") from None
-        expected = int(np.prod(shape)) if shape else 1
+        # Python ints: exact. np.prod works in int64 and wraps ([2**58, 64] gave 0, which "matched" no data and
+        # crashed the reshape into a 500).
+        expected = math.prod(shape)
         if array.size != expected:
+            hint = "; the shape is too large for the data" if expected > array.size else ""
             raise InferenceError(f"input {tensor.name!r}: {array.size} values for shape {shape} "
-                                 f"(needs {expected})")
-        out[tensor.name] = array.reshape(shape)
+                                 f"(needs {expected}){hint}")
+        try:
+            out[tensor.name] = array.reshape(shape)
+        except ValueError as exc:  # a zero-size shape with a dimension numpy cannot index, e.g. [0, 2**70]
+            raise InferenceError(f"input {tensor.name!r}: shape {shape} is too large ({exc})") from None
     missing = sorted(set(by_name) - set(out))
     if missing:
         raise InferenceError(f"missing input(s) {missing}")

@@ -1,8 +1,12 @@
 """The agent's MQTT link (a `link.CloudLink`): connect with backoff, a retained last will, subscribe, publish with
 acknowledgement.
 
-Theory: paho's network thread owns the socket and reconnects with exponential backoff (`reconnect_delay_set`), so a
-broker that is down when the agent starts, or goes away later, never blocks inference. On every (re)connect the link
+Theory: paho's network thread owns the socket and reconnects by itself, waiting a full-jitter delay between
+attempts (`common.mqtt_client.JitteredClient`: uniform up to `retry_initial_s * 2**attempt`, capped at
+`retry_max_s`), so a broker that is down when the agent starts, or goes away later, never blocks inference, and a
+fleet that lost its broker at one instant does not come back at one instant. The agent logs in with the
+per-device login the cloud issued at enrollment (`BrokerInfo.username/password`) and the client id the broker binds
+to it (`protos.topics.device_client_id`). On every (re)connect the link
 re-subscribes to the device's desired topic, publishes `online` (retained), and tells the daemon, which then fetches
 the full desired state over HTTP: the cloud's database, not the broker's retained copy, is the source of truth.
 Callbacks run on paho's thread and only hand bytes to the daemon; nothing heavy happens there.
@@ -22,10 +26,12 @@ from collections.abc import Callable
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edgefleet.common.backoff import Backoff
+from edgefleet.common.mqtt_client import JitteredClient
 from edgefleet.edge_agent.clock import Clock, SystemClock
 from edgefleet.edge_agent.config import AgentConfig
 from edgefleet.protos.messages import BrokerInfo, DeviceStatus, EnrollResponse, Message, ReportedState, TelemetryBatch
-from edgefleet.protos.topics import device_topics
+from edgefleet.protos.topics import device_client_id, device_topics
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +51,7 @@ class MqttLink:
         host_override: str | None = None,
         port_override: int | None = None,
         clock: Clock | None = None,
+        rand: random.Random | None = None,
     ) -> None:
         self.topics = device_topics(broker.topic_prefix, device_id)
         self.device_id = device_id
@@ -55,16 +62,15 @@ class MqttLink:
         self._on_connected = on_connected
         self._clock = clock or SystemClock()
         self._connected = threading.Event()
-        # A random suffix is not used: one client id per device lets the broker drop a stale session of ours.
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"edgefleet-agent-{device_id}",
-                             protocol=mqtt.MQTTv311, clean_session=True)
+        # A random suffix is not used: one client id per device lets the broker drop a stale session of ours, and the
+        # broker binds the device's login to exactly this id.
+        backoff = Backoff(retry_initial_s, max(retry_initial_s, retry_max_s), rand=(rand or random.Random()).random)
+        client = JitteredClient(CallbackAPIVersion.VERSION2, client_id=device_client_id(device_id),
+                                protocol=mqtt.MQTTv311, clean_session=True, backoff=backoff)
         if broker.username:
             client.username_pw_set(broker.username, broker.password)
         if broker.tls:
             client.tls_set()
-        # Jitter on the first delay spreads a fleet's reconnects after a broker restart.
-        initial = max(1, int(round(retry_initial_s * (1 + random.random() * 0.5))))
-        client.reconnect_delay_set(min_delay=initial, max_delay=max(initial, int(retry_max_s)))
         will = DeviceStatus(device_id=device_id, online=False, at=None)
         client.will_set(self.topics.status, will.to_wire(), qos=1, retain=True)
         client.on_connect = self._handle_connect
@@ -89,6 +95,7 @@ class MqttLink:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            # "Not authorized": a revoked login, or one rotated by a later enrollment; HTTP still carries the rest.
             log.warning("MQTT connect refused by %s:%s: %s", self._host, self._port, reason_code)
             return
         client.subscribe(self.topics.desired, qos=1)
@@ -104,7 +111,7 @@ class MqttLink:
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
-        log.info("MQTT disconnected (%s); paho reconnects with backoff", reason_code)
+        log.info("MQTT disconnected (%s); reconnecting with full-jitter backoff", reason_code)
 
     def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
         if msg.topic != self.topics.desired or not msg.payload:

@@ -15,18 +15,28 @@ Routes (KServe v2 / OIP):
                                      where="local", model_version, latency_ms, energy_mj, energy_source
     GET  /v1/telemetry               open windows and outbox size (for people debugging a device)
 Errors are JSON {"error": "..."}: 400 bad request, 404 unknown model or route, 411/413 for a missing or too large
-body, 503 no model active, 500 the runtime failed. Any plain HTTP client that speaks OIP JSON works.
+body, 408 for a body that did not arrive in time, 503 no model active, 500 the runtime failed. Any plain HTTP client
+that speaks OIP JSON works.
+
+Limits: a body over `api.max_body_mb` is refused by its Content-Length before it is read. Each request must arrive
+whole (line, headers, body) within `api.read_timeout_s` of the server starting to wait for it (`_DeadlineReader`);
+past it a body is answered 408 and anything else is closed, so no client holds a thread for longer, and an idle
+keep-alive connection is closed after that long too.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import os
 import re
+import socket
 import socketserver
 import stat
 import threading
+import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -44,10 +54,44 @@ _MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/infer|/re
 SERVER_NAME = "edgefleet-agent"
 
 
+class _DeadlineReader(io.RawIOBase):
+    """The connection's socket as a raw stream whose every read waits at most until `deadline` (monotonic s).
+
+    A per-read socket timeout alone lets a client that sends one byte now and then hold a thread for ever; the
+    deadline bounds the whole request instead (its line, headers and body), and an idle keep-alive connection too.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.deadline = math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the read deadline passed")
+        self.sock.settimeout(remaining)
+        return self.sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     server_version = SERVER_NAME
     protocol_version = "HTTP/1.1"  # keep-alive: an app that infers in a loop reuses its connection
     api: LocalApi  # set on the subclass made per LocalApi
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # the plain makefile() reader: replaced, and closed so the socket can close
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        # api.read_timeout_s for each request, from the moment the server waits for its first line. A timeout while
+        # reading the line or the headers closes the connection (BaseHTTPRequestHandler); in the body it is a 408.
+        self._reader.deadline = time.monotonic() + self.api.read_timeout_s
+        super().handle_one_request()
 
     # Unix-socket peers have no (host, port); the base class would index into ''.
     def address_string(self) -> str:
@@ -58,6 +102,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: dict[str, Any] | bytes) -> None:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.connection.settimeout(self.api.read_timeout_s)  # each write: a client that stops reading is dropped
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -83,7 +128,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                         f"body of {length} bytes exceeds the {self.api.max_body_bytes}-byte limit (api.max_body_mb)")
             return None
-        return self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            self._error(HTTPStatus.REQUEST_TIMEOUT,
+                        f"the {length}-byte body did not arrive within {self.api.read_timeout_s:g} s "
+                        "(api.read_timeout_s); send the whole body its Content-Length announces")
+            return None
+        if len(body) < length:  # the client closed its side early
+            self.close_connection = True
+            self._error(HTTPStatus.BAD_REQUEST, f"the body ended after {len(body)} of its {length} bytes")
+            return None
+        return body
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/") or "/"
@@ -158,7 +215,10 @@ class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 class LocalApi:
     def __init__(self, service: InferenceService, *, http_host: str = "127.0.0.1", http_port: int = 0,
                  unix_socket: str | Path | None = None, api_json: str | Path | None = None,
-                 max_body_bytes: int = 16 * 1024 * 1024, telemetry=None) -> None:
+                 max_body_bytes: int = 16 * 1024 * 1024, read_timeout_s: float = 10.0, telemetry=None) -> None:
+        if not read_timeout_s > 0:
+            raise ValueError(f"read_timeout_s must be > 0, got {read_timeout_s!r}")
+        self.read_timeout_s = read_timeout_s
         self.service = service
         self.telemetry = telemetry
         self.http_host = http_host
@@ -177,7 +237,8 @@ class LocalApi:
     def from_config(cls, config, service: InferenceService, telemetry=None) -> LocalApi:
         return cls(service, http_host=config.api.http_host, http_port=config.api.http_port,
                    unix_socket=config.api.unix_socket or None, api_json=config.api_json_path,
-                   max_body_bytes=int(config.api.max_body_mb * 1024 * 1024), telemetry=telemetry)
+                   max_body_bytes=int(config.api.max_body_mb * 1024 * 1024),
+                   read_timeout_s=config.api.read_timeout_s, telemetry=telemetry)
 
     @property
     def address(self) -> tuple[str, int]:

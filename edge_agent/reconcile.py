@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from edgefleet.edge_agent.lifecycle import MAX_INSTALL_SAVES, MAX_PHASE_ENTRIES, Phase, crash_loop_reason, is_crash_loop
 from edgefleet.edge_agent.records import FailedRecord, InstallRecord
+from edgefleet.protos.limits import clip_text
 from edgefleet.protos.messages import DesiredModel, DesiredState, ModelStatus
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def statuses(current: AgentSnapshot, desired: DesiredState | None) -> list[Model
         target = want.version if want is not None else None
         if rec is not None and (want is None or rec.version == want.version):
             out.append(ModelStatus(name=name, active_version=active, target_version=target or rec.version,
-                                   state="installing", phase=rec.phase.value, error=rec.error))
+                                   state="installing", phase=rec.phase.value, error=clip_text(rec.error)))
         elif want is None:
             out.append(ModelStatus(name=name, active_version=active, target_version=None,
                                    state="removed" if desired is not None else "active"))
@@ -142,7 +143,7 @@ def statuses(current: AgentSnapshot, desired: DesiredState | None) -> list[Model
             out.append(ModelStatus(name=name, active_version=active, target_version=target, state="active"))
         elif (failed := _failed_for(current, name, want.version)) is not None:
             out.append(ModelStatus(name=name, active_version=active, target_version=target, state="failed",
-                                   phase=failed.phase, error=f"{failed.reason}: {failed.error}"))
+                                   phase=failed.phase, error=clip_text(f"{failed.reason}: {failed.error}")))
         else:
             out.append(ModelStatus(name=name, active_version=active, target_version=target, state="installing"))
     return out

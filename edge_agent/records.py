@@ -24,7 +24,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidatorFunctionWrapHandler, field_validator
 
 from edgefleet.edge_agent.lifecycle import Phase
 from edgefleet.protos.messages import ModelStatus
@@ -76,6 +76,18 @@ class AgentState(_Frozen):
     installs: dict[str, InstallRecord] = Field(default_factory=dict)
     failed: dict[str, FailedRecord] = Field(default_factory=dict)
     reported: list[ModelStatus] | None = None
+
+    @field_validator("reported", mode="wrap")
+    @classmethod
+    def _reported_or_none(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> list[ModelStatus] | None:
+        # Statuses an older agent saved may break today's contract (an error text past its cap). They are only a
+        # cache of what was last sent: forget them and the planner reports afresh, rather than the whole state file
+        # being set aside as unreadable (and the highest generation with it).
+        try:
+            result: list[ModelStatus] | None = handler(value)
+        except ValidationError:
+            return None
+        return result
 
     def with_install(self, record: InstallRecord) -> AgentState:
         return self.model_copy(update={"installs": {**self.installs, record.name: record}})

@@ -25,10 +25,9 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from edgefleet.common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
+from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS, MAX_WINDOWS_PER_BATCH
 from edgefleet.protos.messages import TelemetryBatch, TelemetryWindow
 
-# 200 windows of ~400 bytes: ~80 KB, well inside MAX_MESSAGE_BYTES (256 KiB) on the telemetry topic.
-MAX_WINDOWS_PER_BATCH = 200
 # Latency samples kept per window for percentiles; beyond this a reservoir keeps a uniform sample.
 MAX_SAMPLES_PER_WINDOW = 10_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -40,6 +39,12 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
         return None
     rank = max(1, math.ceil(q / 100 * len(sorted_values)))
     return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _within(value: float, ceiling: float) -> float:
+    """A sample clamped into the contract's [0, ceiling] (NaN as 0): one wild reading (a clock step, a meter
+    glitch) must not make the whole window unsendable, since the cloud refuses figures outside the contract."""
+    return min(max(value, 0.0), ceiling) if value == value else 0.0
 
 
 @dataclass
@@ -64,6 +69,7 @@ class _Window:
             self.errors += 1
             return
         self._seen += 1
+        latency_ms = _within(latency_ms, MAX_LATENCY_MS)
         if len(self.latencies_ms) < MAX_SAMPLES_PER_WINDOW:
             self.latencies_ms.append(latency_ms)
         else:  # reservoir sampling (Algorithm R): memory stays bounded under a flood, percentiles stay unbiased
@@ -71,7 +77,7 @@ class _Window:
             if slot < MAX_SAMPLES_PER_WINDOW:
                 self.latencies_ms[slot] = latency_ms
         if energy_mj is not None:
-            self.energy_mj_sum += energy_mj
+            self.energy_mj_sum += _within(energy_mj, MAX_ENERGY_MJ)
             self.energy_n += 1
             self.energy_source, self.energy_meter = source, meter
 
@@ -80,7 +86,7 @@ class _Window:
         return TelemetryWindow(
             model=self.model, version=self.version, start=self.start, end=self.end, count=self.count,
             errors=self.errors, p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
-            mean_mj=self.energy_mj_sum / self.energy_n if self.energy_n else None,
+            mean_mj=min(self.energy_mj_sum / self.energy_n, MAX_ENERGY_MJ) if self.energy_n else None,
             energy_source=self.energy_source if self.energy_n else "none", energy_meter=self.energy_meter,
             where=self.where,
         )

@@ -1,11 +1,16 @@
 """The agent's trust: which desired states and which bundle bytes it accepts.
 
-Theory, in two parts:
+Theory, in three parts:
 
 * Desired state: the signature covers the securesystemslib canonical JSON of the payload dict as *received* (never
-  a re-serialisation of the parsed model). At least one signature from a key pinned at enrollment must verify;
+  a re-serialisation of the parsed model). Signatures by `threshold` (1 unless the cloud says more) of the trusted
+  keys must verify;
   only then is the document parsed, and then refused unless it names this device and class, carries a generation
   newer than the highest accepted one (replay), and has not expired (freeze).
+* Key rotation: the pinned keys are a `keyring.KeyRing`. The cloud announces a new desired-state key, or revokes
+  one, in a signed key list it publishes as TUF targets; `BundleTrust.desired_key_documents` reads them (verified
+  by TUF) and `DesiredStateVerifier.update_keys` walks them, checking each version's signatures against the keys
+  already trusted. A key the cloud revoked is refused from then on.
 * Bundles: the cloud is a TUF repository. `BundleTrust` runs `tuf.ngclient` over metadata only (root from
   enrollment -> timestamp -> snapshot -> targets, every spec check: signatures, rollback, freeze, mix-and-match)
   and returns the trusted length and sha256 of a target. The agent's own resumable client downloads the bytes;
@@ -25,11 +30,9 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import urllib3
-from securesystemslib.formats import encode_canonical
-from securesystemslib.signer import Key, Signature
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 from tuf.ngclient import Updater
@@ -49,9 +52,19 @@ from edgefleet.edge_agent.errors import (
     WrongClass,
     WrongDevice,
 )
-from edgefleet.protos.messages import MAX_MESSAGE_BYTES, DesiredState, MessageError, SignedDesiredState, parse_message
+from edgefleet.edge_agent.keyring import KeyRing, advance, canonical, signer_ids, valid_signers
+from edgefleet.protos.messages import (
+    DESIRED_KEYS_TARGET,
+    MAX_MESSAGE_BYTES,
+    DesiredState,
+    MessageError,
+    SignedDesiredState,
+    parse_message,
+)
 
 CHUNK_BYTES = 1 << 20  # 1 MiB: streaming hash of bundles of any size in constant memory
+# 1024: versions of the desired-state key list read per lookup; two per rotation, so centuries of monthly rotations.
+MAX_KEY_VERSIONS = 1024
 
 
 # ------------------------------------------------------------------------------------------------- desired state
@@ -62,22 +75,33 @@ def _utc(value: datetime) -> datetime:
 
 
 class DesiredStateVerifier:
-    def __init__(self, keys: list[dict[str, Any]]) -> None:
-        self._keys: dict[str, Key] = {}
-        for entry in keys:
-            try:
-                body = dict(entry)
-                keyid = body.pop("keyid")
-                self._keys[keyid] = Key.from_dict(keyid, body)
-            except Exception as exc:  # noqa: BLE001 - KeyError, ValueError, unsupported key type
-                raise TrustError(f"a desired-state key from enrollment is unusable ({exc!r}): enroll again") from None
-        if not self._keys:
-            raise TrustError("no desired-state keys were given at enrollment: enroll again")
+    """Checks desired states against a `KeyRing` (the enrollment's keys, moved along the cloud's key rotations)."""
+
+    def __init__(self, keys: list[dict[str, Any]] | None = None, *, ring: KeyRing | None = None) -> None:
+        self.ring = ring if ring is not None else KeyRing.from_enrollment(keys or [])
+        self.signed_by: frozenset[str] = frozenset()  # the trusted keys that signed the last accepted document
+
+    def update_keys(self, documents: list[dict[str, Any]]) -> bool:
+        """Walk the cloud's signed key lists (`keyring.advance`); True when the trusted keys, their threshold or
+        the revoked ones changed (not when a fresh enrollment was only placed in the chain). On a TrustError nothing
+        changes."""
+        before = self.ring
+        self.ring = advance(self.ring, documents)
+        return self.ring.trust != before.trust
+
+    def names_unknown_key(self, raw: bytes | str | dict[str, Any]) -> bool:
+        """True when the document is signed by a key this agent neither trusts nor saw revoked: the cloud may have
+        rotated in a key it has not learned yet (worth a look at the key lists, then one more try)."""
+        try:
+            doc = self._decode(raw)
+        except TrustError:
+            return False
+        return any(k not in self.ring.keys and k not in self.ring.revoked for k in signer_ids(doc))
 
     def verify(self, raw: bytes | str | dict[str, Any], *, device_id: str, device_class: str,
                highest_generation: int | None, now: datetime) -> DesiredState:
         doc = self._decode(raw)
-        self._check_signatures(doc)
+        signed_by = self._check_signatures(doc)
         try:
             signed = parse_message(doc, SignedDesiredState)
         except MessageError as exc:
@@ -95,6 +119,7 @@ class DesiredStateVerifier:
         if _utc(state.expires_at) <= _utc(now):
             raise Expired(f"desired state generation {state.generation} expired at {state.expires_at.isoformat()}: "
                           "refused; the cloud re-signs documents before expiry, so check the clocks and the link")
+        self.signed_by = frozenset(signed_by)
         return state
 
     @staticmethod
@@ -113,30 +138,23 @@ class DesiredStateVerifier:
             raise TrustError(f"desired state must be a JSON object, got a JSON {type(doc).__name__}: refused")
         return doc
 
-    def _check_signatures(self, doc: dict[str, Any]) -> None:
+    def _check_signatures(self, doc: dict[str, Any]) -> set[str]:
         payload, sigs = doc.get("payload"), doc.get("signatures")
         if not isinstance(payload, dict):
             raise BadSignature("signed desired state has no payload object: refused")
         if not isinstance(sigs, list) or not sigs:
             raise BadSignature("desired state is unsigned: refused; only documents signed by the cloud are accepted")
-        try:
-            data = encode_canonical(payload).encode("utf-8")  # type: ignore[union-attr]
-        except Exception as exc:  # noqa: BLE001 - FormatError: floats or other non-canonical values
-            raise BadSignature(f"desired state payload has no canonical JSON form ({exc}): refused") from None
-        seen: list[str] = []
-        for entry in sigs:
-            if not isinstance(entry, dict) or not isinstance(entry.get("keyid"), str):
-                continue
-            keyid = entry["keyid"]
-            seen.append(keyid[:12])
-            key, sig = self._keys.get(keyid), entry.get("sig")
-            if key is None or not isinstance(sig, str):
-                continue
-            try:
-                key.verify_signature(Signature(keyid, sig), data)
-                return
-            except Exception:  # noqa: BLE001 - UnverifiedSignatureError / VerificationError: try the next signature
-                continue
+        valid = valid_signers(canonical(payload, "desired state"), sigs, self.ring.keys)
+        if len(valid) >= self.ring.threshold:
+            return valid
+        seen = [k[:12] for k in signer_ids(doc)]
+        if valid:
+            raise BadSignature(f"desired state is signed by {len(valid)} trusted key(s), {self.ring.threshold} needed "
+                               f"(signatures by {seen}): refused")
+        revoked = [k[:12] for k in signer_ids(doc) if k in self.ring.revoked]
+        if revoked:
+            raise BadSignature(f"desired state is signed by revoked key(s) {revoked} and no trusted one: the cloud "
+                               "rotated its desired-state key; refused")
         raise BadSignature(
             f"no valid signature on the desired state from a trusted key (signatures by {seen or 'nobody'}): "
             "tampered or signed by an unknown key; refused"
@@ -164,8 +182,9 @@ def _wrap(exc: BaseException, what: str) -> TrustError:
         return UntrustedMetadata(f"{what}: TUF metadata does not match the hash its parent signed ({detail}): "
                                  "refused (mix-and-match or tampering)")
     if isinstance(exc, tuf_exc.BadVersionNumberError):
-        return RollbackAttack(f"{what}: TUF metadata is older than what this agent already trusts ({detail}): "
-                              "rollback or mix-and-match refused; the agent keeps its newer metadata")
+        return RollbackAttack(f"{what}: TUF metadata is older than what this agent already trusts, or not the next "
+                              f"version ({detail}): rollback, skipped root or mix-and-match refused; the agent keeps "
+                              "its newer metadata")
     if isinstance(exc, tuf_exc.ExpiredMetadataError):
         return FrozenRepository(f"{what}: TUF metadata has expired ({detail}): refused as a possible freeze "
                                 "attack; the cloud must re-sign it (TufRepository.refresh_timestamp), or check the "
@@ -177,6 +196,15 @@ def _wrap(exc: BaseException, what: str) -> TrustError:
     if isinstance(exc, OSError):
         return TrustError(f"{what}: local TUF metadata cache unusable ({detail}): check disk space and permissions")
     return TrustError(f"{what}: TUF update failed ({type(exc).__name__}: {detail})")
+
+
+@runtime_checkable
+class KeyDocumentSource(Protocol):
+    """Where the daemon learns the cloud's desired-state key lists (`BundleTrust`; in-memory ones in tests)."""
+
+    def desired_key_documents(self) -> list[dict[str, Any]]:
+        """Every version of the signed key list, as dicts; TrustError when they cannot be had."""
+        ...
 
 
 class BundleTrust:
@@ -223,6 +251,29 @@ class BundleTrust:
         if not sha256:
             raise UnknownTarget(f"{what} has no sha256 in its TUF metadata: refused")
         return TrustedTarget(info.path, info.length, sha256, info)
+
+    def desired_key_documents(self) -> list[dict[str, Any]]:
+        """Refresh TUF metadata and return every version of the cloud's desired-state key list, oldest first: the
+        `custom` of targets trust/desired-state-keys/{N}.json, read from the verified targets metadata (no download).
+        The agent still checks their signatures (`DesiredStateVerifier.update_keys`)."""
+        what = "desired-state keys"
+        with self._lock:
+            try:
+                updater = self._updater()
+                updater.refresh()
+                found: list[dict[str, Any]] = []
+                for version in range(1, MAX_KEY_VERSIONS + 1):
+                    info = updater.get_targetinfo(DESIRED_KEYS_TARGET.format(version=version))
+                    if info is None:
+                        break
+                    if not isinstance(info.custom, dict):
+                        raise TrustError(f"{what} v{version} in the TUF targets carry no document: refused")
+                    found.append(info.custom)
+            except TrustError:
+                raise
+            except Exception as exc:  # tuf, urllib3 and OS errors, wrapped once here
+                raise _wrap(exc, what) from exc
+        return found
 
     def verify_file(self, path: Path, target: TrustedTarget) -> None:
         """5.7.3: the downloaded bytes must have exactly the trusted length and every trusted hash."""

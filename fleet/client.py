@@ -33,9 +33,12 @@ from edgefleet.protos.api import (
     ErrorBody,
     ModelVersionView,
     StatsView,
+    TokenExpiryRequest,
+    TokenView,
 )
 from edgefleet.protos.distill import DistillReport
 from edgefleet.protos.jobs import CalibrationView, ClassDetailView, DistillSubmit, JobLogView, JobView
+from edgefleet.protos.provenance import BundleProvenanceView, ProvenanceKeysView
 
 T = TypeVar("T")
 API = "/api/v1"
@@ -171,11 +174,27 @@ class FleetClient:
     def list_deployments(self) -> list[DeploymentView]:
         return self._get(f"{API}/deployments", list[DeploymentView])
 
+    def reset_device(self, device_id: str) -> DeviceView:
+        return self._parse(self._request("POST", f"{API}/devices/{quote(device_id, safe='')}/reset"), DeviceView)
+
     def status(self) -> list[DeviceStatusRow]:
         return self._get(f"{API}/status", list[DeviceStatusRow])
 
     def create_enrollment_token(self, request: EnrollmentTokenRequest) -> EnrollmentTokenView:
         return self._post(f"{API}/enrollment-tokens", request, EnrollmentTokenView)
+
+    def list_tokens(self, kind: str | None = None) -> list[TokenView]:
+        params = {"kind": kind} if kind else None
+        return self._parse(self._request("GET", f"{API}/tokens", params=params), list[TokenView])
+
+    def revoke_token(self, token_id: int) -> TokenView:
+        return self._parse(self._request("DELETE", f"{API}/tokens/{token_id}"), TokenView)
+
+    def expire_token(self, token_id: int, ttl_s: int) -> TokenView:
+        body = TokenExpiryRequest(ttl_s=ttl_s).model_dump_json().encode()
+        response = self._request("PATCH", f"{API}/tokens/{token_id}", content=body,
+                                 headers={"Content-Type": "application/json"})
+        return self._parse(response, TokenView)
 
     def stats(self) -> StatsView:
         return self._get(f"{API}/stats", StatsView)
@@ -217,6 +236,21 @@ class FleetClient:
 
     def refit_calibration(self, name: str) -> CalibrationView:
         return self._parse(self._request("POST", f"{API}/classes/{_segment(name)}/refit"), CalibrationView)
+
+    # -- provenance ----------------------------------------------------------------------------------------------
+
+    def provenance(self, name: str, version: int, device_class: str | None = None) -> list[BundleProvenanceView]:
+        params = {"device_class": device_class} if device_class else None
+        response = self._request("GET", f"{API}/models/{_segment(name)}/versions/{version}/provenance", params=params)
+        return self._parse(response, list[BundleProvenanceView])
+
+    def provenance_keys(self) -> ProvenanceKeysView:
+        return self._get(f"{API}/provenance/keys", ProvenanceKeysView)
+
+    def download_target(self, target_path: str) -> bytes:
+        """A TUF target (a bundle) as the cloud serves it to devices; the caller checks its digest."""
+        return self._request("GET", f"/tuf/targets/{quote(target_path, safe='/')}",
+                             headers={"Accept": "application/gzip"}).content
 
 
 def _segment(value: str) -> str:

@@ -5,6 +5,7 @@
     ├── CloudUnreachable (exit 3)     connection refused, DNS, timeout, TLS: httpx transport errors
     ├── AuthError (exit 4)            401/403: the server's message plus a hint to run `fleet login`
     ├── Rejected (exit 2)             400/404/409/413/422: the server's `ErrorBody.message`, as given
+    ├── Unverified (exit 2)           provenance that does not verify: bad signature, wrong key, digest mismatch
     └── ServerError (exit 5)          5xx, or an answer that is not the `protos.api` view we expected
 
 httpx exceptions are wrapped in `client.py`, where they enter our code (like httpx's own
@@ -42,8 +43,12 @@ class Rejected(FleetError):
     exit_code = 2
 
 
+class Unverified(FleetError):
+    exit_code = 2
+
+
 class ServerError(FleetError):
     exit_code = 5
 
 
-__all__ = ["AuthError", "CloudUnreachable", "ConfigError", "FleetError", "Rejected", "ServerError"]
+__all__ = ["AuthError", "CloudUnreachable", "ConfigError", "FleetError", "Rejected", "ServerError", "Unverified"]

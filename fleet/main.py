@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperGroup
 
-from edgefleet.fleet import commands_distill, render
+from edgefleet.fleet import commands_distill, commands_provenance, render
 from edgefleet.fleet import config as cfg
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.errors import CloudUnreachable, ConfigError, FleetError
@@ -69,7 +69,8 @@ devices_app = typer.Typer(help="Enrolled devices. Alone, `fleet devices` lists t
 classes_app = typer.Typer(help="Device classes (the hardware catalog). Alone, `fleet classes` lists them.")
 models_app = typer.Typer(help="Model versions in the registry. Alone, `fleet models` lists them.")
 deployments_app = typer.Typer(help="Past deployments. Alone, `fleet deployments` lists them.")
-tokens_app = typer.Typer(help="Enrollment tokens for new devices.", no_args_is_help=True)
+tokens_app = typer.Typer(help="Bearer tokens: enrollment tokens for new devices; list, revoke and expire any.",
+                         no_args_is_help=True)
 app.add_typer(devices_app, name="devices")
 app.add_typer(classes_app, name="classes")
 app.add_typer(models_app, name="models")
@@ -138,6 +139,8 @@ def login(
                 raise CloudUnreachable(f"{exc.message}; or pass --no-verify to save anyway") from None
     path = cfg.save(url, token)
     typer.echo(f"saved {url} to {path}" + ("" if verify else " (not verified)"))
+    if verify:  # the same trust step pins the key provenance is checked with (fleet/commands_provenance.py)
+        commands_provenance.pin_at_login(url, token)
 
 
 # -- devices -----------------------------------------------------------------------------------------------------
@@ -159,6 +162,26 @@ def devices_show(
     """Show one device: facts, models (desired, active, failed and why) and latest telemetry."""
     device = _client(ctx).get_device(device_id)
     _emit(as_json, device, render.device_detail(device))
+
+
+@devices_app.command("reset", epilog=_examples("fleet devices reset kitchen-pi"))
+def devices_reset(
+    ctx: typer.Context,
+    device_id: Annotated[str, typer.Argument(metavar="ID", help="The device id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Let a reinstalled device enroll again (a wiped SD card, a replaced board).
+
+    An enrolled id is re-enrolled only by the agent holding the device key it registered; a reinstalled agent has
+    a new key, so it is refused until this reset. The reset also revokes the device's token and broker login at
+    once; deployments, generation and telemetry stay. Then restart the agent on the device.
+    """
+    device = _client(ctx).reset_device(device_id)
+    if as_json:
+        typer.echo(render.to_json(device))
+    else:
+        typer.echo(f"{device.device_id}: reset; its next enrollment registers a new device key "
+                   "(restart the agent on the device)")
 
 
 # -- classes -----------------------------------------------------------------------------------------------------
@@ -271,11 +294,11 @@ _TTL_RE = re.compile(r"^(\d+)([smhd]?)$")
 _TTL_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def _ttl_s(value: str) -> int:
+def _ttl_s(value: str, hint: str = "--ttl") -> int:
     m = _TTL_RE.match(value.strip())
     if not m or int(m.group(1)) == 0:
         raise typer.BadParameter("use a positive number with an optional unit s, m, h or d, e.g. 12h or 7d",
-                                 param_hint="--ttl")
+                                 param_hint=hint)
     return int(m.group(1)) * _TTL_UNIT_S[m.group(2)]
 
 
@@ -290,6 +313,46 @@ def tokens_create(
     """Create an enrollment token: a device presents it once to enroll (shown once)."""
     view = _client(ctx).create_enrollment_token(EnrollmentTokenRequest(note=note, ttl_s=_ttl_s(ttl)))
     _emit(as_json, view, render.token_panel(view))
+
+
+@tokens_app.command("list", epilog=_examples("fleet tokens list", "fleet tokens list --kind device --json"))
+def tokens_list(
+    ctx: typer.Context,
+    kind: Annotated[str | None, typer.Option("--kind", help="Only this kind: admin, enroll or device.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List bearer tokens: id, kind, device, note and expiry (never the token itself)."""
+    if kind is not None and kind not in ("admin", "enroll", "device"):
+        raise typer.BadParameter("use admin, enroll or device", param_hint="--kind")
+    tokens = _client(ctx).list_tokens(kind)
+    _emit(as_json, tokens, render.tokens_table(tokens))
+
+
+@tokens_app.command("revoke", epilog=_examples("fleet tokens revoke 12"))
+def tokens_revoke(
+    ctx: typer.Context,
+    token_id: Annotated[int, typer.Argument(metavar="ID", help="The token's id (fleet tokens list).", min=1)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Revoke a token at once. A device token takes the device's broker login with it: the device is cut off until
+    it is reset (`fleet devices reset`) and enrolls again."""
+    view = _client(ctx).revoke_token(token_id)
+    if as_json:
+        typer.echo(render.to_json(view))
+    else:
+        typer.echo(f"revoked {view.kind} token {view.id}" + (f" of {view.device_id}" if view.device_id else ""))
+
+
+@tokens_app.command("expire", epilog=_examples("fleet tokens expire 12 --in 1h"))
+def tokens_expire(
+    ctx: typer.Context,
+    token_id: Annotated[int, typer.Argument(metavar="ID", help="The token's id (fleet tokens list).", min=1)],
+    ttl: Annotated[str, typer.Option("--in", help="Stops working after this long: 30m, 12h, 7d.")] = "1h",
+    as_json: JsonOpt = False,
+) -> None:
+    """Give an enrollment or device token an expiry, from now."""
+    view = _client(ctx).expire_token(token_id, _ttl_s(ttl, "--in"))
+    _emit(as_json, view, render.tokens_table([view]))
 
 
 # `fleet devices` alone lists, like `fleet devices list`: the cloud's own hints say "`fleet devices` lists ...".
@@ -307,6 +370,8 @@ _list_by_default(deployments_app, deployments_list)
 
 # `fleet distill`, `fleet jobs ...`, `fleet classes show|refit` (fleet/commands_distill.py).
 commands_distill.register(app, classes_app)
+# `fleet models provenance` (fleet/commands_provenance.py).
+commands_provenance.register(models_app)
 
 
 def main() -> None:

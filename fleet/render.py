@@ -26,6 +26,7 @@ from edgefleet.protos.api import (
     EnrollmentTokenView,
     ModelVersionView,
     StatsView,
+    TokenView,
 )
 
 DASH = "-"
@@ -95,6 +96,12 @@ def device_detail(d: DeviceView) -> Group:
     facts.add_row("enrolled", d.enrolled_at.isoformat(timespec="seconds"))
     facts.add_row("generation", f"desired {d.desired_generation}, reported {_v(d.reported_generation)}")
     facts.add_row("last error", Text(_v(d.last_error), style="red" if d.last_error else ""))
+    key = "registered" if d.has_device_key else "none (enrolled by an older agent)"
+    facts.add_row("device key", "reset: the next enrollment registers a new key" if d.reset_pending else key)
+    if d.enrollments_refused:
+        when = d.last_refused_at.isoformat(timespec="seconds") if d.last_refused_at else DASH
+        facts.add_row("refused enrollments", Text(f"{d.enrollments_refused}, last at {when}: {d.last_refused_reason}",
+                                                  style="red"))
     models = Table(title="models", title_justify="left")
     for col in ("model", "desired", "active", "target", "state", "phase", "error"):
         models.add_column(col)
@@ -195,6 +202,19 @@ def token_panel(tok: EnrollmentTokenView) -> Group:
         Text(f"expires {tok.expires_at.isoformat(timespec='seconds')}" + (f"; note: {tok.note}" if tok.note else ""),
              style="dim"),
     )
+
+
+def tokens_table(tokens: Sequence[TokenView]) -> Table:
+    t = Table(title=f"{len(tokens)} token(s)", title_justify="left")
+    for col in ("id", "kind", "device", "note", "created", "expires"):
+        t.add_column(col)
+    for tok in tokens:
+        expires = DASH if tok.expires_at is None else tok.expires_at.isoformat(timespec="seconds")
+        t.add_row(str(tok.id), tok.kind, tok.device_id or DASH, tok.note or DASH,
+                  tok.created_at.isoformat(timespec="seconds"),
+                  Text(f"{expires} (expired)", style="red") if tok.expired else expires)
+    t.caption = "revoke with `fleet tokens revoke ID`; the tokens themselves are never stored"
+    return t
 
 
 def stats_table(stats: StatsView) -> Table:

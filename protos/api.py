@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edgefleet.protos.limits import Version
 from edgefleet.protos.messages import (
     Budgets,
     DeviceClassInfo,
@@ -18,6 +19,10 @@ from edgefleet.protos.messages import (
     SignedDesiredState,
     TensorSpec,
 )
+
+# 10 years: a token's expiry must be a time both databases and `datetime` hold (a ttl_s of 1e11 overflowed into a
+# 500); no enrollment token should outlive the devices it enrolls.
+MAX_TOKEN_TTL_S = 10 * 365 * 24 * 3600
 
 
 class View(BaseModel):
@@ -58,11 +63,13 @@ class BundleView(View):
 
 
 class DeployRequest(View):
-    model: str
-    version: int | None = None  # None: the latest version
-    device_id: str | None = None
-    device_class: str | None = None
-    label: str | None = None  # "key=value"
+    # Ranges of the columns they are stored in (cloud/db/models.py): a value outside is a 422 naming the field,
+    # never a database error. version: INTEGER (32-bit on PostgreSQL); deployments.target: String(200).
+    model: str = Field(max_length=64)
+    version: Version | None = None  # None: the latest version
+    device_id: str | None = Field(default=None, max_length=128)
+    device_class: str | None = Field(default=None, max_length=64)
+    label: str | None = Field(default=None, max_length=200)  # "key=value"
 
     @model_validator(mode="after")
     def _one_target(self) -> DeployRequest:
@@ -110,6 +117,12 @@ class DeviceView(View):
     models: list[ModelStatus]  # as last reported
     last_error: str | None = None
     telemetry: list[TelemetrySummary] = Field(default_factory=list)  # latest window per model version
+    # Identity: whether the agent registered a device key, and enrollments of this id that were refused.
+    has_device_key: bool = False
+    reset_pending: bool = False  # an operator reset it; the next enrollment registers its key
+    enrollments_refused: int = 0
+    last_refused_at: datetime | None = None
+    last_refused_reason: str | None = None
 
 
 class DeviceStatusRow(View):
@@ -135,14 +148,33 @@ class ClassesView(View):
 
 
 class EnrollmentTokenRequest(View):
-    note: str = ""
-    ttl_s: int = Field(default=7 * 24 * 3600, gt=0)
+    note: str = Field(default="", max_length=200)  # tokens.note is String(200)
+    ttl_s: int = Field(default=7 * 24 * 3600, gt=0, le=MAX_TOKEN_TTL_S)
 
 
 class EnrollmentTokenView(View):
     token: str  # shown once
     expires_at: datetime
     note: str = ""
+    id: int | None = None  # for `fleet tokens revoke ID`
+
+
+class TokenView(View):
+    """A bearer token as `fleet tokens list` shows it: never the token, never its hash."""
+
+    id: int
+    kind: Literal["admin", "enroll", "device"]
+    device_id: str | None = None
+    note: str = ""
+    created_at: datetime
+    expires_at: datetime | None = None
+    expired: bool = False
+
+
+class TokenExpiryRequest(View):
+    """Set when a token stops working: `ttl_s` seconds from now."""
+
+    ttl_s: int = Field(gt=0, le=MAX_TOKEN_TTL_S)
 
 
 class StatsView(View):
@@ -167,4 +199,6 @@ __all__ = [
     "SignedDesiredState",
     "StatsView",
     "TelemetrySummary",
+    "TokenExpiryRequest",
+    "TokenView",
 ]

@@ -39,6 +39,13 @@ def device_topics(prefix: str, device_id: str) -> DeviceTopics:
     return DeviceTopics(prefix.rstrip("/"), device_id)
 
 
+def device_client_id(device_id: str) -> str:
+    """The MQTT client id an agent connects with; the broker binds each device's account to it, so no other
+    login can take it (and kick the agent off) and this device's login can take no other."""
+    check_device_id(device_id)
+    return f"edgefleet-agent-{device_id}"
+
+
 def cloud_subscriptions(prefix: str) -> list[str]:
     """What the cloud subscribes to: every device's agent-to-cloud channels."""
     p = prefix.rstrip("/")

@@ -7,13 +7,15 @@
         with migrations, admin token, broker, MQTT bridge, refresher) and uvicorn in a background thread on a port
         the OS picked. `data_dir` is the cloud's own (created). `db_url`: None for SQLite in data_dir, or the
         `db_url`/`pg_url` fixture. `mqtt`: None runs no bridge (desired states are not published);
-        (host, port) bridges to that broker (e.g. the `mosquitto` fixture's); "embedded" starts amqtt on a free port.
+        (host, port) bridges to that broker (e.g. the `mosquitto` fixture's) with `mqtt_auth="none"` (an open broker;
+        pass `**Mosquitto(..., dynsec=True).cloud_settings()` for a secured one); "embedded" starts amqtt on a free
+        port, secured like the real default (device logins checked in-process; `mqtt_auth="none"` opens it).
         `wait_mqtt=False` starts without waiting for the bridge (a broker that is down on purpose).
         `settings`: any other `Settings` field (max_model_mb=1, desired_state_ttl_s=60, refresh_interval_s=...).
 
     CloudServer: .base_url ("http://127.0.0.1:PORT"), .admin_token, .data_dir, .settings, .fleet, .runtime,
-        .mqtt_host / .mqtt_port (None without MQTT), .bridge, .client(token=...) -> httpx.Client, .stop()
-        (idempotent; also a context manager).
+        .mqtt_host / .mqtt_port (None without MQTT), .bridge, .mqtt_login (the cloud's broker login),
+        .client(token=...) -> httpx.Client, .stop() (idempotent; also a context manager).
 
     cloud_server(data_dir, **same) -> context manager yielding a CloudServer, stopped on exit.
 
@@ -24,7 +26,11 @@
     serve_app(app) -> AppServer: any ASGI app (e.g. `create_app(fake_fleet)`) under uvicorn on a free port;
         .base_url, .port, .stop().
 
-    MqttProbe(host, port, topics=(...)) : a paho 2.x client that records (topic, payload, retain) tuples;
+    mqtt_connack(host, port, client_id=..., username=None, password=None) -> the CONNACK reason code of one
+        connect (no retries), e.g. to check a broker refuses a login.
+
+    MqttProbe(host, port, topics=(...), username=None, password=None) : a paho 2.x client that records
+        (topic, payload, retain) tuples;
         .wait_for(topic, predicate=None, timeout_s=10) -> the first matching message; .publish(topic, payload,
         retain=False, qos=1) waits for the PUBACK; .stop().
 
@@ -58,7 +64,10 @@ class AppServer:
 
     def __init__(self, sock: socket.socket | None = None) -> None:
         if sock is None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            # IPPROTO_TCP named, as getaddrinfo gives it to `edgefleet-cloud serve`: asyncio sets TCP_NODELAY only on
+            # connections of a socket whose proto says TCP. Without it each answer on a kept-alive connection
+            # (uvicorn writes head and body apart) waited ~45 ms for the client's delayed ACK (Nagle).
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("127.0.0.1", 0))
         self.sock = sock
@@ -110,6 +119,12 @@ class CloudServer:
     def bridge(self) -> Any:
         return self.runtime.bridge
 
+    @property
+    def mqtt_login(self) -> Any:
+        from edgefleet.cloud.mqtt_accounts import cloud_login
+
+        return cloud_login(self.settings)
+
     def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
         """An httpx client on base_url, with `token` (default: the admin token; "" for none) as a bearer."""
         token = self.admin_token if token is None else token
@@ -141,12 +156,15 @@ def start_cloud_server(
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     http = AppServer()  # bound first: public_url (in enrollment answers) needs the port
+    # The bridge's reconnect backoff at test scale (the agents' in tests/e2e use 0.2 s .. 1 s): with the default 30 s
+    # cap, a broker started late could wait for a full-jitter draw of up to 30 s.
     values: dict[str, Any] = {"data_dir": data_dir, "host": "127.0.0.1", "port": http.port,
-                              "public_url": http.base_url, "database_url": db_url}
+                              "public_url": http.base_url, "database_url": db_url,
+                              "mqtt_retry_initial_s": 0.2, "mqtt_retry_max_s": 2.0}
     if mqtt == "embedded":
         values |= {"mqtt_host": "127.0.0.1", "mqtt_port": free_port(), "embedded_broker": "always"}
     elif mqtt is not None:
-        values |= {"mqtt_host": mqtt[0], "mqtt_port": mqtt[1], "embedded_broker": "never"}
+        values |= {"mqtt_host": mqtt[0], "mqtt_port": mqtt[1], "embedded_broker": "never", "mqtt_auth": "none"}
     values |= settings
     runtime = CloudRuntime(Settings(**values), mqtt=mqtt is not None)
     cfg = runtime.settings
@@ -199,6 +217,25 @@ def cloud_server(data_dir: Path, **kwargs: Any) -> Iterator[CloudServer]:
         server.stop()
 
 
+def mqtt_connack(host: str, port: int, *, client_id: str, username: str | None = None,
+                 password: str | None = None, timeout_s: float = 10.0) -> Any:
+    """Connect once (no retry), return the broker's CONNACK reason code, and disconnect."""
+    got: list[Any] = []
+    client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv311)
+    if username is not None:
+        client.username_pw_set(username, password)
+    client.on_connect = lambda c, u, f, rc, p: got.append(rc)
+    client.connect(host, port, keepalive=30)
+    client.loop_start()
+    try:
+        wait_for(lambda: got, timeout_s, what=f"a CONNACK for {client_id}")
+        return got[0]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
 @dataclass
 class Received:
     topic: str
@@ -217,6 +254,8 @@ class MqttProbe:
     client_id: str = field(default_factory=lambda: "probe-" + uuid.uuid4().hex[:8])
     will: tuple[str, bytes] | None = None  # (topic, payload): retained QoS 1 last will
     messages: list[Received] = field(default_factory=list)
+    username: str | None = None
+    password: str | None = None
 
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
@@ -225,6 +264,8 @@ class MqttProbe:
                                    protocol=mqtt.MQTTv311)
         if self.will:
             self._client.will_set(self.will[0], self.will[1], qos=1, retain=True)
+        if self.username is not None:
+            self._client.username_pw_set(self.username, self.password)
         self._client.on_connect = self._on_connect
         self._client.on_subscribe = lambda *a: self._subscribed.set()
         self._client.on_message = self._on_message

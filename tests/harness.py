@@ -1,12 +1,19 @@
 """Real servers for tests: Mosquitto on a free port with its own config, a throwaway PostgreSQL database,
 and helpers to wait on conditions with a bound instead of sleeping.
 
+`Mosquitto(workdir)` is an open broker (anonymous clients welcome), as most tests need; `Mosquitto(workdir,
+dynsec=True)` refuses anonymous clients and runs the dynamic security plugin with one admin, `admin_username` /
+`admin_password`, which a test hands to the cloud as its login (`start_cloud_server(..., mqtt_auth="dynsec",
+mqtt_username=..., mqtt_password=...)`, or `Mosquitto.cloud_settings()`).
+
 Every process a test starts is stopped by its own PID.
 """
 
 from __future__ import annotations
 
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -64,6 +71,28 @@ class Mosquitto:
     port: int = field(default_factory=free_port)
     host: str = "127.0.0.1"
     proc: subprocess.Popen | None = None
+    dynsec: bool = False
+    admin_username: str = "edgefleet-cloud"
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+
+    def cloud_settings(self) -> dict[str, Any]:
+        """The `start_cloud_server` settings that make the cloud this broker's dynsec admin."""
+        return {"mqtt_auth": "dynsec", "mqtt_username": self.admin_username, "mqtt_password": self.admin_password}
+
+    def _dynsec_lines(self) -> str:
+        from edgefleet.cloud.broker import dynsec_plugin, mosquitto_ctrl_binary
+
+        plugin, ctrl = dynsec_plugin(), mosquitto_ctrl_binary()
+        if plugin is None or ctrl is None:
+            raise RuntimeError("mosquitto's dynamic security plugin or mosquitto_ctrl is missing")
+        config = self.workdir / "dynamic-security.json"
+        if not config.exists():  # a restart keeps the accounts made so far
+            subprocess.run([ctrl, "dynsec", "init", str(config), self.admin_username],
+                           input=f"{self.admin_password}\n" * 2, text=True, check=True, capture_output=True,
+                           timeout=10)
+        # Stay who we are: started as root, Mosquitto would drop to "mosquitto", which cannot save the accounts here.
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        return f"allow_anonymous false\nplugin {plugin}\nplugin_opt_config_file {config}\nuser {user}\n"
 
     def start(self) -> Mosquitto:
         binary = mosquitto_binary()
@@ -73,8 +102,8 @@ class Mosquitto:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
-            "persistence false\n"
+            + (self._dynsec_lines() if self.dynsec else "allow_anonymous true\n")
+            + "persistence false\n"
             "log_dest stderr\n"
             "log_type error\n"
             "log_type warning\n"

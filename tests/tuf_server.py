@@ -1,7 +1,8 @@
 """A real HTTP server for TUF metadata in tests: `/tuf/metadata/{file}` from a directory, on 127.0.0.1 port 0.
 
 Attack tests swap what a URL serves without touching the repository on disk: `serve(name, data)` overrides one
-file, `reset()` goes back to the directory. Every request path is logged in `requests`.
+file, `hide(name)` makes it a 404 (a file the repository never published, or one an attacker withholds), `reset()`
+goes back to the directory. Every request path is logged in `requests`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ PREFIX = "/tuf/metadata/"
 class TufMetadataServer:
     def __init__(self, metadata_dir: Path) -> None:
         self.metadata_dir = Path(metadata_dir)
-        self.overrides: dict[str, bytes] = {}
+        self.overrides: dict[str, bytes | None] = {}
         self.requests: list[str] = []
         self._lock = threading.Lock()
         server = self
@@ -54,13 +55,17 @@ class TufMetadataServer:
         if "/" in name or name.startswith("."):
             return None
         if name in self.overrides:
-            return self.overrides[name]
+            return self.overrides[name]  # None: hidden, a 404
         file = self.metadata_dir / name
         return file.read_bytes() if file.is_file() else None
 
     def serve(self, name: str, data: bytes) -> None:
         with self._lock:
             self.overrides[name] = data
+
+    def hide(self, name: str) -> None:
+        with self._lock:
+            self.overrides[name] = None
 
     def reset(self) -> None:
         with self._lock:

@@ -35,17 +35,29 @@ def get_fleet(request: Request) -> Fleet:
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
 
 
-def principal(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    if credentials is None:
-        header = request.headers.get("authorization")
-        if header:
-            raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+def bearer_token(header: str | None) -> str:
+    """The token of an `Authorization: Bearer <token>` header; `Unauthorized` when there is none."""
+    if not header:
         raise Unauthorized("this endpoint needs a token: send 'Authorization: Bearer <token>' "
                            "(the admin token is in admin.token in the cloud's data directory)")
-    return get_fleet(request).authenticate(credentials.credentials)
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+def principal(
+    request: Request,
+    # Read for OpenAPI's "Authorize" button only; the header is parsed by bearer_token.
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    # limits.RequestLimits may have resolved it already, before the body was read; it is asked once per request.
+    known = getattr(request.state, "principal", None)
+    if isinstance(known, Principal):
+        return known
+    who = get_fleet(request).authenticate(bearer_token(request.headers.get("authorization")))
+    request.state.principal = who
+    return who
 
 
 PrincipalDep = Annotated[Principal, Depends(principal)]

@@ -4,26 +4,38 @@ and the admin's view of devices.
 A device token reaches only its own id: `check_own_device` compares the path, and the body's `device_id` must match
 the path too, so one device can neither read nor write as another. The desired state is answered with the exact
 bytes of `SignedDesiredState.to_wire()`, the same bytes the MQTT bridge publishes, so a verifier sees one form.
+The reported-state and telemetry routes parse their bodies with `parse_message` themselves (`_admit`), after the
+token check, so a body outside the contract's limits is counted exactly as on MQTT before it is refused.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from edgefleet.cloud.api.deps import AdminDep, DeviceOrAdminDep, EnrollDep, FleetDep, check_own_device
-from edgefleet.cloud.errors import Invalid
+from edgefleet.cloud.api.handlers import error_responses
+from edgefleet.cloud.errors import Invalid, Refused, TooLarge
 from edgefleet.protos.api import DeviceView
 from edgefleet.protos.messages import (
     EnrollRequest,
     EnrollResponse,
+    Message,
+    MessageError,
     ReportedState,
     SignedDesiredState,
     TelemetryBatch,
     check_device_id,
+    parse_message,
 )
 
+if TYPE_CHECKING:
+    from edgefleet.cloud.services import Fleet
+
 router = APIRouter(tags=["devices"])
+M = TypeVar("M", bound=Message)
 
 
 def _device_id(device_id: str) -> str:
@@ -39,13 +51,13 @@ def _same_device(path_id: str, body_id: str) -> None:
 
 
 @router.post("/enroll", response_model=EnrollResponse,
-             responses={409: {"description": "The device id is taken by another enrollment"}})
+             responses=error_responses((409, "The device id is taken by another enrollment")))
 def enroll(req: EnrollRequest, fleet: FleetDep, who: EnrollDep) -> EnrollResponse:
     """Enroll a device with an enrollment token; the answer holds its device token (shown once) and trust roots."""
     return fleet.enroll(req, enrolled_by=who.token_hash)
 
 
-@router.get("/devices/{device_id}/desired", response_model=SignedDesiredState)
+@router.get("/devices/{device_id}/desired", response_model=SignedDesiredState, responses=error_responses(404))
 async def desired(device_id: str, fleet: FleetDep, who: DeviceOrAdminDep) -> Response:
     """The device's current signed desired state (that device's token, or the admin's)."""
     check_own_device(who, _device_id(device_id))
@@ -53,21 +65,58 @@ async def desired(device_id: str, fleet: FleetDep, who: DeviceOrAdminDep) -> Res
     return Response(doc.to_wire(), media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
-@router.post("/devices/{device_id}/reported", status_code=204)
-def reported(device_id: str, msg: ReportedState, fleet: FleetDep, who: DeviceOrAdminDep) -> Response:
+def _json_body(model: type[Message]) -> dict[str, Any]:
+    """OpenAPI for a body a route parses itself: the model's JSON schema, its definitions inlined."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {k: inline(v) for k, v in node.items()}
+        return [inline(v) for v in node] if isinstance(node, list) else node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(schema)}}}}
+
+
+async def _admit(request: Request, fleet: Fleet, channel: str, model: type[M], device_id: str) -> M:
+    """A device's body parsed by the contract, as the MQTT bridge does, after the caller checked who it is. One
+    outside it is counted (`refused_messages` or `malformed_messages`) and refused whole: 422 naming the field, 413
+    past MAX_MESSAGE_BYTES; nothing of it is stored."""
+    # The whole body, as FastAPI's own body parsing read it: answering before the client finished sending makes it
+    # see a reset connection instead of the 413. How much a request may send at all is the body limit's business.
+    raw = await request.body()
+    try:
+        msg = parse_message(raw, model)
+    except MessageError as exc:
+        if exc.refused:
+            await run_in_threadpool(fleet.count_refused, channel, exc.reason)
+        else:
+            await run_in_threadpool(fleet.count, "malformed_messages")
+        field = f"body.{exc.field}" if exc.field else "body"
+        error = TooLarge if exc.reason == "too_large" else Refused if exc.refused else Invalid
+        raise error(str(exc), detail={"fields": [{"field": field, "reason": exc.reason}]}) from None
+    _same_device(device_id, msg.device_id)
+    return msg
+
+
+@router.post("/devices/{device_id}/reported", status_code=204, openapi_extra=_json_body(ReportedState))
+async def reported(device_id: str, request: Request, fleet: FleetDep, who: DeviceOrAdminDep) -> Response:
     """HTTP fallback for the reported-state MQTT message (the device's own token only)."""
     check_own_device(who, _device_id(device_id), admin_allowed=False)
-    _same_device(device_id, msg.device_id)
-    fleet.record_reported(msg)
+    msg = await _admit(request, fleet, "reported", ReportedState, device_id)
+    await run_in_threadpool(fleet.record_reported, msg)
     return Response(status_code=204)
 
 
-@router.post("/devices/{device_id}/telemetry", status_code=204)
-def telemetry(device_id: str, msg: TelemetryBatch, fleet: FleetDep, who: DeviceOrAdminDep) -> Response:
+@router.post("/devices/{device_id}/telemetry", status_code=204, openapi_extra=_json_body(TelemetryBatch))
+async def telemetry(device_id: str, request: Request, fleet: FleetDep, who: DeviceOrAdminDep) -> Response:
     """HTTP fallback for a telemetry batch (the device's own token only); a seq already stored is ignored."""
     check_own_device(who, _device_id(device_id), admin_allowed=False)
-    _same_device(device_id, msg.device_id)
-    fleet.record_telemetry(msg)
+    msg = await _admit(request, fleet, "telemetry", TelemetryBatch, device_id)
+    await run_in_threadpool(fleet.record_telemetry, msg)
     return Response(status_code=204)
 
 
@@ -76,6 +125,6 @@ def list_devices(fleet: FleetDep, who: AdminDep) -> list[DeviceView]:
     return fleet.list_devices()
 
 
-@router.get("/devices/{device_id}", response_model=DeviceView)
+@router.get("/devices/{device_id}", response_model=DeviceView, responses=error_responses(404))
 def get_device(device_id: str, fleet: FleetDep, who: AdminDep) -> DeviceView:
     return fleet.get_device(_device_id(device_id))

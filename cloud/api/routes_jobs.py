@@ -2,8 +2,10 @@
 a class's cost-model facts (calibration, predicted against measured) with the refit that learns from telemetry.
 
 `POST /distill` is multipart/form-data: files `teacher` (ONNX) and `data` (the transfer set, .npz) and a form field
-`spec` holding `protos.jobs.DistillSubmit` as JSON. The request is refused by its Content-Length before the body is
-read when it cannot fit the limits (max_model_mb + max_transfer_mb), and each file against its own limit after.
+`spec` holding `protos.jobs.DistillSubmit` as JSON. `limits.RequestLimits` refuses the request before its body is
+read when it cannot fit the limits (max_model_mb + max_transfer_mb; by its Content-Length, or at that many bytes
+when chunked), and each file is held to its own limit here. Job ids are 32-bit in the database (`jobs.id` is
+INTEGER), so a larger one is a 422 naming `path.job_id`, never a database error.
 The Fleet checks the rest (spec, classes, teacher signature, data against it) before anything is queued, so a
 mistake is a 422 with the reason here rather than a failed job later. Training happens in `edgefleet-cloud worker`
 processes, never in this server.
@@ -13,19 +15,20 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Path, Query, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from edgefleet.cloud.api.deps import AdminDep, FleetDep
+from edgefleet.cloud.api.handlers import error_responses
 from edgefleet.cloud.errors import Invalid, TooLarge
 from edgefleet.protos.jobs import CalibrationView, ClassDetailView, DistillSubmit, JobLogView, JobState, JobView
+from edgefleet.protos.limits import INT32_MAX
 
 router = APIRouter()
-# 1 MiB: the multipart framing and the spec JSON around the two files.
-_FORM_SLACK_BYTES = 1024 * 1024
 _READ_CHUNK = 1024 * 1024
+JobId = Annotated[int, Path(ge=1, le=INT32_MAX, description="The job's id (jobs.id is a 32-bit INTEGER).")]
 
 
 async def _read_upload(upload: UploadFile, what: str, limit: int, limit_name: str) -> bytes:
@@ -55,9 +58,8 @@ def _parse_spec(raw: str) -> DistillSubmit:
 
 
 @router.post("/distill", response_model=JobView, status_code=201, tags=["jobs"],
-             responses={413: {"description": "Teacher or transfer set over its size limit"}})
+             responses=error_responses((413, "Teacher or transfer set over its size limit")))
 async def submit_distill(
-    request: Request,
     fleet: FleetDep,
     who: AdminDep,
     teacher: Annotated[UploadFile, File(description="The teacher model (ONNX).")],
@@ -66,10 +68,6 @@ async def submit_distill(
 ) -> JobView:
     """Queue a distillation of `teacher` for the spec's device classes; answers with the queued job."""
     s = fleet.settings
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > s.max_model_bytes + s.max_transfer_bytes + _FORM_SLACK_BYTES:
-        raise TooLarge(f"the upload ({int(declared)} bytes) cannot fit max_model_mb ({s.max_model_mb:g}) plus "
-                       f"max_transfer_mb ({s.max_transfer_mb:g}); send smaller files or raise the limits")
     submit = _parse_spec(spec)
     teacher_bytes = await _read_upload(teacher, "the teacher", s.max_model_bytes, "max_model_mb")
     data_bytes = await _read_upload(data, "the transfer set", s.max_transfer_bytes, "max_transfer_mb")
@@ -83,34 +81,36 @@ def list_jobs(fleet: FleetDep, who: AdminDep, state: JobState | None = None,
     return fleet.list_jobs(state=state, limit=limit)
 
 
-@router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"])
-def get_job(job_id: int, fleet: FleetDep, who: AdminDep) -> JobView:
+@router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=error_responses(404))
+def get_job(job_id: JobId, fleet: FleetDep, who: AdminDep) -> JobView:
     return fleet.get_job(job_id)
 
 
-@router.get("/jobs/{job_id}/logs", response_model=JobLogView, tags=["jobs"])
-def job_logs(job_id: int, fleet: FleetDep, who: AdminDep,
-             since: int = Query(default=0, ge=0, description="Lines already read; the answer's `next`.")) -> JobLogView:
+@router.get("/jobs/{job_id}/logs", response_model=JobLogView, tags=["jobs"], responses=error_responses(404))
+def job_logs(job_id: JobId, fleet: FleetDep, who: AdminDep,
+             since: int = Query(default=0, ge=0, le=INT32_MAX,
+                                description="Lines already read; the answer's `next`.")) -> JobLogView:
     """The job's log lines from offset `since`; readable while the job runs."""
     return fleet.job_logs(job_id, since)
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"])
-def cancel_job(job_id: int, fleet: FleetDep, who: AdminDep) -> JobView:
+@router.post("/jobs/{job_id}/cancel", response_model=JobView, tags=["jobs"], responses=error_responses(404, 409))
+def cancel_job(job_id: JobId, fleet: FleetDep, who: AdminDep) -> JobView:
     """Cancel: a queued job at once, a running one at its next progress report (409 once it finished)."""
     return fleet.cancel_job(job_id)
 
 
 @router.get("/jobs/{job_id}/report", tags=["jobs"],
-            responses={200: {"description": "protos.distill.DistillReport as JSON"}})
-def job_report(job_id: int, fleet: FleetDep, who: AdminDep) -> Any:
+            responses={200: {"description": "protos.distill.DistillReport as JSON"}, **error_responses(404)})
+def job_report(job_id: JobId, fleet: FleetDep, who: AdminDep) -> Any:
     """The distillation report (teacher against the chosen student per class, every candidate) once succeeded."""
     return JSONResponse(fleet.job_report(job_id))
 
 
 @router.get("/jobs/{job_id}/plot.svg", tags=["jobs"], response_class=Response,
-            responses={200: {"content": {"image/svg+xml": {}}, "description": "Accuracy against mJ/inference"}})
-def job_plot(job_id: int, fleet: FleetDep, who: AdminDep) -> Response:
+            responses={200: {"content": {"image/svg+xml": {}}, "description": "Accuracy against mJ/inference"},
+                       **error_responses(404)})
+def job_plot(job_id: JobId, fleet: FleetDep, who: AdminDep) -> Response:
     return Response(content=fleet.job_plot(job_id), media_type="image/svg+xml")
 
 

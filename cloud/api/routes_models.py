@@ -2,8 +2,9 @@
 
 Model upload takes the raw ONNX bytes as the body (`application/octet-stream`) and enforces `max_model_mb` while
 the body streams in: a Content-Length over the limit is refused before a byte is read, and a body without one
-(chunked) is cut off at the limit, so a 10 GB mistake costs at most the limit in memory. `Fleet.push_model`
-then validates the model (ONNX checker, ONNX Runtime session) in a worker thread.
+(chunked) is cut off at the limit, so a 10 GB mistake costs at most the limit in memory (`limits.RequestLimits`
+applies both rules before the route runs, after the token; `read_limited` keeps them where it is called).
+`Fleet.push_model` then validates the model (ONNX checker, ONNX Runtime session) in a worker thread.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
 from edgefleet.cloud.api.deps import AdminDep, FleetDep, no_unknown_fields
+from edgefleet.cloud.api.handlers import error_responses
 from edgefleet.cloud.errors import Invalid, TooLarge
 from edgefleet.protos.api import DeploymentView, DeployRequest, DeviceClassInfo, ModelVersionView
 from edgefleet.protos.messages import check_name
@@ -24,7 +26,8 @@ def list_classes(fleet: FleetDep, who: AdminDep) -> list[DeviceClassInfo]:
     return fleet.list_classes()
 
 
-@router.post("/classes", response_model=DeviceClassInfo, status_code=201, tags=["classes"])
+@router.post("/classes", response_model=DeviceClassInfo, status_code=201, tags=["classes"],
+             responses=error_responses((409, "The name is a class from a catalog file")))
 def add_class(info: DeviceClassInfo, fleet: FleetDep, who: AdminDep) -> DeviceClassInfo:
     """Add a device class to the catalog (or replace a user-defined one)."""
     return fleet.add_class(info)
@@ -58,9 +61,10 @@ async def read_limited(request: Request, limit_mb: float) -> bytes:
     response_model=ModelVersionView,
     status_code=201,
     tags=["models"],
-    openapi_extra={"requestBody": {"required": True, "content": {
+    # x-body-limit: limits.RequestLimits caps this raw body at max_model_mb (not the JSON cap).
+    openapi_extra={"x-body-limit": "max_model_mb", "requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
-    responses={413: {"description": "Larger than max_model_mb"}},
+    responses=error_responses((413, "Larger than max_model_mb")),
 )
 async def push_model(
     request: Request,
@@ -86,7 +90,8 @@ def list_models(fleet: FleetDep, who: AdminDep) -> list[ModelVersionView]:
     return fleet.list_models()
 
 
-@router.post("/deployments", response_model=DeploymentView, status_code=201, tags=["deployments"])
+@router.post("/deployments", response_model=DeploymentView, status_code=201, tags=["deployments"],
+             responses=error_responses(404))
 def deploy(req: DeployRequest, fleet: FleetDep, who: AdminDep,
            _strict: None = no_unknown_fields(DeployRequest)) -> DeploymentView:
     """Deploy a model version to one device, a device class or a label; builds missing bundles first."""

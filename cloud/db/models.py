@@ -126,6 +126,14 @@ class Device(Base):
     token_hash: Mapped[str | None] = mapped_column(String(64))  # the current device token (also in tokens)
     # sha256 of the enrollment token that enrolled the device: re-enrollment needs the same one (no takeover).
     enrolled_by: Mapped[str | None] = mapped_column(String(64))
+    # The agent's own ed25519 key (base64), registered at the first enrollment; re-enrollment must be signed by it
+    # (cloud/enrollment.py, migration 0005). `last_proof_at`: the newest accepted proof, so a replay is refused.
+    public_key: Mapped[str | None] = mapped_column(String(64))
+    last_proof_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    reset_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # `fleet devices reset`: next enrollment registers
+    enrollments_refused: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    last_refused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_refused_reason: Mapped[str | None] = mapped_column(String(300))
     agent_version: Mapped[str] = mapped_column(String(64), nullable=False, default="")
     enrolled_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -219,6 +227,21 @@ class Token(Base):
     note: Mapped[str] = mapped_column(String(200), nullable=False, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class MqttCredential(Base):
+    """A device's broker login (username = device id), issued at enrollment (migration 0004).
+
+    Only a salted scrypt hash is kept (`cloud/mqtt_accounts.py`); re-enrollment replaces it, revocation stamps
+    `revoked_at` and the broker refuses the login from then on.
+    """
+
+    __tablename__ = "mqtt_credentials"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(255), nullable=False)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class Counter(Base):

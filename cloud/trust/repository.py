@@ -7,7 +7,23 @@ the root it pinned at enrollment, so it refuses metadata signed by the wrong key
 short-lived roles before they expire, so a live repository never freezes its agents.
 
 Keys: one ed25519 key per top-level role, made on first start in `{root_dir}/keys/{role}.pem` (PKCS#8, mode 0600,
-folder 0700) and reused after. All four are online here; a fleet that wants an offline root key signs root elsewhere.
+folder 0700) and reused after. Targets, snapshot and timestamp are online: the repository re-signs them whenever it
+must. The root key may live elsewhere (`offline_root`, the setting `tuf_offline_root`): the next root version is then
+exported unsigned, signed on the machine that holds the key and imported (`export_root`, `import_root`; the files
+are handled in `cloud/trust/rotation.py`, the commands in `cloud/keys_cli.py`), and renewing root before it expires
+is the operator's job.
+
+Rotation (TUF 5.3: root N+1 is signed by a threshold of root N's root keys and of its own; the methods are in
+`cloud/trust/root_rotation.py`): `rotate_key(role)` with an online root, `import_root` with an offline one. No agent
+is refused mid-rotation: the metadata of a role whose key changes is first re-signed by the old *and* the new key
+(valid under root N and under root N+1), then root N+1 is written, the new key replaces the old (`{role}.next.pem`
+-> `{role}.pem`), and a last timestamp signed by the new keys alone commits. A crash in between leaves a state the
+next open completes (a staged key root N+1 lists is promoted). From then on metadata signed by an old key is refused
+by every agent that has root N+1.
+
+Processes: `serve`, `worker` and the `keys` commands open the same folder. Every change holds an flock on
+`{root_dir}/.lock` and first reloads what another process committed; timestamp.json is always written last, so a new
+file under that name is the sign to reload, and reads check it too (one stat).
 
 Layout of `metadata_dir` (`{root_dir}/metadata`), served byte for byte as `/tuf/metadata/{file}`; the repository
 uses consistent snapshots (root's `consistent_snapshot` is true), so ngclient asks for exactly these names:
@@ -32,50 +48,33 @@ import hashlib
 import logging
 import os
 import re
-import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
-from tuf.api.serialization.json import JSONSerializer
 
 from edgefleet.cloud.errors import CloudError, Invalid
+from edgefleet.cloud.trust.keys import LOCK_FILE, file_lock, load_or_create_signer, load_signer, promote
+from edgefleet.cloud.trust.root_rotation import OFFLINE_ROOT_HELP, ROLES, SERIALIZER, RootRotation
 from edgefleet.common.fsutil import atomic_write_bytes  # the one crash-safe write recipe for cloud and agent
 
 log = logging.getLogger(__name__)
 
-ROLES = (Root.type, Targets.type, Snapshot.type, Timestamp.type)
+__all__ = ["ROLES", "TARGET_PATH_RE", "TargetInfo", "TufRepository", "load_or_create_signer", "load_signer"]
+
 # Target paths become URL paths and agent file names: letters, digits, '.', '_', '-' and '/' between parts.
 TARGET_PATH_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
-_SERIALIZER = JSONSerializer(compact=False)
 
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
-
-
-def load_or_create_signer(path: Path) -> CryptoSigner:
-    """The ed25519 signer kept in `path` (PEM, 0600), made the first time."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not path.exists():
-        fresh = CryptoSigner.generate_ed25519()
-        if atomic_write_bytes(path, fresh.private_bytes, 0o600, exclusive=True):
-            log.info("made signing key %s (keyid %s)", path, fresh.public_key.keyid)
-            return fresh
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        log.warning("signing key %s was readable by others; setting mode 0600", path)
-        os.chmod(path, 0o600)
-    try:
-        return CryptoSigner(load_pem_private_key(path.read_bytes(), None))
-    except (ValueError, TypeError) as exc:
-        raise CloudError(f"signing key {path} is unreadable ({exc}): restore it from backup") from None
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ class TargetInfo:
     sha256: str
 
 
-class TufRepository:
+class TufRepository(RootRotation):
     def __init__(
         self,
         root_dir: Path,
@@ -97,11 +96,13 @@ class TufRepository:
         targets_expiry_s: int = 365 * 86400,
         root_expiry_s: int = 365 * 86400,
         keep_versions: int = 32,
+        offline_root: bool = False,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.root_dir = Path(root_dir)
         self.metadata_dir = self.root_dir / "metadata"
         self.keys_dir = self.root_dir / "keys"
+        self.offline_root = offline_root
         self._expiry = {
             Root.type: timedelta(seconds=root_expiry_s),
             Targets.type: timedelta(seconds=targets_expiry_s),
@@ -111,14 +112,17 @@ class TufRepository:
         self._keep_versions = max(2, keep_versions)
         self._clock = clock
         self._lock = threading.RLock()
+        self._held = 0  # depth of _exclusive() in this process (an flock is not reentrant)
+        self._seen: tuple[int, int] | None = None  # timestamp.json as last loaded or written: (inode, mtime)
+        self._warned_root: int | None = None  # root version whose coming expiry was logged (offline root)
         self.metadata_dir.mkdir(parents=True, exist_ok=True)
         self.keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.keys_dir, 0o700)  # our own folder: private keys only
-        self._signers = {role: load_or_create_signer(self.keys_dir / f"{role}.pem") for role in ROLES}
+        self._signers: dict[str, CryptoSigner | None] = {}
         self._md: dict[str, Metadata[Any]] = {}
         self._snapshot_bytes = b""
         self._targets_bytes = b""
-        with self._lock:
+        with self._exclusive(reload=False):
             # timestamp.json is the commit point: without it (and past root 1) nothing was ever served, so a first
             # start that died half way simply starts again with the same keys.
             if (self.metadata_dir / "timestamp.json").exists() or self._ever_published():
@@ -131,22 +135,44 @@ class TufRepository:
     def root(self) -> dict[str, Any]:
         """The current root metadata (signed) as a dict: what enrollment hands to agents to pin."""
         with self._lock:
+            self._current()
             return self._md[Root.type].to_dict()
 
     @property
     def versions(self) -> dict[str, int]:
         with self._lock:
+            self._current()
             return {role: md.signed.version for role, md in self._md.items()}
+
+    @property
+    def root_online(self) -> bool:
+        """True when the root key is in keys/ (so root can be re-signed and keys rotated without an export)."""
+        with self._lock:
+            self._current()
+            return self._signers.get(Root.type) is not None
+
+    def keyids(self) -> dict[str, list[str]]:
+        """The keyids each role's metadata must be signed by, as the current root lists them."""
+        with self._lock:
+            self._current()
+            return {role: list(r.keyids) for role, r in self._md[Root.type].signed.roles.items()}
+
+    def expires(self) -> dict[str, datetime]:
+        with self._lock:
+            self._current()
+            return {role: md.signed.expires for role, md in self._md.items()}
 
     def get_target(self, target_path: str) -> TargetInfo | None:
         with self._lock:
+            self._current()
             tf = self._md[Targets.type].signed.targets.get(target_path)
             return None if tf is None else TargetInfo(tf.path, tf.length, tf.hashes["sha256"])
 
-    def add_target(self, target_path: str, data: bytes) -> TargetInfo:
+    def add_target(self, target_path: str, data: bytes, custom: dict[str, Any] | None = None) -> TargetInfo:
         """Sign `data` as target `target_path`: new targets, snapshot and timestamp versions.
 
-        Adding the same bytes again is a no-op; different bytes replace the target (agents learn the new hash).
+        Adding the same bytes (and `custom`) again is a no-op; different bytes replace the target (agents learn the
+        new hash). `custom` is application data agents read from the signed targets metadata itself.
         """
         if not isinstance(target_path, str) or not TARGET_PATH_RE.match(target_path) or ".." in target_path:
             raise Invalid(
@@ -154,8 +180,10 @@ class TufRepository:
                 "with no leading '/', no '..' and no empty parts"
             )
         target = TargetFile.from_data(target_path, data, ["sha256"])
+        if custom is not None:
+            target.unrecognized_fields["custom"] = custom
         info = TargetInfo(target_path, target.length, target.hashes["sha256"])
-        with self._lock:
+        with self._exclusive():
             targets = self._md[Targets.type].signed
             if targets.targets.get(target_path) == target:
                 return info
@@ -169,10 +197,14 @@ class TufRepository:
         """Re-sign each role that is past half its expiry period (timestamp always with `force`); True if any was.
 
         Call it periodically (well under half of `timestamp_expiry_s`) so agents never see an expired timestamp.
+        With the root key offline, root is not re-signed here: its coming expiry is logged, once per version.
         """
-        with self._lock:
+        with self._exclusive():
             now = self._clock()
             stale = {role for role, md in self._md.items() if md.signed.expires - now < self._expiry[role] / 2}
+            if Root.type in stale and self._signers[Root.type] is None:
+                stale.discard(Root.type)
+                self._warn_root_expiry()
             if not stale and not force:
                 return False
             if Root.type in stale:
@@ -183,18 +215,66 @@ class TufRepository:
 
     # ------------------------------------------------------------------------------------------------ internals
 
+    @contextmanager
+    def _exclusive(self, reload: bool = True) -> Iterator[None]:
+        """Only this thread of this process changes the repository; what another process committed is loaded."""
+        with self._lock:
+            if self._held:
+                self._held += 1
+                try:
+                    yield
+                finally:
+                    self._held -= 1
+                return
+            with file_lock(self.root_dir / LOCK_FILE):
+                self._held = 1
+                try:
+                    if reload and self._identity() != self._seen:
+                        log.info("TUF repository in %s changed on disk: reloading", self.root_dir)
+                        self._load()
+                    yield
+                finally:
+                    self._held = 0
+
+    def _current(self) -> None:
+        """With the lock held: reload when another process committed since (one stat when nothing changed)."""
+        if self._identity() != self._seen:
+            with self._exclusive():
+                pass
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.metadata_dir / "timestamp.json")
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def _key_path(self, role: str, staged: bool = False) -> Path:
+        return self.keys_dir / (f"{role}.next.pem" if staged else f"{role}.pem")
+
     def _expires(self, role: str) -> datetime:
         return self._clock() + self._expiry[role]
 
-    def _sign(self, role: str, md: Metadata[Any]) -> bytes:
+    def _sign(self, role: str, md: Metadata[Any], also: Iterable[CryptoSigner] = ()) -> bytes:
+        signer = self._signers[role]
+        assert signer is not None, f"no {role} key"
         md.signed.expires = self._expires(role)
-        md.sign(self._signers[role])
-        return md.to_bytes(_SERIALIZER)
+        md.sign(signer)
+        for extra in also:
+            md.sign(extra, append=True)
+        return md.to_bytes(SERIALIZER)
 
     def _create(self) -> None:
+        if self.offline_root:
+            raise CloudError(f"tuf_offline_root is set, but there is no TUF repository in {self.root_dir} yet: start "
+                             "once without it (the root key is made then), then move the key off this machine with "
+                             "`edgefleet-cloud keys take-root-offline --out FILE`")
+        self._signers = {role: load_or_create_signer(self._key_path(role)) for role in ROLES}
         root = Root(expires=self._expires(Root.type), consistent_snapshot=True)
         for role in ROLES:
-            root.add_key(self._signers[role].public_key, role)
+            signer = self._signers[role]
+            assert signer is not None
+            root.add_key(signer.public_key, role)
         self._md[Root.type] = Metadata(root)
         self._write_root()
         self._md[Targets.type] = Metadata(Targets(expires=self._expires(Targets.type)))
@@ -213,20 +293,31 @@ class TufRepository:
         data = self._sign(Root.type, md)
         atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.root.json", data)
 
-    def _publish(self, *, targets: bool = False, snapshot: bool = True, bump: bool = True) -> None:
-        """Write targets (when changed), snapshot, then timestamp; timestamp.json last is the commit point."""
+    def _warn_root_expiry(self) -> None:
+        root = self._md[Root.type].signed
+        if self._warned_root != root.version:
+            self._warned_root = root.version
+            log.warning("TUF root v%d expires at %s and its key is offline: renew it before then (%s); agents "
+                        "refuse an expired root", root.version, root.expires.isoformat(), OFFLINE_ROOT_HELP)
+
+    def _publish(self, *, targets: bool = False, snapshot: bool = True, bump: bool = True,
+                 also: dict[str, list[CryptoSigner]] | None = None) -> None:
+        """Write targets (when changed), snapshot, then timestamp; timestamp.json last is the commit point.
+
+        `also`: extra signers per role, for the versions signed by an old and a new key during a rotation."""
+        also = also or {}
         step = 1 if bump else 0
         if targets:
             md = self._md[Targets.type]
             md.signed.version += step
-            self._targets_bytes = self._sign(Targets.type, md)
+            self._targets_bytes = self._sign(Targets.type, md, also.get(Targets.type, ()))
             atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.targets.json", self._targets_bytes)
         if targets or snapshot:
             md = self._md[Snapshot.type]
             md.signed.version += step
             # Version only for targets.json (5.5.5 compares versions; 5.6.4 checks the match).
             md.signed.meta["targets.json"] = MetaFile(self._md[Targets.type].signed.version)
-            self._snapshot_bytes = self._sign(Snapshot.type, md)
+            self._snapshot_bytes = self._sign(Snapshot.type, md, also.get(Snapshot.type, ()))
             atomic_write_bytes(self.metadata_dir / f"{md.signed.version}.snapshot.json", self._snapshot_bytes)
         ts = self._md[Timestamp.type]
         ts.signed.version += step
@@ -236,7 +327,9 @@ class TufRepository:
             len(self._snapshot_bytes),
             {"sha256": hashlib.sha256(self._snapshot_bytes).hexdigest()},
         )
-        atomic_write_bytes(self.metadata_dir / "timestamp.json", self._sign(Timestamp.type, ts))
+        atomic_write_bytes(self.metadata_dir / "timestamp.json",
+                           self._sign(Timestamp.type, ts, also.get(Timestamp.type, ())))
+        self._seen = self._identity()
         self._prune()
 
     def _prune(self) -> None:
@@ -258,7 +351,8 @@ class TufRepository:
         return any(v > 1 for role in (Root.type, Snapshot.type, Targets.type) for v in self._versions_of(role))
 
     def _load(self) -> None:
-        """Load the committed state: highest root, then timestamp -> snapshot -> targets as each one names."""
+        """Load the committed state: highest root, its keys, then timestamp -> snapshot -> targets as each names."""
+        seen = self._identity()
         version = self._root_versions()[-1]
         root_md = self._read(f"{version}.root.json")
         try:
@@ -266,14 +360,7 @@ class TufRepository:
         except UnsignedMetadataError as exc:
             raise CloudError(f"{version}.root.json in {self.metadata_dir} fails its signature check ({exc}): "
                              "restore the repository from backup") from None
-        for role in ROLES:
-            keyids = root_md.signed.roles[role].keyids
-            if self._signers[role].public_key.keyid not in keyids:
-                raise CloudError(
-                    f"the {role} key in {self.keys_dir} is not the one {version}.root.json trusts: restore the "
-                    f"matching key from backup, or move {self.root_dir} aside to start a new repository "
-                    "(enrolled agents must then enroll again)"
-                )
+        self._signers = self._load_keys(root_md.signed, version)
         self._md[Root.type] = root_md
         ts = self._read("timestamp.json")
         snap_name = f"{ts.signed.snapshot_meta.version}.snapshot.json"
@@ -289,7 +376,39 @@ class TufRepository:
                 raise CloudError(f"TUF {role} metadata in {self.metadata_dir} fails its signature check ({exc}): "
                                  "it was altered on disk; restore the repository from backup") from None
             self._md[role] = md
-        log.info("opened TUF repository in %s at %s", self.root_dir, self.versions)
+        self._seen = seen
+        log.info("opened TUF repository in %s at %s", self.root_dir, {r: m.signed.version for r, m in self._md.items()})
+
+    def _load_keys(self, root: Root, version: int) -> dict[str, CryptoSigner | None]:
+        """Each role's signer from keys/, checked against `root`; a staged key root lists is promoted (a rotation
+        that stopped after writing root N+1). Root's is None when its key is kept elsewhere."""
+        signers: dict[str, CryptoSigner | None] = {}
+        for role in ROLES:
+            path, staged, keyids = self._key_path(role), self._key_path(role, staged=True), root.roles[role].keyids
+            if staged.exists() and load_signer(staged).public_key.keyid in keyids and (
+                    not path.exists() or load_signer(path).public_key.keyid not in keyids):
+                promote(staged, path)
+            if not path.exists():
+                if role == Root.type:
+                    if not self.offline_root and not self._signers:  # said once, at the first open
+                        log.warning("the TUF root key %s is not in the data dir: running with an offline root (set "
+                                    "tuf_offline_root = true to say so); %s", path, OFFLINE_ROOT_HELP)
+                    signers[role] = None
+                    continue
+                raise CloudError(f"the TUF {role} key {path} is missing: restore it from backup (or rotate it: "
+                                 f"`edgefleet-cloud keys export-root FILE --rotate {role}`, sign, import)")
+            if role == Root.type and self.offline_root:
+                raise CloudError(f"tuf_offline_root is set, but {path} holds the root key: move it off this machine "
+                                 "(`edgefleet-cloud keys take-root-offline --out FILE`) or unset tuf_offline_root")
+            signer = load_signer(path)
+            if signer.public_key.keyid not in keyids:
+                raise CloudError(
+                    f"the {role} key in {self.keys_dir} is not the one {version}.root.json trusts: restore the "
+                    f"matching key from backup, or move {self.root_dir} aside to start a new repository "
+                    "(enrolled agents must then enroll again)"
+                )
+            signers[role] = signer
+        return signers
 
     def _read(self, name: str) -> Metadata[Any]:
         path = self.metadata_dir / name

@@ -2,8 +2,9 @@
 
 1. Train the teacher CNN on scikit-learn's bundled digits and export it to ONNX with its transfer set
    (examples/digits/teacher_cnn.py; 450 held-out digits kept aside).
-2. Start a broker (Mosquitto when the binary exists, else the cloud's embedded amqtt broker), the cloud
-   (`edgefleet-cloud serve`, SQLite and a local blob folder in a temporary data directory), a job worker beside it
+2. Start the cloud (`edgefleet-cloud serve`, SQLite and a local blob folder in a temporary data directory), which
+   runs the broker itself with a login per device (Mosquitto with its dynamic-security plugin when the binary exists,
+   else its embedded amqtt broker; an anonymous client is refused), a job worker beside it
    (`edgefleet-cloud worker`, the only process that trains), and three agents of different classes
    (`edgefleet-agent run`), each in its own temporary directory.
 3. Submit a distillation of the teacher for the three classes (`POST /api/v1/distill`) and follow its progress: the
@@ -116,17 +117,12 @@ class Processes:
                 proc.wait(5)
 
 
-def start_broker(procs: Processes, work: Path) -> tuple[int, bool]:
-    """(port, embedded): our own Mosquitto when the binary exists, else the cloud's embedded broker."""
-    port = free_port()
+def broker_choice() -> tuple[int, bool]:
+    """(port, embedded). The cloud runs the broker itself, secured with per-device logins: a Mosquitto of its own
+    with the dynamic-security plugin when the binary exists (`embedded_broker = "auto"` on a free port), else its
+    embedded amqtt broker, which checks the same logins in-process."""
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if binary is None:
-        return port, True
-    conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    procs.start("mosquitto", [binary, "-c", str(conf)])
-    wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() or True, 10, "mosquitto")
-    return port, False
+    return free_port(), binary is None
 
 
 def agent_config(work: Path, device_id: str, device_class: str, labels: dict[str, str], cloud_url: str,
@@ -208,13 +204,13 @@ def run(work: Path) -> None:
                       f"trained in {teacher['train_s']:.1f} s; transfer set {teacher['n_transfer']} images")
 
         step("[bold]2/6[/] starting the broker, the cloud, a job worker and three agents")
-        mqtt_port, embedded = start_broker(procs, work)
+        mqtt_port, embedded = broker_choice()
         port = free_port()
         cloud_url = f"http://127.0.0.1:{port}"
         cloud_env = {
             "EDGEFLEET_MQTT_HOST": "127.0.0.1",
             "EDGEFLEET_MQTT_PORT": str(mqtt_port),
-            "EDGEFLEET_EMBEDDED_BROKER": "always" if embedded else "never",
+            "EDGEFLEET_EMBEDDED_BROKER": "always" if embedded else "auto",
             "EDGEFLEET_PUBLIC_URL": cloud_url,
             "EDGEFLEET_WORKER_POLL_S": "0.2",
         }
@@ -230,7 +226,8 @@ def run(work: Path) -> None:
         # The worker after the cloud: the cloud migrates the database it shares.
         procs.start("worker", [str(BIN / "edgefleet-cloud"), "worker", "--data-dir", str(work / "cloud"),
                                "--id", "demo-worker"], env=cloud_env)
-        console.print(f"    broker: {'embedded amqtt' if embedded else 'mosquitto'} on {mqtt_port}; cloud {cloud_url}")
+        console.print(f"    broker: {'embedded amqtt' if embedded else 'mosquitto (run by the cloud)'} on {mqtt_port}, "
+                      f"a login per device; cloud {cloud_url}")
         client = FleetClient(cloud_url, token_file.read_text().strip())
         enroll = client.create_enrollment_token(EnrollmentTokenRequest(note="demo"))
         for device_id, device_class, labels in AGENTS:

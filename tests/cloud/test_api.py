@@ -242,7 +242,9 @@ def test_openapi_documents_the_upload_body_and_bearer_auth(broken):
     ("bytes=90-500", 100, (90, 100)),  # an end past the file is clipped (RFC 9110 14.1.2)
     ("bytes=-10", 100, (90, 100)),
     ("bytes=-500", 100, (0, 100)),
-    ("bytes=0-1,5-6", 100, None),  # several ranges: served whole
+    ("bytes=0-1,5-6", 100, None),  # several ranges: each checked, then FileResponse answers multipart/byteranges
+    ("bytes=0-1,x", 100, ValueError),  # was passed on to FileResponse: its plain-text 400, not an ErrorBody
+    ("bytes=0-1,200-", 100, ValueError),  # and its plain-text 416
     ("bytes=100-", 100, ValueError),
     ("bytes=5-2", 100, ValueError),
     ("bytes=-0", 100, ValueError),
@@ -295,19 +297,40 @@ def test_bundles_from_a_remote_blob_store_support_range():
         server.stop()
 
 
-def test_another_enrollment_token_cannot_take_a_device_id_over(cloud):
+def test_no_enrollment_token_can_take_a_device_id_over(cloud, tmp_path):
+    """Neither another enrollment token nor the one that enrolled the device re-enrolls it: only the device's own
+    key does (cloud/enrollment.py), or an operator's reset."""
+    from edgefleet.edge_agent.identity import DeviceKey
+    from edgefleet.protos.messages import EnrollRequest
+
     admin = cloud.client()
     first = admin.post("/api/v1/enrollment-tokens", json={"note": "a"}).json()["token"]
     second = admin.post("/api/v1/enrollment-tokens", json={"note": "b"}).json()["token"]
+    key = DeviceKey.load_or_create(tmp_path / "kiosk")
+
+    def signed() -> bytes:
+        from datetime import datetime, timezone
+
+        return EnrollRequest(device_id="kiosk-1", device_class="rpi4", public_key=key.public_key,
+                             proof=key.proof("kiosk-1", "rpi4", datetime.now(timezone.utc))).to_wire()
+
+    json_headers = {"Content-Type": "application/json"}
+    original = admin.post("/api/v1/enroll", headers={**bearer(first), **json_headers}, content=signed())
+    assert original.status_code == 200, original.text
     body = {"device_id": "kiosk-1", "device_class": "rpi4"}
-    original = admin.post("/api/v1/enroll", headers=bearer(first), json=body)
-    assert original.status_code == 200
-    # Someone else's enrollment token: refused, and the device keeps its token.
-    taken = error_of(admin.post("/api/v1/enroll", headers=bearer(second), json=body), 409)
-    assert "another enrollment token" in taken.message
+    for token in (second, first):  # a copied config holds the enrollment token, not the device key
+        taken = error_of(admin.post("/api/v1/enroll", headers=bearer(token), json=body), 409)
+        assert taken.error == "enrollment_refused" and "fleet devices reset kiosk-1" in taken.message
     device_token = original.json()["device_token"]
     assert cloud.client(token=device_token).get("/api/v1/devices/kiosk-1/desired").status_code in (200, 404)
-    # The token that enrolled it may re-enroll it (a reinstalled device), which rotates the device token.
-    again = admin.post("/api/v1/enroll", headers=bearer(first), json=body)
-    assert again.status_code == 200
+    # The device itself (its key), with any valid enrollment token, re-enrolls: the device token rotates.
+    again = admin.post("/api/v1/enroll", headers={**bearer(second), **json_headers}, content=signed())
+    assert again.status_code == 200, again.text
     assert cloud.client(token=device_token).get("/api/v1/devices/kiosk-1/desired").status_code == 401
+    shown = admin.get("/api/v1/devices/kiosk-1").json()
+    assert shown["enrollments_refused"] == 2 and shown["has_device_key"] is True
+    # The identity routes: reset, and token ids within the database's range.
+    assert admin.post("/api/v1/devices/kiosk-1/reset").json()["reset_pending"] is True
+    assert error_of(admin.delete(f"/api/v1/tokens/{2**31}"), 422).message
+    assert error_of(admin.delete("/api/v1/tokens/123456"), 404).message
+    assert cloud.client(token=device_token).get("/api/v1/tokens").status_code == 401

@@ -4,11 +4,12 @@ paho 2.x client, the Mosquitto helper runs a real one, and `plan_broker` picks w
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
 from edgefleet.cloud.broker import EmbeddedBroker, MosquittoProcess, plan_broker, start_broker
-from tests.cloud_server import MqttProbe
+from tests.cloud_server import MqttProbe, mqtt_connack
 from tests.harness import free_port, port_open, wait_for
 
 
@@ -95,3 +96,35 @@ def test_mosquitto_process_keeps_retained_messages_across_a_restart(tmp_path):
     finally:
         broker.stop()
     assert not port_open("127.0.0.1", port)
+
+
+def test_auto_with_logins_runs_mosquitto_only_where_it_can_secure_it(monkeypatch):
+    port = free_port()
+    monkeypatch.setattr("edgefleet.cloud.broker.mosquitto_binary", lambda: "/usr/sbin/mosquitto")
+    monkeypatch.setattr("edgefleet.cloud.broker.mosquitto_ctrl_binary", lambda: "/usr/bin/mosquitto_ctrl")
+    monkeypatch.setattr("edgefleet.cloud.broker.dynsec_plugin", lambda configured=None: Path("/x/dynsec.so"))
+    assert plan_broker("auto", "127.0.0.1", port, dynsec=True) == "mosquitto"
+    monkeypatch.setattr("edgefleet.cloud.broker.dynsec_plugin", lambda configured=None: None)
+    assert plan_broker("auto", "127.0.0.1", port, dynsec=True) == "embedded"  # never an open Mosquitto instead
+    assert plan_broker("auto", "127.0.0.1", port) == "mosquitto"  # logins off: as before
+
+
+def test_mosquitto_process_with_dynsec_refuses_anonymous_clients_and_admits_its_admin(tmp_path):
+    from edgefleet.cloud.broker import DynsecSetup, dynsec_plugin
+
+    port = free_port()
+    setup = DynsecSetup(dynsec_plugin(), "edgefleet-cloud", "admin-pw")
+    broker = MosquittoProcess(tmp_path / "mq", "127.0.0.1", port, dynsec=setup).start()
+    try:
+        assert oct((tmp_path / "mq" / "dynamic-security.json").stat().st_mode & 0o777) == "0o600"
+        assert mqtt_connack("127.0.0.1", port, client_id="anonymous").is_failure
+        assert not mqtt_connack("127.0.0.1", port, client_id="edgefleet-cloud", username="edgefleet-cloud",
+                                password="admin-pw").is_failure
+        assert mqtt_connack("127.0.0.1", port, client_id="edgefleet-cloud", username="edgefleet-cloud",
+                            password="wrong").is_failure
+        broker.stop()
+        broker.start()  # the accounts file is kept, not made again
+        assert not mqtt_connack("127.0.0.1", port, client_id="edgefleet-cloud", username="edgefleet-cloud",
+                                password="admin-pw").is_failure
+    finally:
+        broker.stop()

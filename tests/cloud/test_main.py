@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 
 from edgefleet.cloud.main import app
-from tests.cloud_server import MqttProbe
+from tests.cloud_server import MqttProbe, mqtt_connack
 from tests.harness import free_port, port_open, wait_for
 
 CLI = [sys.executable, "-m", "edgefleet.cloud.main"]
@@ -65,10 +65,14 @@ def test_serve_prints_the_admin_token_once_and_stops_cleanly(tmp_path):
         assert oct((data / "admin.token").stat().st_mode & 0o777) == "0o600"
         r = httpx.get(f"http://127.0.0.1:{port}/api/v1/stats", headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200, r.text
-        # The broker is a real one: a retained message goes through it.
-        probe = MqttProbe("127.0.0.1", mqtt_port)
-        probe.publish("edgefleet/devices/x/status", b"", retain=True)
+        # The broker is a real one, and a secured one: the cloud's login (0600 file) gets in, no anonymous client.
+        assert oct((data / "mqtt-cloud.password").stat().st_mode & 0o777) == "0o600"
+        password = (data / "mqtt-cloud.password").read_text().strip()
+        probe = MqttProbe("127.0.0.1", mqtt_port, client_id="edgefleet-cloud-probe", username="edgefleet-cloud",
+                          password=password)
+        probe.publish("edgefleet/devices/x/desired", b"", retain=True)
         probe.stop()
+        assert mqtt_connack("127.0.0.1", mqtt_port, client_id="anonymous").is_failure
     finally:
         code, err = _stop(proc)
     assert code == 0, err

@@ -14,6 +14,7 @@ from edgefleet.cloud.db.models import Base
 from edgefleet.cloud.db.session import migrate
 from edgefleet.cloud.errors import Conflict, Invalid, Unavailable
 from edgefleet.cloud.store import Store
+from edgefleet.protos.limits import INT32_MAX, MAX_ENERGY_MJ, MAX_LATENCY_MS, MAX_WINDOWS_PER_BATCH
 
 NOW = datetime(2025, 5, 1, 10, 0, 0, tzinfo=timezone.utc)
 
@@ -186,16 +187,40 @@ def test_telemetry_summary_is_per_model_version(store):
     assert got == [("a", 1, 10, 5.0), ("a", 2, 20, 3.5), ("b", 1, 10, 5.0)]
 
 
+def issue_generations(store, device_id: str, n: int) -> None:
+    _, mark = store.deployment_rules()
+    for _ in range(n):
+        store.commit_desired(device_id, rules_mark=mark, device_class="rpi4", labels={},
+                             make_doc=lambda g: ({"generation": g}, NOW + timedelta(hours=1)))
+
+
 def test_reported_state_ignores_older_reports(store):
     store.enroll_device("d", "rpi4", {}, "", "1" * 64, NOW)
-    assert store.set_reported("nobody", doc={}, generation=1, last_error=None, reported_at=NOW, now=NOW) is None
-    assert store.set_reported("d", doc={"g": 3}, generation=3, last_error="boom", reported_at=NOW, now=NOW) is True
-    assert store.set_reported("d", doc={"g": 2}, generation=2, last_error=None, reported_at=NOW, now=NOW) is False
+    issue_generations(store, "d", 3)
+    assert store.set_reported("nobody", doc={}, generation=1, last_error=None, reported_at=NOW, now=NOW) == "unknown"
+    assert store.set_reported("d", doc={"g": 3}, generation=3, last_error="boom", reported_at=NOW, now=NOW) == "stored"
+    assert store.set_reported("d", doc={"g": 2}, generation=2, last_error=None, reported_at=NOW, now=NOW) == "stale"
     earlier = NOW - timedelta(seconds=5)
     assert store.set_reported("d", doc={"g": 3, "old": 1}, generation=3, last_error=None, reported_at=earlier,
-                              now=NOW) is False
+                              now=NOW) == "stale"
     row = store.get_device("d")
     assert row.reported_doc == {"g": 3} and row.last_error == "boom" and row.last_seen == NOW
+
+
+def test_a_reported_generation_the_cloud_never_issued_is_refused_and_changes_nothing(store):
+    # A forged report with generation 2^31-1 used to be stored, and every real report after it was "stale".
+    store.enroll_device("d", "rpi4", {}, "", "1" * 64, NOW)
+    issue_generations(store, "d", 2)
+    assert store.set_reported("d", doc={"g": 2}, generation=2, last_error=None, reported_at=NOW, now=NOW) == "stored"
+    later = NOW + timedelta(seconds=5)
+    assert store.set_reported("d", doc={"forged": 1}, generation=2**31 - 1, last_error="x", reported_at=later,
+                              now=later) == "ahead"
+    row = store.get_device("d")
+    assert (row.reported_doc, row.reported_generation, row.last_error, row.last_seen) == ({"g": 2}, 2, None, NOW)
+    issue_generations(store, "d", 1)  # the next real generation, 3, and the report of it
+    assert store.set_reported("d", doc={"g": 3}, generation=3, last_error=None, reported_at=later,
+                              now=later) == "stored"
+    assert store.get_device("d").reported_generation == 3
 
 
 def test_online_status_and_classes(store):
@@ -226,3 +251,31 @@ def test_telemetry_summary_rolls_windows_up_over_the_look_back(store):
     assert agg.end == NOW + timedelta(seconds=120)
     assert set(store.telemetry_summary(NOW)) == {"d", "e"}
     assert store.telemetry_summary(NOW + timedelta(seconds=500)) == {}
+
+
+@pytest.mark.parametrize("bad", [{"p95_ms": 1e308}, {"p95_ms": float("nan")}, {"p50_ms": float("inf")},
+                                 {"mean_mj": -1.0}, {"p99_ms": -5.0}, {"errors": 11}],
+                         ids=["p95-1e308", "nan", "inf", "negative-energy", "negative-latency", "errors>count"])
+def test_telemetry_summary_leaves_out_rows_outside_the_contract(store, bad):
+    # Rows stored before the contract had limits. On PostgreSQL the 1e308 one made the roll-up overflow, so every
+    # listing answered 503 until the row was removed by hand; on SQLite it turned the aggregate into inf.
+    store.add_telemetry("d", 1, [window("a", 1, 60, p95=5.0)], 0, NOW)
+    store.add_telemetry("d", 2, [{**window("a", 1, 60), **bad}], 0, NOW)
+    (agg,) = store.telemetry_summary(NOW)["d"]
+    # SQLite stores NaN as NULL: that row then reads as a window without a p95, so its count still adds up.
+    nan_on_sqlite = store.engine.dialect.name == "sqlite" and any(v != v for v in bad.values())
+    count = 20 if nan_on_sqlite else 10
+    assert (agg.count, agg.errors, agg.p50_ms, agg.p95_ms, agg.p99_ms, agg.mean_mj) == (count, 0, 2.0, 5.0, 7.0, 1.5)
+
+
+def test_telemetry_summary_holds_the_largest_values_the_contract_admits(store):
+    # 1000 windows at every ceiling at once: the weighted sums stay finite and exact enough on both databases.
+    top = {"count": INT32_MAX, "errors": INT32_MAX - 1, "p50_ms": MAX_LATENCY_MS, "p95_ms": MAX_LATENCY_MS,
+           "p99_ms": MAX_LATENCY_MS, "mean_mj": MAX_ENERGY_MJ}
+    for seq in range(5):
+        store.add_telemetry("d", seq, [{**window("a", 1, 60), **top}] * MAX_WINDOWS_PER_BATCH, 0, NOW)
+    (agg,) = store.telemetry_summary(NOW)["d"]
+    n = 5 * MAX_WINDOWS_PER_BATCH
+    assert (agg.count, agg.errors) == (n * INT32_MAX, n * (INT32_MAX - 1))
+    assert agg.p50_ms == pytest.approx(MAX_LATENCY_MS) and agg.p95_ms == pytest.approx(MAX_LATENCY_MS)
+    assert agg.p99_ms == MAX_LATENCY_MS and agg.mean_mj == pytest.approx(MAX_ENERGY_MJ)

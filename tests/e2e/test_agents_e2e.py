@@ -8,7 +8,6 @@ bundle that does not exist, the broker down when the agent starts, and a restart
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -172,12 +171,22 @@ def test_signed_desired_state_naming_a_missing_bundle_fails_with_a_reason(tmp_pa
     v1 = push(admin)
     admin.post("/api/v1/deployments", json={"model": "tiny", "device_id": "pi-3"}).raise_for_status()
     wait_in_sync(admin, "pi-3", v1)
-    generation = json.loads(admin.get("/api/v1/devices/pi-3/desired").content)["payload"]["generation"]
     now = datetime.now(timezone.utc)
-    forged = cloud.fleet.signer.sign(DesiredState(
-        device_id="pi-3", device_class="rpi4", generation=generation + 100, issued_at=now,
-        expires_at=now + timedelta(hours=1),
-        models=[DesiredModel(name="tiny", version=99, bundle_target="bundles/tiny/v99/rpi4.tar.gz")]))
+    signed = []
+
+    def make_doc(generation):
+        signed.append(cloud.fleet.signer.sign(DesiredState(
+            device_id="pi-3", device_class="rpi4", generation=generation, issued_at=now,
+            expires_at=now + timedelta(hours=1),
+            models=[DesiredModel(name="tiny", version=99, bundle_target="bundles/tiny/v99/rpi4.tar.gz")])))
+        return signed[-1].to_dict(), now + timedelta(hours=1)
+
+    # Issued through the store, as the cloud issues every generation: the cloud refuses a report of a generation
+    # it never issued (a forged report must not freeze the device's picture).
+    store = cloud.fleet.store
+    store.commit_desired("pi-3", rules_mark=store.deployment_rules()[1], device_class="rpi4",
+                         labels=store.get_device("pi-3").labels, make_doc=make_doc)
+    forged = signed[-1]
     probe = MqttProbe(mosquitto.host, mosquitto.port)
     try:
         probe.publish(device_topics(cloud.settings.mqtt_topic_prefix, "pi-3").desired, forged.to_wire())

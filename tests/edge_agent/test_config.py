@@ -81,6 +81,12 @@ def test_minimal_config(tmp_path):
     assert cfg.reconcile.tick_s == 1.0 and cfg.reconcile.max_rounds == 20
 
 
+def test_api_read_timeout_has_a_default_and_can_be_set(tmp_path):
+    assert load_config(write(tmp_path, GOOD)).api.read_timeout_s == 10.0
+    cfg = load_config(write(tmp_path, GOOD.replace("http_port = 8181", "http_port = 8181\nread_timeout_s = 2")))
+    assert cfg.api.read_timeout_s == 2.0 and isinstance(cfg.api.read_timeout_s, float)
+
+
 BAD = [
     ("telemtry", GOOD.replace("[telemetry]", "[telemtry]"),
      "unknown key 'telemtry.window_s' (did you mean 'telemetry.window_s'?)"),
@@ -93,6 +99,10 @@ BAD = [
     ("port range", GOOD.replace("http_port = 8181", "http_port = 70000"),
      "'api.http_port' must be between 0 and 65535"),
     ("window neg", GOOD.replace("window_s = 30", "window_s = -1"), "'telemetry.window_s' must be a finite number >= 0"),
+    # The cloud refuses a window longer than the contract's MAX_WINDOW_S: the agent must never build one.
+    ("window long", GOOD.replace("window_s = 30", "window_s = 172800"),
+     "'telemetry.window_s' must be > 0 and at most 86400 (one day), got 172800.0"),
+    ("window zero", GOOD.replace("window_s = 30", "window_s = 0"), "'telemetry.window_s' must be > 0"),
     ("float str", GOOD.replace("outbox_max_mb = 4.5", 'outbox_max_mb = "big"'),
      "'telemetry.outbox_max_mb' must be a number, got 'big'"),
     ("label type", GOOD.replace('site = "kitchen"', "site = 3"), "'labels.site' must be a string, got 3"),
@@ -105,6 +115,13 @@ BAD = [
     ("poll zero", GOOD.replace("desired_poll_s = 45", "desired_poll_s = 0"), "'link.desired_poll_s' must be > 0"),
     ("tick zero", GOOD.replace("tick_s = 0.5", "tick_s = 0"), "'reconcile.tick_s' must be > 0"),
     ("rounds zero", GOOD.replace("max_rounds = 30", "max_rounds = 0"), "'reconcile.max_rounds' must be > 0, got 0"),
+    # A zero read timeout would time every local API request out at once.
+    ("read timeout zero", GOOD.replace("http_port = 8181", "http_port = 8181\nread_timeout_s = 0"),
+     "'api.read_timeout_s' must be > 0, got 0.0"),
+    ("read timeout str", GOOD.replace("http_port = 8181", 'http_port = 8181\nread_timeout_s = "10s"'),
+     "'api.read_timeout_s' must be a number, got '10s'"),
+    ("read timeout typo", GOOD.replace("http_port = 8181", "http_port = 8181\nread_timeout = 5"),
+     "unknown key 'api.read_timeout' (did you mean 'api.read_timeout_s'?)"),
     ("rounds float", GOOD.replace("max_rounds = 30", "max_rounds = 2.5"),
      "'reconcile.max_rounds' must be an integer, got 2.5"),
     ("link typo", GOOD.replace("ack_timeout_s = 2", "ack_timeout = 2"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 from datetime import datetime, timezone
 
@@ -114,4 +115,61 @@ def test_broker_down_at_start_then_up(tmp_path):
         wait_for(lambda: len(connects) >= 2, 20, what="reconnect")
     finally:
         link.stop()
+        broker.stop()
+
+
+def test_reconnect_delays_are_full_jitter_not_whole_seconds():
+    # Issue 7: the old link rounded its one jittered delay to whole seconds (always 1 at the default 1 s), and paho
+    # doubled it from there: every agent of a fleet waited 1, 2, 4 ... s after a broker restart, in lockstep.
+    info = BrokerInfo(host="127.0.0.1", port=free_port(), topic_prefix="t", keepalive_s=5)  # nothing listens
+    links = [MqttLink(info, f"dev-j{i}", on_desired=lambda raw: None, on_connected=lambda: None,
+                      retry_initial_s=0.05, retry_max_s=0.4, rand=random.Random(i)) for i in range(3)]
+    for link in links:
+        link.start()
+    try:
+        wait_for(lambda: all(len(link._client.waits) >= 4 for link in links), 20, what="four waits per link")
+    finally:
+        for link in links:
+            link.stop()
+    waits = [link._client.waits[:4] for link in links]
+    for per_link in waits:
+        assert all(0 <= w < min(0.4, 0.05 * 2**k) for k, w in enumerate(per_link))  # inside each window
+    assert len({tuple(w) for w in waits}) == 3  # three agents, three different schedules
+
+
+def test_the_link_logs_in_with_its_device_login_and_client_id(tmp_path):
+    broker = Mosquitto(tmp_path / "secure", dynsec=True).start()
+    try:
+        from edgefleet.cloud.dynsec import DynsecAccounts
+        from edgefleet.cloud.mqtt_accounts import CloudLogin
+
+        login = CloudLogin(broker.admin_username, broker.admin_password, "test-admin")
+        accounts = DynsecAccounts(broker.host, broker.port, login, "t").start()
+        try:
+            assert accounts.wait_ready(10)
+            accounts.issue("dev-4", "pw-dev-4")
+        finally:
+            accounts.stop()
+        received: list[bytes] = []
+        good = BrokerInfo(host=broker.host, port=broker.port, topic_prefix="t", keepalive_s=5, username="dev-4",
+                          password="pw-dev-4")
+        link = MqttLink(good, "dev-4", on_desired=received.append, on_connected=lambda: None)
+        link.start()
+        try:
+            wait_for(lambda: link.connected, 10, what="the link logged in")
+            report = ReportedState(device_id="dev-4", generation=0, models=[], agent_version="t",
+                                   reported_at=datetime.now(timezone.utc))
+            assert link.publish_reported(report, 5) is True
+        finally:
+            link.stop()
+        bad = good.model_copy(update={"password": "wrong"})
+        refused = MqttLink(bad, "dev-4", on_desired=received.append, on_connected=lambda: None,
+                           retry_initial_s=0.05, retry_max_s=0.2)
+        refused.start()
+        try:
+            wait_for(lambda: len(refused._client.waits) >= 2, 10, what="the refused link backing off")
+            assert not refused.connected
+        finally:
+            refused.stop()
+    finally:
         broker.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
 
 import httpx
@@ -166,3 +167,99 @@ def test_stale_socket_is_replaced_and_removed(tmp_path):
     api = LocalApi(InferenceService(Installer(tmp_path / "models")), unix_socket=sock_path).start()
     api.stop()
     assert not sock_path.exists()
+
+
+# -- limits: read timeouts (api.read_timeout_s) and shapes too large for their data -----------------------------------
+
+READ_TIMEOUT_S = 0.5
+WAIT_S = 20  # a bound on waiting for the server, not a timing assertion
+
+
+@pytest.fixture
+def strict(tmp_path):
+    installer = kit.install_direct(tmp_path / "models", version=1, tmp=tmp_path)
+    service = InferenceService(installer)
+    service.load_active()
+    api = LocalApi(service, unix_socket=tmp_path / "api.sock", read_timeout_s=READ_TIMEOUT_S).start()
+    try:
+        yield api, tmp_path / "api.sock"
+    finally:
+        api.stop()
+
+
+def connect(api: LocalApi, sock_path, over: str) -> socket.socket:
+    if over == "tcp":
+        s = socket.create_connection(api.address, timeout=WAIT_S)
+    else:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(WAIT_S)
+        s.connect(str(sock_path))
+    return s
+
+
+def read_to_eof(s: socket.socket) -> bytes:
+    """Everything the server sends until it closes; a server that never closes fails the test after WAIT_S."""
+    got = b""
+    while data := s.recv(65536):
+        got += data
+    return got
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+def test_a_body_shorter_than_its_content_length_is_408_and_closed(strict, over):
+    api, sock_path = strict
+    with connect(api, sock_path, over) as s:
+        s.sendall(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000\r\n\r\n" + b'{"inputs": [')
+        answer = read_to_eof(s)  # before api.read_timeout_s the server waited here for ever
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert "api.read_timeout_s" in json.loads(body)["error"]
+    assert httpx.get(f"{api.url}/v2/health/live").status_code == 200  # and the server still answers others
+
+
+@pytest.mark.parametrize("over", ["tcp", "unix"])
+def test_stalled_headers_and_idle_keepalive_connections_are_closed(strict, over):
+    api, sock_path = strict
+    with connect(api, sock_path, over) as s:
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: agent\r\n")  # the blank line never comes
+        assert read_to_eof(s) == b""
+    with connect(api, sock_path, over) as s:  # one answered request, then silence on the kept-alive connection
+        s.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: agent\r\n\r\n")
+        assert read_to_eof(s).startswith(b"HTTP/1.1 200")
+
+
+def test_a_request_dripped_a_byte_at_a_time_is_cut_off_by_the_deadline(strict):
+    """Each byte arrives well within READ_TIMEOUT_S, so only a deadline on the whole request ends it."""
+    api, _ = strict
+    request = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: agent\r\nContent-Length: 512\r\n\r\n" + b" " * 512
+    sent = 0
+    with socket.create_connection(api.address, timeout=WAIT_S) as s:
+        for byte in request[: len(request) // 4 + 1]:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break  # the server closed the connection
+            sent += 1
+            if select.select([s], [], [], READ_TIMEOUT_S / 5)[0]:
+                break  # the server answered or closed
+        read_to_eof(s)
+    assert sent < len(request) // 4, f"the server took {sent} dripped bytes"
+
+
+def test_a_shape_too_large_for_its_data_is_an_inference_error():
+    spec = [TensorSpec(name="x", dtype="float32", shape=[None, 64])]
+    for shape, data in (([2**58, 64], []), ([2**63, 64], [0.0] * 64), ([2**58 * 3, 64], [0.0] * 64)):
+        request = InferRequest(inputs=[{"name": "x", "shape": shape, "datatype": "FP32", "data": data}])
+        with pytest.raises(InferenceError, match="too large for the data"):
+            request_to_numpy(request, spec)
+    request = InferRequest(inputs=[{"name": "x", "shape": [0, 64], "datatype": "FP32", "data": []}])
+    assert request_to_numpy(request, spec)["x"].shape == (0, 64)
+
+
+def test_a_huge_declared_shape_is_a_400_over_http(served):
+    api, *_ = served
+    for shape in ([2**58, 3], [2**64, 3], [2**62 * 4, 3]):
+        r = httpx.post(f"{api.url}/v2/models/digits/infer",
+                       json={"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]})
+        assert r.status_code == 400 and "too large for the data" in r.json()["error"], (shape, r.text)

@@ -21,6 +21,7 @@ from edgefleet.edge_agent.reconcile import (
     statuses,
 )
 from edgefleet.edge_agent.records import FailedRecord, InstallRecord
+from edgefleet.protos.limits import MAX_ERROR_CHARS
 from tests.edge_agent import agent_testkit as kit
 
 NOW = kit.T0
@@ -143,6 +144,16 @@ def test_statuses_cover_each_state():
     assert got["c"].state == "failed" and got["c"].error == "smoke_test_failed: differs"
     assert got["d"].state == "installing" and got["d"].phase is None
     assert got["e"].state == "removed"
+
+
+def test_statuses_clip_error_texts_to_the_contract():
+    # An exception's text (ONNX Runtime's are long) must not make the report one the cloud refuses.
+    huge = failed(name="c", version=3).model_copy(update={"error": "x" * 50_000})
+    current = snap(installs={"b": rec(name="b", phase=Phase.SMOKE_TEST, error="y\x00" * 50_000)},
+                   failed={"c": huge})
+    got = {s.name: s for s in statuses(current, kit.desired([("b", 2), ("c", 3)]))}
+    assert len(got["c"].error) == MAX_ERROR_CHARS and got["c"].error.startswith("smoke_test_failed: xxx")
+    assert len(got["b"].error) == MAX_ERROR_CHARS and "\x00" not in got["b"].error
 
 
 def test_next_wakeup_is_the_earliest_backoff():

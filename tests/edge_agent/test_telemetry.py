@@ -8,6 +8,7 @@ import pytest
 
 from edgefleet.edge_agent.meters import EnergyMeter, ModelledMeter, NullMeter
 from edgefleet.edge_agent.telemetry import Outbox, Telemetry, percentile
+from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS
 from edgefleet.protos.messages import TelemetryBatch, parse_message
 from tests.edge_agent import agent_testkit as kit
 
@@ -92,3 +93,15 @@ def test_full_outbox_drops_oldest_and_counts(tmp_path):
     waiting = outbox.dropped_pending
     assert waiting > 0 and outbox.add("dev-1", [], T0).dropped_windows == waiting
     assert Outbox(tmp_path / "outbox", 1500).dropped_pending == 0  # persisted across a restart
+
+
+def test_wild_samples_are_clamped_into_the_contract_so_the_window_still_goes_out(tmp_path):
+    # A clock step or a meter glitch once: the window must still be one the cloud accepts, not refused whole.
+    tel = make(tmp_path)
+    for latency, energy in ((2.0, 1.0), (1e12, float("inf")), (-5.0, -3.0), (float("nan"), float("nan"))):
+        tel.record("m", 1, latency, T0 + timedelta(seconds=1), energy_mj=energy, energy_source="estimated",
+                   energy_meter="modelled")
+    [batch] = tel.flush(T0 + timedelta(seconds=60))
+    [w] = parse_message(batch.to_wire(), TelemetryBatch).windows
+    assert (w.count, w.p50_ms, w.p99_ms) == (4, 0.0, MAX_LATENCY_MS)
+    assert w.mean_mj == pytest.approx((1.0 + MAX_ENERGY_MJ) / 4)

@@ -225,7 +225,7 @@ def test_tokens_ttl_is_checked(cli):
 @pytest.mark.parametrize("args", [
     (), ("login",), ("devices",), ("devices", "list"), ("devices", "show"), ("classes", "list"), ("models",),
     ("models", "push"), ("models", "list"), ("deploy",), ("deployments", "list"), ("status",), ("stats",),
-    ("tokens", "create"),
+    ("tokens", "create"), ("tokens", "list"), ("tokens", "revoke"), ("tokens", "expire"), ("devices", "reset"),
 ])
 def test_every_command_has_help_with_examples(cli, args):
     out = cli.ok(*args, "--help").stdout
@@ -398,6 +398,35 @@ def test_tokens_create_table_and_json(admin):
     view = json.loads(admin.ok("tokens", "create", "--note", "lab", "--json").stdout)
     assert view["token"] and view["note"] == "lab"
     assert "enrollment token" in admin.ok("tokens", "create").stdout
+
+
+def test_tokens_list_revoke_and_expire(admin, cloud):
+    made = json.loads(admin.ok("tokens", "create", "--note", "to-revoke", "--json").stdout)
+    listed = json.loads(admin.ok("tokens", "list", "--kind", "enroll", "--json").stdout)
+    assert made["id"] in [t["id"] for t in listed] and all("token" not in t for t in listed)
+    assert "to-revoke" in admin.ok("tokens", "list").stdout
+    expired = json.loads(admin.ok("tokens", "expire", str(made["id"]), "--in", "30m", "--json").stdout)
+    assert expired["id"] == made["id"] and expired["expires_at"]
+    assert f"revoked enroll token {made['id']}" in admin.ok("tokens", "revoke", str(made["id"])).stdout
+    with cloud.client(token=made["token"]) as http:
+        assert http.post("/api/v1/enroll", json={"device_id": "x", "device_class": "rpi4"}).status_code == 401
+    assert "no token" in admin.fails(2, "tokens", "revoke", str(made["id"]))  # gone: 404 is a refusal, exit 2
+    admin_id = json.loads(admin.ok("tokens", "list", "--kind", "admin", "--json").stdout)[0]["id"]
+    assert "cannot be revoked" in admin.fails(2, "tokens", "revoke", str(admin_id))
+    assert "--kind" in admin.fails(2, "tokens", "list", "--kind", "root")
+    assert "--in" in admin.fails(2, "tokens", "expire", "1", "--in", "soon")
+
+
+def test_devices_reset(admin, cloud):
+    device_token = enroll(admin, cloud, "cli-reset-1")
+    out = admin.ok("devices", "reset", "cli-reset-1").stdout
+    assert "cli-reset-1: reset" in out
+    with cloud.client(token=device_token) as http:
+        assert http.get("/api/v1/devices/cli-reset-1/desired").status_code == 401
+    shown = json.loads(admin.ok("devices", "show", "cli-reset-1", "--json").stdout)
+    assert shown["reset_pending"] is True
+    assert "reset" in admin.ok("devices", "show", "cli-reset-1").stdout
+    assert "no device" in admin.fails(2, "devices", "reset", "no-such-device")
 
 
 def test_real_cloud_wrong_token_is_exit_4(cli, cloud):
