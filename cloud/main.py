@@ -14,6 +14,7 @@ exercise exactly this wiring.
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -105,14 +106,21 @@ class CloudRuntime:
             self.fleet.close()  # last: the bridge and the refresher above may still write until they stop
 
 
-def announce_admin_token(token: str, token_file: Path) -> None:
-    """Shown once, at the first start: to stderr so that stdout stays clean for scripts."""
+def login_command(url: str, token: str) -> str:
+    """The `fleet login` that works as printed, with the cloud's own URL (a token is URL-safe base64: no quoting)."""
+    return f"fleet login --url {shlex.quote(url)} --token {shlex.quote(token)}"
+
+
+def announce_admin_token(token: str, token_file: Path, url: str) -> None:
+    """Shown once, at the first start: to stderr so that stdout stays clean for scripts. `url`: the cloud's base URL
+    (`Settings.public_url`: http://{host}:{port}, 127.0.0.1 for a wildcard host, unless set)."""
     typer.echo(
         "\n".join([
             "",
             "edgefleet: created the admin token (shown only this once):",
             f"    {token}",
-            f"It is also kept in {token_file} (mode 0600). Use it with: fleet login --token <token>",
+            f"It is also kept in {token_file} (mode 0600). Log the fleet CLI in with:",
+            f"    {login_command(url, token)}",
             "",
         ]),
         err=True,
@@ -150,7 +158,7 @@ def serve(
         typer.echo(f"edgefleet-cloud: {exc}", err=True)
         raise typer.Exit(2) from None
     if runtime.admin_token:
-        announce_admin_token(runtime.admin_token, settings.admin_token_file)
+        announce_admin_token(runtime.admin_token, settings.admin_token_file, str(settings.public_url))
     server = uvicorn.Server(uvicorn.Config(runtime.app, host=settings.host, port=settings.port,
                                            log_level=log_level.lower(), lifespan="off"))
     # uvicorn catches SIGINT/SIGTERM, shuts down gracefully, then re-raises the signal to the handler it found

@@ -1,82 +1,49 @@
 """`Fleet`: the facade every surface (REST routes, the MQTT bridge, the serve loop, tests) calls.
 
-Theory: the database is the source of truth. A deployment is stored as a rule (a model version for one device, a
-device class, or a label key=value); a device's desired models are computed from all rules in the order made, so a
-later rule for the same model name overrides an earlier one, and a device that enrolls after a class or label
-deployment gets it too. Whenever a device's desired models may have changed (deploy, enroll) or its document nears
-expiry, `_resign` computes the models, bumps the device's generation, signs the document with expiry
-now + `desired_state_ttl_s`, stores it (`Store.commit_desired`, which refuses when rules changed meanwhile, so a
-slow writer cannot overwrite a newer document) and then publishes it. Publishing is best effort: an agent also
-fetches its document over HTTP when it (re)connects.
-
-Bundles are built lazily, once per (model, version, class): the archive goes into the blob store under its sha256
-(the key the TUF target route serves), is added as a TUF target, then recorded. Builds are deterministic, so two
-builders racing produce the same bytes and the same target.
+Theory: the database is the source of truth; the facade is one class built from mixins, one per concept, each in
+its own module: the model registry and bundle builds (`services_models.py`), deployments and signed desired states
+(`services_deploy.py`), tokens, enrollment and resets (`services_identity.py`), devices' broker logins
+(`services_broker.py`), bundle provenance (`services_provenance.py`), jobs, distillation and calibrations
+(`services_distill.py`). This module holds what they share: the device classes (catalog files, and classes added
+through the API, kept in the database), the devices, the ingest of what devices send (reported state, telemetry,
+status, each refused or counted, never crashing on a bad one), the status rows and the counters.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
 
 from edgefleet.cloud.blobs import BlobStore, LocalBlobStore
-from edgefleet.cloud.bundles import build_bundle, model_file_for, read_npz, target_path
 from edgefleet.cloud.catalog import load_catalog, parse_class
-from edgefleet.cloud.db.models import Bundle, Deployment, Device, ModelVersion
-from edgefleet.cloud.errors import CloudError, Conflict, Invalid, NotFound, Refused, Unavailable, UnknownClass
-from edgefleet.cloud.registry import validate_model
+from edgefleet.cloud.db.models import Device
+from edgefleet.cloud.errors import Conflict, NotFound, Refused, UnknownClass
 from edgefleet.cloud.services_broker import BrokerLoginFacade
+from edgefleet.cloud.services_deploy import DeployFacade, Publish
 from edgefleet.cloud.services_distill import DistillFacade
 from edgefleet.cloud.services_identity import IdentityFacade
+from edgefleet.cloud.services_models import ModelsFacade
 from edgefleet.cloud.services_provenance import ProvenanceFacade
 from edgefleet.cloud.settings import Settings
 from edgefleet.cloud.store import ADMIN_MARKER, Store
 from edgefleet.cloud.trust import DesiredStateSigner, TufRepository
 from edgefleet.common.fsutil import private_dir
-from edgefleet.protos.api import (
-    BundleView,
-    DeploymentView,
-    DeployRequest,
-    DeviceStatusRow,
-    DeviceView,
-    ModelVersionView,
-    StatsView,
-    TelemetrySummary,
-)
+from edgefleet.protos.api import DeviceStatusRow, DeviceView, StatsView, TelemetrySummary
 from edgefleet.protos.limits import MAX_SHORT_TEXT_CHARS, clip_text
-from edgefleet.protos.messages import (
-    DesiredModel,
-    DesiredState,
-    DeviceClassInfo,
-    DeviceStatus,
-    ModelStatus,
-    ReportedState,
-    SignedDesiredState,
-    TelemetryBatch,
-    TensorSpec,
-    check_name,
-)
+from edgefleet.protos.messages import DeviceClassInfo, DeviceStatus, ModelStatus, ReportedState, TelemetryBatch
 
 log = logging.getLogger(__name__)
-
-Publish = Callable[[str, SignedDesiredState], None]
-# 5: a document is recomputed only when a deployment or re-enrollment lands between computing and committing it.
-RESIGN_TRIES = 5
-
 
 def _now() -> datetime:
     # Whole seconds: the signed payload then reads the same in every JSON round trip and log line.
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-class Fleet(DistillFacade, BrokerLoginFacade, IdentityFacade, ProvenanceFacade):
-    """The facade; jobs, distillation and calibrations are in `services_distill.py`, devices' broker logins in
-    `services_broker.py`, tokens, enrollment and resets in `services_identity.py`, bundle provenance in
-    `services_provenance.py`, mixed in."""
+class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, IdentityFacade, ProvenanceFacade):
+    """The facade, with the mixins named in the module's docstring."""
 
     def __init__(self, settings: Settings, store: Store, blobs: BlobStore, tuf: TufRepository,
                  signer: DesiredStateSigner, catalog: dict[str, DeviceClassInfo],
@@ -126,7 +93,8 @@ class Fleet(DistillFacade, BrokerLoginFacade, IdentityFacade, ProvenanceFacade):
         info = self._classes().get(name)
         if info is None:
             raise UnknownClass(f"unknown device class {name!r}; known: {', '.join(sorted(self._classes()))}. Add "
-                               f"one with `fleet classes add` or a TOML file in {self.settings.classes_dir}")
+                               f"one as a TOML file in {self.settings.classes_dir} (then restart the cloud), or "
+                               "with POST /api/v1/classes")
         return info
 
     def list_classes(self) -> list[DeviceClassInfo]:
@@ -140,68 +108,6 @@ class Fleet(DistillFacade, BrokerLoginFacade, IdentityFacade, ProvenanceFacade):
                            f"file in {self.settings.classes_dir}")
         self.store.put_class(info.name, info.to_dict(), _now())
         return info
-
-    # ------------------------------------------------------------------------------------------------ models
-
-    def push_model(self, name: str, data: bytes) -> ModelVersionView:
-        try:
-            check_name(name)
-        except ValueError as exc:
-            raise Invalid(f"model {exc}") from None
-        try:
-            info = validate_model(data, max_bytes=self.settings.max_model_bytes)
-        except CloudError:
-            self.count("refused_models")
-            raise
-        key = self.blobs.put_bytes(data)
-        row = self.store.add_model_version(
-            name, sha256=key, size_bytes=info.size_bytes, opset=info.opset,
-            inputs=[s.to_dict() for s in info.inputs], outputs=[s.to_dict() for s in info.outputs], now=_now(),
-        )
-        log.info("model %s v%d stored (%d bytes, sha256 %s)", name, row.version, row.size_bytes, key)
-        return _model_view(row)
-
-    def list_models(self) -> list[ModelVersionView]:
-        return [_model_view(r) for r in self.store.list_model_versions()]
-
-    # ------------------------------------------------------------------------------------------------ bundles
-
-    def _ensure_bundle(self, model: ModelVersion, cls: DeviceClassInfo) -> Bundle:
-        if model.built_for_class and model.built_for_class != cls.name:
-            # A distilled variant was chosen against this class's budgets and calibration (and may be int8 or
-            # TFLite for its runtime): on another class it would break the budgets it was picked for.
-            raise Invalid(f"{model.name} v{model.version} was built for class {model.built_for_class}, not "
-                          f"{cls.name}; deploy the version built for {cls.name} (`fleet models` shows each "
-                          f"version's class), or distill for {cls.name}")
-        existing = self.store.get_bundle(model.name, model.version, cls.name)
-        if existing is not None:
-            return existing
-        with self.blobs.open(model.sha256) as f:
-            model_bytes = f.read()
-        expected = None
-        if model.smoke_sha256:
-            with self.blobs.open(model.smoke_sha256) as f:
-                expected = read_npz(f.read())
-        path = target_path(model.name, model.version, cls.name)
-        # The signed statement of how the model was made goes into the bundle (services_provenance.py).
-        provenance = self._bundle_provenance(model, cls, model_bytes, model_file_for(model.format or "onnx"), path)
-        try:
-            archive, manifest = build_bundle(
-                model_bytes, name=model.name, version=model.version, device_class=cls,
-                inputs=[TensorSpec.model_validate(s) for s in model.inputs],
-                outputs=[TensorSpec.model_validate(s) for s in model.outputs],
-                created_at=model.created_at,  # the model's time, not now: rebuilding gives the same bytes
-                precision=model.precision or "fp32", runtime=model.runtime or "onnxruntime",
-                model_format=model.format or "onnx", expected=expected, provenance=provenance,
-            )
-        except Invalid as exc:
-            raise Invalid(f"cannot build a bundle of {model.name} v{model.version} for class {cls.name}: "
-                          f"{exc.message}") from None
-        key = self.blobs.put_bytes(archive)
-        self.tuf.add_target(path, archive)
-        return self.store.add_bundle(model=model.name, version=model.version, device_class=cls.name,
-                                     target_path=path, sha256=key, size_bytes=len(archive),
-                                     manifest=manifest.to_dict(), now=_now())
 
     # ------------------------------------------------------------------------------------------------ devices
 
@@ -218,129 +124,6 @@ class Fleet(DistillFacade, BrokerLoginFacade, IdentityFacade, ProvenanceFacade):
     def get_device(self, device_id: str) -> DeviceView:
         row = self._device(device_id)
         return _device_view(row, self.store.telemetry_summary(self._summary_since(), device_id).get(device_id, []))
-
-    # ------------------------------------------------------------------------------------------------ deployments
-
-    def deploy(self, req: DeployRequest) -> DeploymentView:
-        model = self.store.get_model_version(req.model, req.version)
-        if model is None:
-            which = f"version {req.version}" if req.version is not None else "any version"
-            raise NotFound(f"model {req.model!r} has no {which}; push it first (`fleet models push`) or check "
-                           "`fleet models`")
-        if req.device_id:
-            kind, target = "device", req.device_id
-            devices = [self._device(req.device_id)]
-            classes = [self._class(devices[0].device_class)]
-        elif req.device_class:
-            kind, target = "device_class", req.device_class
-            classes = [self._class(req.device_class)]
-            devices = self.store.list_devices(req.device_class)
-        else:
-            kind, target = "label", str(req.label)
-            key, _, value = target.partition("=")
-            devices = [d for d in self.store.list_devices() if d.labels.get(key) == value]
-            names = sorted({d.device_class for d in devices})
-            classes = [self._class(n) for n in names]
-        # Build every bundle before recording the rule: a class the model cannot run on fails the whole deploy.
-        bundles = [self._ensure_bundle(model, c) for c in classes]
-        row = self.store.add_deployment(model=model.name, version=model.version, target_kind=kind, target=target,
-                                        device_ids=[d.device_id for d in devices],
-                                        bundle_ids=[b.id for b in bundles], now=_now())
-        self.count("deployments")
-        for device in devices:
-            self._resign(device.device_id)
-        return _deployment_view(row, sorted(d.device_id for d in devices), bundles)
-
-    def list_deployments(self) -> list[DeploymentView]:
-        return [_deployment_view(r, devs, bundles) for r, devs, bundles in self.store.list_deployments()]
-
-    def _desired_models(self, device: Device, rules: list[Deployment]) -> list[DesiredModel]:
-        wanted: dict[str, int] = {}
-        for rule in rules:  # in the order made: a later rule for the same model name wins
-            if (
-                (rule.target_kind == "device" and rule.target == device.device_id)
-                or (rule.target_kind == "device_class" and rule.target == device.device_class)
-                or (rule.target_kind == "label" and _label_matches(rule.target, device.labels))
-            ):
-                wanted[rule.model] = rule.version
-        cls = self._classes().get(device.device_class)
-        models: list[DesiredModel] = []
-        for name, version in sorted(wanted.items()):
-            row = self.store.get_model_version(name, version)
-            if row is None or cls is None:
-                continue
-            try:
-                bundle = self._ensure_bundle(row, cls)
-            except CloudError as exc:
-                # A label rule can reach a class it was never built for; the device keeps its other models.
-                log.warning("device %s: %s", device.device_id, exc)
-                self.count("bundle_build_failed")
-                continue
-            runtime = (bundle.manifest or {}).get("runtime", "onnxruntime")  # the agent checks it against the bundle
-            models.append(DesiredModel(name=name, version=version, bundle_target=bundle.target_path, runtime=runtime))
-        return models
-
-    def _resign(self, device_id: str) -> SignedDesiredState:
-        """Compute, sign, store and publish a new document for the device (a new generation)."""
-        for _ in range(RESIGN_TRIES):
-            device = self._device(device_id)
-            rules, mark = self.store.deployment_rules()
-            models = self._desired_models(device, rules)
-            signed: list[SignedDesiredState] = []
-
-            # Called by commit_desired before this iteration ends, so the loop variables it reads are this device's.
-            def make_doc(generation: int) -> tuple[dict, datetime]:
-                now = _now()
-                state = DesiredState(device_id=device.device_id,  # noqa: B023
-                                     device_class=device.device_class,  # noqa: B023
-                                     generation=generation, issued_at=now,
-                                     expires_at=now + timedelta(seconds=self.settings.desired_state_ttl_s),
-                                     models=models)  # noqa: B023
-                signed.append(self.signer.sign(state))  # noqa: B023
-                return signed[-1].to_dict(), state.expires_at  # noqa: B023
-
-            with self._publish_lock:
-                generation = self.store.commit_desired(device_id, rules_mark=mark, device_class=device.device_class,
-                                                       labels=device.labels, make_doc=make_doc)
-                if generation is None:
-                    continue
-                self._publish(device_id, signed[-1])
-            return signed[-1]
-        raise Unavailable(f"desired state of {device_id} kept changing while it was being signed; retry")
-
-    def _publish(self, device_id: str, doc: SignedDesiredState) -> None:
-        if self.publish is None:
-            return
-        try:
-            self.publish(device_id, doc)
-        except Exception as exc:  # noqa: BLE001 - the DB holds the doc; the agent fetches it over HTTP on connect
-            log.warning("publishing the desired state of %s failed: %s", device_id, exc)
-            self.count("publish_failed")
-
-    def desired_state(self, device_id: str) -> SignedDesiredState:
-        device = self._device(device_id)
-        if device.desired_doc is None or device.desired_expires_at is None or (
-            device.desired_expires_at - _now() < timedelta(seconds=self.settings.desired_state_ttl_s / 2)
-        ):
-            return self._resign(device_id)
-        return SignedDesiredState.model_validate(device.desired_doc)
-
-    def refresh_expiring(self) -> int:
-        """Re-sign (and publish) every document past half its life, and, after the desired-state keys changed (a
-        rotation step, maybe by `edgefleet-cloud keys` in another process), every one not signed by exactly them;
-        the number re-signed."""
-        cutoff = _now() + timedelta(seconds=self.settings.desired_state_ttl_s / 2)
-        due = self.store.devices_expiring_before(cutoff)
-        signing = self.signer.signing_keyids()
-        if signing != self._signed_with:
-            stale = [d.device_id for d in self.store.list_devices() if not _signed_by_exactly(d.desired_doc, signing)]
-            due = sorted(set(due) | set(stale))
-        done = 0
-        for device_id in due:
-            self._resign(device_id)
-            done += 1
-        self._signed_with = signing
-        return done
 
     # ------------------------------------------------------------------------------------------------ ingest
 
@@ -405,36 +188,6 @@ class Fleet(DistillFacade, BrokerLoginFacade, IdentityFacade, ProvenanceFacade):
 # ---------------------------------------------------------------------------------------------------- views
 
 
-def _signed_by_exactly(doc: dict | None, keyids: frozenset[str]) -> bool:
-    """Whether a stored signed desired state is signed by `keyids` and no other key (after a finished rotation, a
-    document still signed by the revoked key is re-signed, so agents see the new key alone and learn the revocation)."""
-    return doc is not None and keyids == {s.get("keyid") for s in doc.get("signatures", [])}
-
-
-def _label_matches(rule: str, labels: dict[str, str]) -> bool:
-    key, _, value = rule.partition("=")
-    return labels.get(key) == value
-
-
-def _model_view(row: ModelVersion) -> ModelVersionView:
-    return ModelVersionView(name=row.name, version=row.version, sha256=row.sha256, size_bytes=row.size_bytes,
-                            opset=row.opset, inputs=row.inputs, outputs=row.outputs, created_at=row.created_at,
-                            precision=row.precision, runtime=row.runtime, format=row.format,
-                            built_for_class=row.built_for_class, job_id=row.job_id)
-
-
-def _bundle_view(row: Bundle) -> BundleView:
-    return BundleView(model=row.model, version=row.version, device_class=row.device_class,
-                      target_path=row.target_path, sha256=row.sha256, size_bytes=row.size_bytes,
-                      created_at=row.created_at)
-
-
-def _deployment_view(row: Deployment, devices: list[str], bundles: list[Bundle]) -> DeploymentView:
-    return DeploymentView(id=row.id, model=row.model, version=row.version, target_kind=row.target_kind,
-                          target=row.target, created_at=row.created_at, devices=devices,
-                          bundles=[_bundle_view(b) for b in bundles])
-
-
 def _desired_models_of(device: Device) -> dict[str, int]:
     if not device.desired_doc:
         return {}
@@ -462,7 +215,8 @@ def _reported_models(device: Device) -> list[ModelStatus]:
 
 def _summary(w) -> TelemetrySummary:
     return TelemetrySummary(model=w.model, version=w.version, count=w.count, errors=w.errors, p50_ms=w.p50_ms,
-                            p95_ms=w.p95_ms, mean_mj=w.mean_mj, energy_source=w.energy_source, window_end=w.end)
+                            p95_ms=w.p95_ms, mean_mj=w.mean_mj, energy_source=w.energy_source, window_end=w.end,
+                            rows=w.rows, row_ms=w.row_ms, row_mj=w.row_mj)
 
 
 def _device_view(device: Device, telemetry: list) -> DeviceView:
@@ -507,6 +261,8 @@ def _status_rows(device: Device, telemetry: list) -> list[DeviceStatusRow]:
             **base, model=name, desired_version=version, active_version=ms.active_version if ms else None,
             state=_model_state(version, ms), error=(ms.error if ms else None) or device.last_error,
             p50_ms=w.p50_ms if w else None, p95_ms=w.p95_ms if w else None, mean_mj=w.mean_mj if w else None,
+            requests=w.count if w else None, rows=w.rows if w else None, row_ms=w.row_ms if w else None,
+            row_mj=w.row_mj if w else None,
             energy_source=w.energy_source if w else None,
         ))
     return rows

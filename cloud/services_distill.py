@@ -9,9 +9,12 @@ every chosen variant becomes the next version of the model named at submit, reco
 format, the one class it was built for, the job and the cost model's prediction. Deploying it is the ordinary
 `fleet deploy`; a bundle for any other class is refused (see `Fleet._ensure_bundle`).
 
-Calibrations: a class starts from `costmodel.default_calibration`; `refit_calibration` compares what deployed
-variants of the class measured in telemetry (p95, mJ) against what was predicted for them and stores the refit.
-Every distillation refits its classes first (where telemetry exists), so each build fits the devices as they are;
+Calibrations: a class starts from `costmodel.default_calibration`; `refit_calibration` fits what deployed variants
+of the class measured in telemetry, per inference (row: a batched request is as many inferences as it has rows),
+from windows of at least `REFIT_MIN_ROWS` rows, and stores the refit. A refit that would move a precision's
+throughput or the class's power by more than `costmodel.MAX_REFIT_FACTOR` is held, not stored, until an operator
+accepts it (`fleet classes refit NAME --accept`). Every distillation refits its classes first (where telemetry
+exists) without accepting, so each build fits the devices as they are and none predicts with a held refit;
 `fleet classes refit NAME` does it on demand.
 """
 
@@ -35,6 +38,7 @@ from edgefleet.protos.jobs import (
     JobLogLineView,
     JobLogView,
     JobView,
+    RefitView,
     VariantMeasurement,
 )
 
@@ -47,6 +51,9 @@ log = logging.getLogger(__name__)
 
 # The telemetry a refit learns from: the last week of windows (classes change slowly; a week smooths load spikes).
 REFIT_LOOKBACK_S = 7 * 86400
+# 50 rows: one 10x outlier (a cold cache, a scheduler stall) moves a window's mean per row by under 20% at 50 rows,
+# by 90% at 10. Smaller windows are left out of a refit (still shown by `fleet classes show`).
+REFIT_MIN_ROWS = 50
 
 
 def _now() -> datetime:
@@ -58,8 +65,9 @@ class DistillFacade:
 
     # ------------------------------------------------------------------------------------------------ submit
 
-    def submit_distill(self, submit: DistillSubmit, teacher: bytes, data: bytes) -> JobView:
+    def submit_distill(self, submit: DistillSubmit, teacher: bytes, data: bytes, test: bytes | None = None) -> JobView:
         from edgefleet.cloud.distill.data import inspect_teacher, load_transfer_set
+        from edgefleet.cloud.distill.evaluate import load_test_set
         from edgefleet.cloud.distill.spec import DistillSpec, resolve_budgets
 
         s = self.settings
@@ -73,7 +81,13 @@ class DistillFacade:
         resolve_budgets(spec, self._classes())  # unknown class -> 422 now, not a failed job later
         info = inspect_teacher(teacher, spec)
         load_transfer_set(data, info, spec)
+        if test is not None and len(test) > s.max_transfer_bytes:
+            raise TooLarge(f"the test set is {len(test) / 1e6:.1f} MB, over max_transfer_mb ({s.max_transfer_mb:g} MB)")
+        if test is not None:
+            load_test_set(test, info, spec)
         inputs = {"teacher": self.blobs.put_bytes(teacher), "data": self.blobs.put_bytes(data)}
+        if test is not None:
+            inputs["test"] = self.blobs.put_bytes(test)
         row = self.store.enqueue_job("distill", spec={"name": submit.name, "distill": spec.to_dict()},
                                      inputs=inputs, max_attempts=s.job_max_attempts, now=_now())
         self.count("jobs_submitted")
@@ -133,11 +147,14 @@ class DistillFacade:
             return Calibration(**stored)
         return default_calibration(self._class(device_class))
 
-    def _measurements(self, device_class: str, since: datetime) -> list[tuple[ModelVersion, VariantMeasurement]]:
-        """Deployed variants built for the class, with their predictions and the class's devices' telemetry."""
+    def _measurements(self, device_class: str, since: datetime,
+                      min_rows: int = 0) -> list[tuple[ModelVersion, VariantMeasurement]]:
+        """Deployed variants built for the class, with their predictions and the class's devices' telemetry (only
+        windows of at least `min_rows` rows): per-request figures weighted by requests, per-inference (per-row)
+        ones by rows."""
         devices = {d.device_id for d in self.store.list_devices(device_class)}
         windows: dict[tuple[str, int], list] = {}
-        for device_id, rows in self.store.telemetry_summary(since).items():
+        for device_id, rows in self.store.telemetry_summary(since, min_rows=min_rows).items():
             if device_id in devices:
                 for w in rows:
                     windows.setdefault((w.model, w.version), []).append(w)
@@ -146,40 +163,62 @@ class DistillFacade:
             if row.built_for_class != device_class:
                 continue
             ws = [w for w in windows.get((row.name, row.version), []) if w.count > 0]
-            n = sum(w.count for w in ws)
+            requests, inferences = sum(w.count for w in ws), sum(w.rows for w in ws)
 
-            def mean(attr: str) -> float | None:  # called right below, in this iteration
-                pairs = [(getattr(w, attr), w.count) for w in ws if getattr(w, attr) is not None]  # noqa: B023
-                weight = sum(c for _, c in pairs)
-                return sum(v * c for v, c in pairs) / weight if weight else None
+            def mean(attr: str, weight: str) -> float | None:  # called right below, in this iteration
+                pairs = [(getattr(w, attr), getattr(w, weight)) for w in ws  # noqa: B023
+                         if getattr(w, attr) is not None]
+                total = sum(c for _, c in pairs)
+                return sum(v * c for v, c in pairs) / total if total else None
 
             out.append((row, VariantMeasurement(
                 model=row.name, version=row.version, precision=row.precision, runtime=row.runtime,
-                predicted_p95_ms=row.predicted_p95_ms, measured_p95_ms=mean("p95_ms"),
-                predicted_mj=row.predicted_mj, measured_mj=mean("mean_mj"), inferences=n, devices=len(ws))))
+                predicted_p95_ms=row.predicted_p95_ms, measured_p95_ms=mean("p95_ms", "count"),
+                predicted_mj=row.predicted_mj, measured_mj=mean("row_mj", "rows"),
+                measured_ms=mean("row_ms", "rows"), inferences=inferences, requests=requests,
+                batch=inferences / requests if requests else None, windows=sum(w.windows for w in ws),
+                devices=len(ws))))
         return out
 
-    def refit_calibration(self, device_class: str) -> CalibrationView:
-        """Refit the class's calibration from the telemetry of its deployed variants; stored when anything was
-        measured, so the next distillation predicts with it."""
-        from edgefleet.cloud.distill.costmodel import Observation, refit
+    def refit_calibration(self, device_class: str, *, accept: bool = False) -> RefitView:
+        """Refit the class's calibration from its deployed variants' telemetry per inference (windows of at least
+        REFIT_MIN_ROWS rows) and store it, so the next distillation predicts with it; unless it moves a figure by
+        more than MAX_REFIT_FACTOR and `accept` is False: then it is held, nothing changes, and the view says why.
+        Invalid when no window qualifies."""
+        from edgefleet.cloud.distill.costmodel import MAX_REFIT_FACTOR, Observation, refit, refit_moves
 
         self._class(device_class)
         current = self.calibration(device_class)
+        since = _now() - timedelta(seconds=REFIT_LOOKBACK_S)
+        measured = self._measurements(device_class, since, min_rows=REFIT_MIN_ROWS)
         observations = [
-            Observation(precision=row.precision, macs=row.macs, p95_ms=m.measured_p95_ms,
-                        mj_per_inference=m.measured_mj, predicted_p95_ms=m.predicted_p95_ms)
-            for row, m in self._measurements(device_class, _now() - timedelta(seconds=REFIT_LOOKBACK_S))
-            if m.measured_p95_ms is not None and row.macs and row.precision
+            Observation(precision=row.precision, macs=row.macs, row_ms=m.measured_ms, row_mj=m.measured_mj,
+                        batch=m.batch or 1.0, rows=m.inferences, windows=m.windows)
+            for row, m in _fittable(measured)
         ]
+        used = sum(o.windows for o in observations)
+        ignored = sum(m.windows for _, m in _fittable(self._measurements(device_class, since))) - used
         if not observations:
-            raise Invalid(f"no telemetry of variants built for {device_class} in the last "
-                          f"{REFIT_LOOKBACK_S // 86400} days: deploy a distilled version to the class's devices and "
-                          "let them run first")
+            where = f"no telemetry of variants built for {device_class} in the last {REFIT_LOOKBACK_S // 86400} days"
+            if ignored > 0:
+                raise Invalid(f"{where} to refit from: {ignored} window(s) had fewer than {REFIT_MIN_ROWS} rows, "
+                              "the least a refit learns from; let the devices serve more inferences per window "
+                              "(or raise the agents' telemetry.window_s) first")
+            raise Invalid(f"{where}: deploy a distilled version to the class's devices and let them serve first")
         fitted = refit(current, observations)
-        self.store.put_calibration(device_class, dataclasses.asdict(fitted), _now())
-        self.count("calibrations_refit")
-        return _calibration_view(fitted)
+        held = refit_moves(current, fitted, MAX_REFIT_FACTOR)
+        applied = accept or not held
+        if applied:
+            self.store.put_calibration(device_class, dataclasses.asdict(fitted), _now())
+            self.count("calibrations_refit")
+        else:
+            self.count("calibrations_refit_held")
+            log.warning("refit of %s held (not applied): %s; `fleet classes refit %s --accept` applies it",
+                        device_class, "; ".join(held), device_class)
+        return RefitView(device_class=device_class, applied=applied, held=held, accepted=applied and bool(held),
+                         current=_calibration_view(current), proposed=_calibration_view(fitted), windows=used,
+                         inferences=sum(o.rows for o in observations), windows_ignored=max(ignored, 0),
+                         min_rows=REFIT_MIN_ROWS, max_factor=MAX_REFIT_FACTOR, variants=[m for _, m in measured])
 
     def class_detail(self, name: str) -> ClassDetailView:
         info = self._class(name)
@@ -202,10 +241,15 @@ class DistillFacade:
         info = variant_info(variant.data, variant.fmt, reference_onnx, max_bytes=self.settings.max_model_bytes)
         smoke = None
         if variant.fmt == "tflite":
-            if run is None or len(info.inputs) != 1 or len(info.outputs) != 1:
-                raise Invalid("a TFLite variant needs one input, one output and a way to run it for its smoke test")
+            if run is None or len(info.inputs) != 1:
+                raise Invalid("a TFLite variant needs one input and a way to run it for its smoke test")
             feeds = smoke_inputs(info.inputs)
-            expected = {info.outputs[0].name: np.asarray(run(variant, feeds[info.inputs[0].name]))}
+            out = run(variant, feeds[info.inputs[0].name])
+            # Every output by the teacher's name (artifacts.run_variant_outputs), or a lone output's array.
+            if not isinstance(out, dict) and len(info.outputs) != 1:
+                raise Invalid("a TFLite variant with several outputs needs a run that answers every output by name")
+            expected = ({k: np.asarray(v) for k, v in out.items()} if isinstance(out, dict)
+                        else {info.outputs[0].name: np.asarray(out)})
             smoke = self.blobs.put_bytes(write_npz(expected))
         key = self.blobs.put_bytes(variant.data)
         return self.store.add_model_version(
@@ -230,15 +274,22 @@ def run_distill_job(fleet: Any, ctx: JobContext) -> dict[str, Any]:
         teacher = f.read()
     with fleet.blobs.open(job.inputs["data"]) as f:
         data = f.read()
+    test = None
+    if "test" in job.inputs:
+        with fleet.blobs.open(job.inputs["test"]) as f:
+            test = f.read()
     catalog = fleet._classes()
     # Fit each class to its devices as they are: refit from the telemetry of its deployed variants when there is
     # any (a class no variant has run on yet keeps its catalog or stored calibration).
     for c in spec.classes:
         if c in catalog:
             try:
-                fleet.refit_calibration(c)
+                refit = fleet.refit_calibration(c)
             except Invalid:
-                pass
+                continue
+            if not refit.applied and refit.held:
+                ctx.log(f"{c}: refit held, the class keeps its calibration until `fleet classes refit {c} --accept`: "
+                        + "; ".join(refit.held))
     calibrations = {c: fleet.calibration(c) for c in spec.classes if c in catalog}
     ctx.log(f"distilling for {', '.join(spec.classes)} with calibrations: "
             + "; ".join(f"{c} ({cal.source})" for c, cal in calibrations.items()))
@@ -249,7 +300,7 @@ def run_distill_job(fleet: Any, ctx: JobContext) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     try:
         result = run_distillation(teacher, data, spec, catalog, calibrations, work, progress=ctx.progress,
-                                  should_cancel=ctx.should_cancel, model_name=job.spec["name"])
+                                  should_cancel=ctx.should_cancel, model_name=job.spec["name"], test_npz=test)
         ctx.progress("registering versions", 0.99)
         return _register_result(fleet, ctx, job.spec["name"], result)
     finally:
@@ -268,7 +319,7 @@ def _register_result(fleet: Any, ctx: JobContext, name: str, result: Any) -> dic
             name, chosen.variant, chosen.fp32_onnx, device_class=device_class, job_id=ctx.job.id,
             predicted_p95_ms=figures.predicted_p95_ms if figures else None,
             predicted_mj=figures.predicted_mj if figures else None, macs=figures.macs if figures else None,
-            run=artifacts.run_variant)
+            run=artifacts.run_variant_outputs)
         view = BuiltVersion(device_class=device_class, model=row.name, version=row.version,
                             precision=row.precision, runtime=row.runtime, format=row.format,
                             predicted_p95_ms=row.predicted_p95_ms, predicted_mj=row.predicted_mj)
@@ -296,6 +347,11 @@ def _job_view(row: Job) -> JobView:
         versions=[BuiltVersion.model_validate(v) for v in result.get("versions", [])],
         has_report="report" in result, has_plot="plot_sha256" in result,
     )
+
+
+def _fittable(measured: list[tuple[ModelVersion, VariantMeasurement]]) -> list[tuple[ModelVersion, VariantMeasurement]]:
+    """The variants a refit can learn from: measured per inference, with the op counts and precision of a build."""
+    return [(row, m) for row, m in measured if m.measured_ms is not None and row.macs and row.precision]
 
 
 def _calibration_view(cal: Calibration) -> CalibrationView:

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Float, case, cast, delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
@@ -32,8 +31,6 @@ from edgefleet.cloud.db.models import (
     Device,
     DeviceClassRow,
     ModelVersion,
-    TelemetryBatchRow,
-    TelemetryWindowRow,
     Token,
 )
 from edgefleet.cloud.db.session import make_sessionmaker, migrate
@@ -41,16 +38,16 @@ from edgefleet.cloud.enrollment import Enrolled, EnrollmentRefused
 from edgefleet.cloud.errors import Conflict, Unavailable
 from edgefleet.cloud.store_jobs import JobStoreMixin
 from edgefleet.cloud.store_mqtt import MqttCredentialStoreMixin
-from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS
+from edgefleet.cloud.store_telemetry import TelemetryStoreMixin
 
 # 8 tries: each retry happens only when another writer took the same version between our read and insert.
 VERSION_RETRIES = 8
 ADMIN_MARKER = "admin_token_created"  # a counter row whose primary key makes "first start" happen once
 
 
-class Store(JobStoreMixin, MqttCredentialStoreMixin):
+class Store(JobStoreMixin, MqttCredentialStoreMixin, TelemetryStoreMixin):
     """All SQL; the jobs queue and calibrations are in `store_jobs.py`, devices' broker logins in
-    `store_mqtt.py`, mixed in."""
+    `store_mqtt.py`, telemetry in `store_telemetry.py`, mixed in."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -398,81 +395,3 @@ class Store(JobStoreMixin, MqttCredentialStoreMixin):
                                             .order_by(Bundle.device_class)):
                 bundles.setdefault(dep_id, []).append(bundle)
             return [(r, devices.get(r.id, []), bundles.get(r.id, [])) for r in rows]
-
-    # ---------------------------------------------------------------------------------------------- telemetry
-
-    def add_telemetry(self, device_id: str, seq: int, windows: list[dict[str, Any]], dropped_windows: int,
-                      now: datetime) -> bool:
-        """Store a batch's windows once; False when (device_id, seq) was stored before (an outbox replay)."""
-        claim = self._insert(TelemetryBatchRow).values(
-            device_id=device_id, seq=seq, windows=len(windows), dropped_windows=dropped_windows, received_at=now
-        ).on_conflict_do_nothing(index_elements=[TelemetryBatchRow.device_id, TelemetryBatchRow.seq]).returning(
-            TelemetryBatchRow.seq)
-        with self._tx() as s:
-            # RETURNING, not rowcount: rowcount of ON CONFLICT DO NOTHING differs between drivers.
-            if s.execute(claim).first() is None:
-                return False
-            s.add_all(TelemetryWindowRow(device_id=device_id, seq=seq, **w) for w in windows)
-        return True
-
-    def telemetry_summary(self, since: datetime, device_id: str | None = None) -> dict[str, list[TelemetryAggregate]]:
-        """Per device and (model, version), the windows that ended after `since`, rolled up in SQL.
-
-        Counts, errors and energy add up exactly. Percentiles of windows cannot be merged exactly: p50 and p95 here
-        are the count-weighted means of the windows' own percentiles, and p99 the worst window's. Good enough to see a
-        device drift; the windows themselves stay in the table for exact questions.
-
-        Safe at the contract's extremes: weighted sums are computed in double precision, where count x figure is
-        at most INT32_MAX x MAX_ENERGY_MJ (about 8e19) per window, nowhere near an overflow for any number of
-        windows. Rows outside the contract (stored before it had limits: a p95 of 1e308, NaN, a negative figure)
-        are left out, so one of them cannot make PostgreSQL raise on overflow and every listing answer 503.
-        """
-        w = TelemetryWindowRow
-        count = cast(w.count, Float)
-
-        def weighted(figure: Any) -> Any:
-            given = func.sum(case((figure.is_not(None), count), else_=0.0))
-            return (func.sum(figure * count) / func.nullif(given, 0)).label(figure.key)
-
-        def admitted(figure: Any, ceiling: float) -> Any:
-            # NaN sorts above every number on PostgreSQL and is NULL on SQLite, so BETWEEN leaves it out too.
-            return or_(figure.is_(None), figure.between(0, ceiling))
-
-        query = (
-            select(w.device_id, w.model, w.version, func.sum(w.count).label("count"),
-                   func.sum(w.errors).label("errors"), weighted(w.p50_ms), weighted(w.p95_ms),
-                   func.max(w.p99_ms).label("p99_ms"), weighted(w.mean_mj),
-                   func.max(w.energy_source).label("energy_source"), func.max(w.end).label("window_end"))
-            .where(w.end >= since, w.count >= 0, w.errors.between(0, w.count),
-                   admitted(w.p50_ms, MAX_LATENCY_MS), admitted(w.p95_ms, MAX_LATENCY_MS),
-                   admitted(w.p99_ms, MAX_LATENCY_MS), admitted(w.mean_mj, MAX_ENERGY_MJ))
-            .group_by(w.device_id, w.model, w.version)
-            .order_by(w.device_id, w.model, w.version)
-        )
-        if device_id is not None:
-            query = query.where(w.device_id == device_id)
-        out: dict[str, list[TelemetryAggregate]] = {}
-        with self._tx() as s:
-            for row in s.execute(query):
-                out.setdefault(row.device_id, []).append(TelemetryAggregate(
-                    model=row.model, version=row.version, count=int(row.count or 0), errors=int(row.errors or 0),
-                    p50_ms=_float(row.p50_ms), p95_ms=_float(row.p95_ms), p99_ms=_float(row.p99_ms),
-                    mean_mj=_float(row.mean_mj), energy_source=row.energy_source, end=row.window_end))
-        return out
-
-@dataclass(frozen=True)
-class TelemetryAggregate:
-    model: str
-    version: int
-    count: int
-    errors: int
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
-    mean_mj: float | None
-    energy_source: str
-    end: datetime
-
-
-def _float(value: Any) -> float | None:
-    return None if value is None else float(value)

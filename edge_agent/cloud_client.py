@@ -101,7 +101,14 @@ class CloudClient:
         if resp.status_code == 409 and _server_code(resp) == "enrollment_refused":
             raise EnrollmentRefused(f"enrollment refused: {_server_message(resp)}")
         if resp.status_code != 200:
-            raise EnrollError(f"enrollment refused ({resp.status_code}): {_server_message(resp)}")
+            # What to fix on this device, by what the cloud refused (the daemon logs it and retries slowly).
+            if _server_code(resp) == "unknown_class":
+                fix = "fix device_class in the agent config (to a class the cloud names), or ask the operator to add it"
+            elif resp.status_code in (401, 403):
+                fix = "fix enrollment_token in the agent config (the operator makes one with `fleet tokens create`)"
+            else:
+                fix = "fix what the cloud names in the agent config"
+            raise EnrollError(f"enrollment refused ({resp.status_code}): {_server_message(resp)}; {fix}")
         try:
             return parse_message(resp.content, EnrollResponse)
         except MessageError as exc:

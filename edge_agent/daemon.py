@@ -229,8 +229,7 @@ class Agent:
             except EnrollError as exc:
                 # A refused token will not fix itself, but a daemon that exits gets restarted in a loop: keep serving
                 # local models and try again slowly, loudly.
-                log.error("%s; fix enrollment_token in the config (fleet tokens create). Retrying in %.0f s",
-                          exc, self.config.retry.retry_max_s)
+                log.error("%s. Retrying in %.0f s", exc, self.config.retry.retry_max_s)  # the fix: in the message
                 delay = self.config.retry.retry_max_s
             except CloudUnavailable as exc:
                 log.warning("enrollment: %s; retrying in %.1f s", exc, delay)

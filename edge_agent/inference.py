@@ -7,9 +7,10 @@ under a lock, so a request sees either the old model or the new one. The old run
 may still hold it; dropping the last reference frees it.
 
 `run` times the call with `time.perf_counter`, brackets it with the energy meter and records the result in
-telemetry, errors included. `infer` checks an OIP `InferRequest` against the model's input specs (names, datatype,
-shape, element count) and raises `InferenceError` with a message an app developer can act on; no bad request can
-reach the runtime as a crash.
+telemetry, errors included, with the request's rows (`batch_rows`: the leading dimension of its first input), so
+a batched request counts as that many inferences. `infer` checks an OIP `InferRequest` against the model's input
+specs (names, datatype, shape, element count) and raises `InferenceError` with a message an app developer can act
+on; no bad request can reach the runtime as a crash.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ class InferenceService:
 
     def run(self, name: str, inputs: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Provenance]:
         loaded = self.get(name)
+        rows = batch_rows(inputs, [s.name for s in loaded.runtime.inputs])
         token = self.meter.start()
         started = time.perf_counter()
         ok = False
@@ -157,7 +159,7 @@ class InferenceService:
             if self.telemetry is not None:
                 self.telemetry.record(name, loaded.version, busy_s * 1000.0, self.clock(), ok=ok,
                                       energy_mj=energy_mj if ok else None, energy_source=self.meter.source,
-                                      energy_meter=self.meter.name)
+                                      energy_meter=self.meter.name, rows=rows)
         return outputs, Provenance(loaded.version, busy_s * 1000.0, energy_mj, self.meter.source, self.meter.name)
 
     def infer(self, name: str, request: InferRequest, version: str | None = None) -> InferResponse:
@@ -175,6 +177,17 @@ class InferenceService:
         tensors = [numpy_to_tensor(k, v) for k, v in outputs.items() if wanted is None or k in wanted]
         return InferResponse(model_name=name, model_version=str(loaded.version), id=request.id, outputs=tensors,
                              parameters=prov.parameters())
+
+
+def batch_rows(inputs: dict[str, np.ndarray], order: list[str] | None = None) -> int:
+    """The rows (inferences) in one request: the leading dimension of the model's first input (in `order`, the
+    model's input order; else the first given), at least 1. A scalar input, or a request of zero rows, is one: it
+    still paid for a call."""
+    names = [n for n in (order or []) if n in inputs] or list(inputs)
+    if not names:
+        return 1
+    shape = np.shape(inputs[names[0]])
+    return max(1, int(shape[0])) if len(shape) >= 1 else 1
 
 
 def request_to_numpy(request: InferRequest, specs: list[TensorSpec]) -> dict[str, np.ndarray]:

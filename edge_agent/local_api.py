@@ -26,6 +26,7 @@ keep-alive connection is closed after that long too.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -207,6 +208,14 @@ class _Handler(BaseHTTPRequestHandler):
         return self._error(500, f"{exc.reason}: {exc}")
 
 
+def _bind_failure(where: str, key: str, exc: OSError, *, other: str | None = None) -> str:
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        return (f"cannot serve the local API on {where}: the address is already in use (another agent, or another "
+                f"program, holds it); stop it or change {key}")
+    return f"cannot serve the local API on {where}: {why}; change {other or key}"
+
+
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
@@ -252,7 +261,13 @@ class LocalApi:
         return f"http://{host}:{port}"
 
     def start(self) -> LocalApi:
-        http = ThreadingHTTPServer((self.http_host, self.http_port), self.tcp_handler)
+        """Bind both listeners and serve; a bind that fails is one `AgentError` naming the address and config key."""
+        try:
+            http = ThreadingHTTPServer((self.http_host, self.http_port), self.tcp_handler)
+        except OSError as exc:
+            raise AgentError(_bind_failure(f"{self.http_host}:{self.http_port}",
+                                           "api.http_port in the config (0: any free port)", exc,
+                                           other="api.http_host or api.http_port in the config")) from None
         http.daemon_threads = True
         self._servers.append(http)
         if self.unix_socket is not None:
@@ -263,7 +278,11 @@ class LocalApi:
                     raise AgentError(f"{self.unix_socket} exists and is not a socket; remove it or change "
                                      "api.unix_socket")
                 self.unix_socket.unlink()  # stale socket from a previous run
-            unix = _UnixServer(str(self.unix_socket), self.handler)
+            try:
+                unix = _UnixServer(str(self.unix_socket), self.handler)
+            except OSError as exc:
+                http.server_close()
+                raise AgentError(_bind_failure(str(self.unix_socket), "api.unix_socket in the config", exc)) from None
             os.chmod(self.unix_socket, 0o660)  # the agent's group: apps join it to infer
             self._servers.append(unix)
         for server in self._servers:

@@ -1,11 +1,13 @@
-"""`edgefleet-agent`: run the daemon, or check a config file.
+"""`edgefleet-agent`: run the daemon, or check a config file. Every command takes the config as `--config FILE`.
 
     edgefleet-agent run --config /etc/edgefleet/agent.toml
-    edgefleet-agent check-config /etc/edgefleet/agent.toml
+    edgefleet-agent check-config --config /etc/edgefleet/agent.toml
     edgefleet-agent status --config /etc/edgefleet/agent.toml   (local state, no network)
 
-argparse, not typer: the agent installs lean. SIGTERM and SIGINT stop the daemon cleanly (telemetry windows in
-memory go to the disk outbox, the status goes offline).
+`check-config FILE` (the file as a positional argument, the older form) still works and says, on stderr, to use
+`--config`. argparse, not typer: the agent installs lean. SIGTERM and SIGINT stop the daemon cleanly (telemetry
+windows in memory go to the disk outbox, the status goes offline). Errors are one line on stderr: exit 2 for a bad
+config, 1 for a daemon that cannot run (e.g. its local API port is taken).
 """
 
 from __future__ import annotations
@@ -23,21 +25,35 @@ from edgefleet.edge_agent.errors import ConfigError, EdgefleetError
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgefleet-agent", description="edgefleet edge agent: reconcile, verify, "
-                                "install and serve models on this device.")
+                                "install and serve models on this device.",
+                                epilog="Every command takes the agent's TOML config as --config FILE (-c FILE).")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the daemon", description="Serve the last active models at once, enroll "
                          "with the cloud, and keep the installed models in line with the signed desired state.")
-    run.add_argument("--config", "-c", required=True, type=Path, help="agent TOML config file")
-    chk = sub.add_parser("check-config", help="validate a config file and print it as JSON")
-    chk.add_argument("config", type=Path)
+    run.add_argument("--config", "-c", required=True, type=Path, metavar="FILE", help="agent TOML config file")
+    chk = sub.add_parser("check-config", help="validate a config file and print it as JSON",
+                         description="Validate a config file and print it, with every default filled in, as JSON.")
+    chk.add_argument("--config", "-c", type=Path, metavar="FILE", help="agent TOML config file")
+    # The older form, `check-config FILE`: still accepted, with a note to use --config.
+    chk.add_argument("config_file", nargs="?", type=Path, help=argparse.SUPPRESS)
     st = sub.add_parser("status", help="print this device's local state as JSON (no network)")
-    st.add_argument("--config", "-c", required=True, type=Path)
+    st.add_argument("--config", "-c", required=True, type=Path, metavar="FILE", help="agent TOML config file")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "check-config":
+        if args.config is not None and args.config_file is not None:
+            parser.error("check-config: give the file once, as --config FILE")
+        if args.config is None:
+            if args.config_file is None:
+                parser.error("check-config: the following arguments are required: --config/-c")
+            print(f"edgefleet-agent: note: `check-config FILE` is deprecated; use `edgefleet-agent check-config "
+                  f"--config {args.config_file}`", file=sys.stderr)
+            args.config = args.config_file
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
     try:

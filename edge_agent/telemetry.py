@@ -1,12 +1,14 @@
 """Telemetry: per-(model, version) windows of latency and energy, and a disk outbox drained only on acknowledgement.
 
 Theory of operation:
-- `Telemetry.record(...)` adds one inference (latency, energy, ok or error) to the open window of its (model,
-  version, where). Windows are aligned to multiples of `window_s` since the epoch, so every device's windows line
-  up in the cloud. No clock is read here: the caller passes `now`.
-- `Telemetry.flush(now)` closes every window whose end is at or before `now` into `TelemetryWindow`s (count,
-  errors, p50/p95/p99 latency by nearest rank, mean mJ per inference, energy source and meter) and hands them to the
-  outbox as one or more `TelemetryBatch`es.
+- `Telemetry.record(...)` adds one request (latency, energy, ok or error, and its `rows`: the batch size, the
+  leading dimension of its input) to the open window of its (model, version, where). A request of 1,200 rows is
+  1,200 inferences: the window counts requests and rows apart. Windows are aligned to multiples of `window_s` since
+  the epoch, so every device's windows line up in the cloud. No clock is read here: the caller passes `now`.
+- `Telemetry.flush(now)` closes every window whose end is at or before `now` into `TelemetryWindow`s (requests,
+  errors, rows; per request p50/p95/p99 latency by nearest rank and the means of latency and energy; per row the
+  busy time and energy over the rows; energy source and meter) and hands them to the outbox as one or more
+  `TelemetryBatch`es.
 - `Outbox` keeps one file per batch in `{data_dir}/outbox/` (`{seq:012d}-{windows}.json`, crash-safe writes) and a
   small `outbox.json` with the next seq and the count of windows dropped but not yet reported. `seq` rises across
   restarts; the cloud ignores a seq it already stored, so a replay after a crash is harmless. The link publishes
@@ -25,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from edgefleet.common.fsutil import atomic_write_bytes, atomic_write_json, fsync_dir, read_json
-from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS, MAX_WINDOWS_PER_BATCH
+from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS, MAX_ROWS_PER_S, MAX_WINDOWS_PER_BATCH
 from edgefleet.protos.messages import TelemetryBatch, TelemetryWindow
 
 # Latency samples kept per window for percentiles; beyond this a reservoir keeps a uniform sample.
@@ -54,22 +56,31 @@ class _Window:
     where: str
     start: datetime
     end: datetime
-    count: int = 0
-    errors: int = 0
+    count: int = 0  # requests
+    errors: int = 0  # failed requests
+    rows: int = 0  # rows in all requests
+    ok_rows: int = 0  # rows in the successful ones: the per-row figures' denominator
+    busy_ms: float = 0.0  # summed latency of the successful requests
     latencies_ms: list[float] = field(default_factory=list)
     energy_mj_sum: float = 0.0
-    energy_n: int = 0
+    energy_n: int = 0  # requests with an energy figure
+    energy_rows: int = 0  # their rows
     energy_source: str = "none"
     energy_meter: str = ""
     _seen: int = 0
 
-    def add(self, latency_ms: float, ok: bool, energy_mj: float | None, source: str, meter: str) -> None:
+    def add(self, latency_ms: float, ok: bool, energy_mj: float | None, source: str, meter: str,
+            rows: int = 1) -> None:
+        rows = max(1, int(rows))  # a request of zero rows still paid for a call: it counts as one
         self.count += 1
+        self.rows += rows
         if not ok:
             self.errors += 1
             return
         self._seen += 1
+        self.ok_rows += rows
         latency_ms = _within(latency_ms, MAX_LATENCY_MS)
+        self.busy_ms += latency_ms
         if len(self.latencies_ms) < MAX_SAMPLES_PER_WINDOW:
             self.latencies_ms.append(latency_ms)
         else:  # reservoir sampling (Algorithm R): memory stays bounded under a flood, percentiles stay unbiased
@@ -79,14 +90,25 @@ class _Window:
         if energy_mj is not None:
             self.energy_mj_sum += _within(energy_mj, MAX_ENERGY_MJ)
             self.energy_n += 1
+            self.energy_rows += rows
             self.energy_source, self.energy_meter = source, meter
 
     def close(self) -> TelemetryWindow:
         lat = sorted(self.latencies_ms)
+        ok = self.count - self.errors
+        energy = self.energy_mj_sum
+        # Per row <= per request by construction: the same sum over at least as many rows (IEEE division is
+        # monotonic). Rows are capped at what the contract admits for the window (a hostile [2**40, 0] input
+        # has that many "rows" of nothing), so the window stays sendable.
+        capacity = int(max((self.end - self.start).total_seconds(), 1.0) * MAX_ROWS_PER_S)
         return TelemetryWindow(
             model=self.model, version=self.version, start=self.start, end=self.end, count=self.count,
-            errors=self.errors, p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
-            mean_mj=min(self.energy_mj_sum / self.energy_n, MAX_ENERGY_MJ) if self.energy_n else None,
+            errors=self.errors, rows=min(self.rows, capacity), p50_ms=percentile(lat, 50),
+            p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
+            mean_ms=min(self.busy_ms / ok, MAX_LATENCY_MS) if ok else None,
+            row_ms=min(self.busy_ms / self.ok_rows, MAX_LATENCY_MS) if ok else None,
+            mean_mj=min(energy / self.energy_n, MAX_ENERGY_MJ) if self.energy_n else None,
+            row_mj=min(energy / self.energy_rows, MAX_ENERGY_MJ) if self.energy_n else None,
             energy_source=self.energy_source if self.energy_n else "none", energy_meter=self.energy_meter,
             where=self.where,
         )
@@ -205,14 +227,15 @@ class Telemetry:
 
     def record(self, model: str, version: int, latency_ms: float, now: datetime, *, ok: bool = True,
                energy_mj: float | None = None, energy_source: str = "none", energy_meter: str = "",
-               where: str = "local") -> None:
+               where: str = "local", rows: int = 1) -> None:
+        """One request of `rows` rows (its batch size) that took `latency_ms` and, metered, `energy_mj` in all."""
         start, end = self._bounds(now)
         key = (model, version, where, start)
         with self._lock:
             window = self._open.get(key)
             if window is None:
                 window = self._open[key] = _Window(model, version, where, start, end)
-            window.add(latency_ms, ok, energy_mj, energy_source, energy_meter)
+            window.add(latency_ms, ok, energy_mj, energy_source, energy_meter, rows)
 
     def flush(self, now: datetime, *, force: bool = False) -> list[TelemetryBatch]:
         """Close windows that ended by `now` (all of them with `force`, e.g. at shutdown) into outbox batches."""

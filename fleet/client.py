@@ -3,15 +3,23 @@
 Theory: the client is the only place where httpx meets the CLI. Transport failures become `CloudUnreachable`, an
 `ErrorBody` answer becomes `AuthError` (401/403), `Rejected` (4xx) or `ServerError` (5xx) carrying the server's own
 message, and a 2xx body that does not parse as the expected view becomes `ServerError` (usually a URL that points at
-something other than an edgefleet cloud, or a CLI and cloud of different versions). Callers never see httpx types.
+something other than an edgefleet cloud, or a CLI and cloud of different versions). The cloud answers every error
+as an `ErrorBody`, so a 4xx without one (a plain web server's HTML 404, another API's JSON) is not the cloud: that is
+`ServerError` too, saying to check the URL; only 401/403 (a token problem whoever says it) and 413 (a proxy's body
+limit in front of the cloud) keep their own meaning. Callers never see httpx types.
 
 Uploads stream the file in chunks with an explicit Content-Length (so the server can refuse an oversized model
-before reading it) and report progress through a callback; the CLI draws the bar.
+before reading it) and report progress through a callback; the CLI draws the bar. Downloads stream into a temp
+file next to the destination, are checked against the sha256 the cloud sent, and only then take its name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -19,6 +27,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from edgefleet.common.fsutil import staged_file
 from edgefleet.fleet.config import DEFAULT_TIMEOUT_S, LOGIN_HINT
 from edgefleet.fleet.errors import AuthError, CloudUnreachable, FleetError, Rejected, ServerError
 from edgefleet.protos.api import (
@@ -37,13 +46,24 @@ from edgefleet.protos.api import (
     TokenView,
 )
 from edgefleet.protos.distill import DistillReport
-from edgefleet.protos.jobs import CalibrationView, ClassDetailView, DistillSubmit, JobLogView, JobView
+from edgefleet.protos.jobs import ClassDetailView, DistillSubmit, JobLogView, JobView, RefitView
 from edgefleet.protos.provenance import BundleProvenanceView, ProvenanceKeysView
 
 T = TypeVar("T")
 API = "/api/v1"
 UPLOAD_CHUNK_BYTES = 256 * 1024
-Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
+Progress = Callable[[int, int], None]  # (bytes sent or received, total bytes)
+SHA256_HEADER = "X-Edgefleet-Sha256"
+
+
+@dataclass(frozen=True)
+class PulledModel:
+    """A model file `pull_model` wrote: where, how big, its (checked) sha256, and the name the cloud gave it."""
+
+    path: Path
+    size_bytes: int
+    sha256: str
+    filename: str
 
 
 class FleetClient:
@@ -73,8 +93,26 @@ class FleetClient:
     # -- plumbing ------------------------------------------------------------------------------------------------
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
+        with self._mapped():
             response = self._http.request(method, path, **kwargs)
+        if response.status_code >= 400:
+            raise self._error(response)
+        return response
+
+    @contextmanager
+    def _streamed(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """A response whose body is read as it arrives (`iter_bytes`); an error status is raised like `_request`'s."""
+        with self._mapped(), self._http.stream(method, path, **kwargs) as response:
+            if response.status_code >= 400:
+                response.read()
+                raise self._error(response)
+            yield response
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        """httpx's exceptions, raised inside the block, as ours (the one place they are mapped)."""
+        try:
+            yield
         except httpx.TimeoutException as exc:
             raise CloudUnreachable(
                 f"the cloud at {self.url} did not answer in time ({type(exc).__name__}): is it overloaded, or "
@@ -89,19 +127,24 @@ class FleetClient:
             raise CloudUnreachable(f"cannot reach the cloud at {self.url}: invalid URL ({exc})") from None
         except httpx.HTTPError as exc:  # decoding, redirects: the server spoke, but not sensibly
             raise ServerError(f"the cloud at {self.url} answered badly ({type(exc).__name__}: {exc})") from None
-        if response.status_code >= 400:
-            raise self._error(response)
-        return response
 
     def _error(self, response: httpx.Response) -> FleetError:
         status = response.status_code
+        where = f"{response.request.method} {response.request.url.path}"
         try:
             body = ErrorBody.model_validate_json(response.content)
             message, code = body.message, body.error
         except ValidationError:
             text = response.text.strip().splitlines()
             message, code = (text[0][:200] if text else response.reason_phrase or "no message"), None
-        where = f"{response.request.method} {response.request.url.path}"
+            if status not in (401, 403, 413):  # those keep their meaning whoever says them (see the docstring)
+                kind = response.headers.get("content-type", "no content type").split(";")[0]
+                said = f"{self.url} answered {status} {response.reason_phrase} ({kind}) to {where}, not an edgefleet"
+                if status >= 500:  # a proxy in front of a cloud that is down says this too
+                    return ServerError(f"{said} answer: if a proxy fronts the cloud, see its log and the cloud's; "
+                                       "else check --url and EDGEFLEET_URL", status_code=status)
+                return ServerError(f"{said} error: is it the cloud's URL? Check --url and EDGEFLEET_URL, or "
+                                   f"{LOGIN_HINT} again", status_code=status)
         if status in (401, 403):
             return AuthError(f"{message} ({status} from {where}): {LOGIN_HINT} with an admin token",
                              status_code=status, code=code)
@@ -168,6 +211,47 @@ class FleetClient:
     def list_models(self) -> list[ModelVersionView]:
         return self._get(f"{API}/models", list[ModelVersionView])
 
+    def model_versions(self, name: str) -> list[ModelVersionView]:
+        return self._get(f"{API}/models/{_segment(name)}/versions", list[ModelVersionView])
+
+    def get_model(self, name: str, version: int) -> ModelVersionView:
+        return self._get(f"{API}/models/{_segment(name)}/versions/{version}", ModelVersionView)
+
+    def pull_model(self, name: str, version: int, dest: Path | None = None, *, device_class: str | None = None,
+                   on_progress: Progress | None = None) -> PulledModel:
+        """Download a version's model file (or, with `device_class`, the one that class runs) to `dest` (default:
+        the cloud's file name in the current folder). Written only once its sha256 is the one the cloud sent."""
+        params = {"device_class": device_class} if device_class else None
+        path = f"{API}/models/{_segment(name)}/versions/{version}/file"
+        with self._streamed("GET", path, params=params, headers={"Accept": "application/octet-stream"}) as response:
+            expected = response.headers.get(SHA256_HEADER, "").lower()
+            if len(expected) != 64 or response.headers.get("content-type", "").split(";")[0] != \
+                    "application/octet-stream":
+                raise ServerError(f"the answer from {self.url}{path} is not a model file (no {SHA256_HEADER} "
+                                  "header or not application/octet-stream): is the URL an edgefleet cloud of the "
+                                  "same version?")
+            filename = _attachment_name(response.headers.get("content-disposition", "")) or f"{name}-v{version}"
+            target = dest if dest is not None else Path(filename)
+            total = int(response.headers.get("content-length") or 0)
+            digest, got = hashlib.sha256(), 0
+            try:
+                with staged_file(target.parent, 0o644, hint=target.name) as staged:
+                    with self._mapped():
+                        for chunk in response.iter_bytes(UPLOAD_CHUNK_BYTES):
+                            staged.file.write(chunk)
+                            digest.update(chunk)
+                            got += len(chunk)
+                            if on_progress:
+                                on_progress(got, max(total, got))
+                    if digest.hexdigest() != expected:
+                        raise ServerError(f"the download of {name} v{version} has sha256 {digest.hexdigest()[:12]} "
+                                          f"({got} bytes), the cloud said {expected[:12]}: nothing written; try "
+                                          "again")
+                    staged.commit(target)
+            except OSError as exc:
+                raise Rejected(f"cannot write {target}: {exc.strerror or exc}") from None
+        return PulledModel(path=target, size_bytes=got, sha256=expected, filename=filename)
+
     def deploy(self, request: DeployRequest) -> DeploymentView:
         return self._post(f"{API}/deployments", request, DeploymentView)
 
@@ -201,13 +285,15 @@ class FleetClient:
 
     # -- distillation and jobs -----------------------------------------------------------------------------------
 
-    def submit_distill(self, teacher: Path, data: Path, spec: DistillSubmit) -> JobView:
+    def submit_distill(self, teacher: Path, data: Path, spec: DistillSubmit, test: Path | None = None) -> JobView:
         try:
-            with teacher.open("rb") as t, data.open("rb") as d:
+            with contextlib.ExitStack() as stack:
+                files = {"teacher": (teacher.name, stack.enter_context(teacher.open("rb")), "application/octet-stream"),
+                         "data": (data.name, stack.enter_context(data.open("rb")), "application/octet-stream")}
+                if test is not None:
+                    files["test"] = (test.name, stack.enter_context(test.open("rb")), "application/octet-stream")
                 response = self._request(
-                    "POST", f"{API}/distill", data={"spec": spec.model_dump_json(exclude_none=True)},
-                    files={"teacher": (teacher.name, t, "application/octet-stream"),
-                           "data": (data.name, d, "application/octet-stream")})
+                    "POST", f"{API}/distill", data={"spec": spec.model_dump_json(exclude_none=True)}, files=files)
         except OSError as exc:
             raise Rejected(f"cannot read {exc.filename}: {exc.strerror or exc}") from None
         return self._parse(response, JobView)
@@ -234,8 +320,9 @@ class FleetClient:
     def class_detail(self, name: str) -> ClassDetailView:
         return self._get(f"{API}/classes/{_segment(name)}", ClassDetailView)
 
-    def refit_calibration(self, name: str) -> CalibrationView:
-        return self._parse(self._request("POST", f"{API}/classes/{_segment(name)}/refit"), CalibrationView)
+    def refit_calibration(self, name: str, *, accept: bool = False) -> RefitView:
+        params = {"accept": "true"} if accept else None
+        return self._parse(self._request("POST", f"{API}/classes/{_segment(name)}/refit", params=params), RefitView)
 
     # -- provenance ----------------------------------------------------------------------------------------------
 
@@ -257,6 +344,16 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+def _attachment_name(disposition: str) -> str | None:
+    """The file name of a `Content-Disposition: attachment; filename="..."`, reduced to a plain name (no folders)."""
+    for part in disposition.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key.lower() == "filename":
+            name = Path(value.strip().strip('"')).name
+            return name if name not in ("", ".", "..") else None
+    return None
+
+
 def _chunks_of(data: bytes, on_progress: Progress | None) -> Iterator[bytes]:
     for start in range(0, len(data), UPLOAD_CHUNK_BYTES):
         chunk = data[start:start + UPLOAD_CHUNK_BYTES]
@@ -275,4 +372,4 @@ def _file_chunks(path: Path, total: int, on_progress: Progress | None) -> Iterat
                 on_progress(sent, total)
 
 
-__all__ = ["FleetClient"]
+__all__ = ["FleetClient", "PulledModel"]

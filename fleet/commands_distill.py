@@ -111,7 +111,10 @@ def _outcome(client: FleetClient, job: JobView, as_json: bool) -> None:
         return
     out = Console()
     if job.has_report:
-        out.print(render_jobs.report_tables(client.job_report(job.id)))
+        report = client.job_report(job.id)
+        out.print(render_jobs.report_tables(report))
+        for warning in report.warnings:  # on stderr too, where a script that reads stdout still shows them
+            typer.echo(f"warning: {warning}", err=True)
     out.print(render_jobs.job_detail(job))
     for v in job.versions:
         out.print(f"deploy with: fleet deploy {v.model} --version {v.version} --class {v.device_class}",
@@ -134,6 +137,16 @@ def distill(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split and the training.")] = 0,
     max_epochs: Annotated[int | None, typer.Option("--max-epochs", min=1, help="Cap on epochs per student.")]
     = None,
+    test: Annotated[Path | None, typer.Option(
+        "--test", help="A labelled test set (.npz with x and y) of rows no model saw: teacher and every candidate "
+        "are ranked on it. Without one, the report says its held-out figures may flatter.", exists=True,
+        dir_okay=False, readable=True)] = None,
+    objective: Annotated[str, typer.Option(
+        "--objective", help="efficiency: the least predicted mJ/inference within --max-accuracy-drop points of the "
+        "teacher; accuracy: the best score within the budgets.")] = "efficiency",
+    max_accuracy_drop: Annotated[float, typer.Option(
+        "--max-accuracy-drop", metavar="PT", min=0, max=100,
+        help="Points of accuracy the efficiency objective may give up against the teacher.")] = 1.0,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job to its end (default).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -143,10 +156,12 @@ def distill(
         raise typer.BadParameter("name at least one class, e.g. --classes rpi4,rpi5", param_hint="--classes")
     if task not in ("classification", "regression"):
         raise typer.BadParameter("classification or regression", param_hint="--task")
+    if objective not in ("accuracy", "efficiency"):
+        raise typer.BadParameter("efficiency or accuracy", param_hint="--objective")
     spec = DistillSubmit(name=name, classes=wanted, task=task, budgets=parse_budgets(budget or []), seed=seed,
-                         max_epochs=max_epochs)
+                         max_epochs=max_epochs, objective=objective, max_accuracy_drop=max_accuracy_drop)
     client = _client(ctx)
-    job = client.submit_distill(teacher, data, spec)
+    job = client.submit_distill(teacher, data, spec, test=test)
     if not wait:
         _emit(as_json, job, render_jobs.job_detail(job))
         return
@@ -229,13 +244,16 @@ def classes_show(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar
 
 
 def classes_refit(ctx: typer.Context, name: Annotated[str, typer.Argument(metavar="NAME", help="A class name.")],
+                  accept: Annotated[bool, typer.Option(
+                      "--accept", help="Apply the refit even if it moves a figure (throughput, watts) by more than "
+                      "the cloud's factor (3x); without it such a refit is shown and held.")] = False,
                   as_json: JsonOpt = False) -> None:
-    """Refit the class's cost model from its deployed variants' telemetry; later distillations use it."""
-    view = _client(ctx).refit_calibration(name)
-    if as_json:
-        typer.echo(render.to_json(view))
-    else:
-        typer.echo(f"{view.device_class}: calibration refit from {view.samples} telemetry window(s) ({view.source})")
+    """Refit the class's cost model from its deployed variants' telemetry, per inference; later distillations use
+    it. A refit that moves the class too far is shown and held until you run it again with --accept."""
+    view = _client(ctx).refit_calibration(name, accept=accept)
+    _emit(as_json, view, render_jobs.refit_detail(view))
+    if not view.applied and not as_json:
+        typer.echo(f"warning: refit of {view.device_class} held, not applied: {'; '.join(view.held)}", err=True)
 
 
 def register(app: typer.Typer, classes_app: typer.Typer) -> None:

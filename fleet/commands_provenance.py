@@ -150,7 +150,10 @@ def chain_tree(v: VerifiedBundle) -> Tree:
     if d is not None:
         st = d.student
         label = "student: not recorded"
-        if st is not None:
+        if st is not None and st.family == "teacher":
+            label = ("no student: the teacher's own variant shipped (no student was as good for less), fp32 "
+                     f"{_sha(st.sha256)}")
+        elif st is not None:
             label = (f"student: {escape(st.candidate)} ({st.family}, width x{st.width_mult}, depth {st.depth}), "
                      f"{st.epochs} epochs (best {st.best_epoch}), fp32 {_sha(st.sha256)}")
         node = node.add(label)

@@ -10,6 +10,7 @@ place, `_Cli.invoke` below, which wraps every command of the tree:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,6 +238,61 @@ def models_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     _emit(as_json, models, render.models_table(models))
 
 
+@models_app.command("show", epilog=_examples("fleet models show digits", "fleet models show digits --version 2 --json"))
+def models_show(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
+    version: Annotated[int | None, typer.Option("--version", min=1, help="Model version (default: latest).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one model version: size, hash, opset, and its signature (inputs and outputs with full shapes)."""
+    client = _client(ctx)
+    versions = client.model_versions(name)
+    view = client.get_model(name, version) if version is not None else versions[-1]
+    _emit(as_json, view, render.model_detail(view, versions))
+
+
+@models_app.command("pull", epilog=_examples("fleet models pull digits --version 2 -o digits.onnx",
+                                             "fleet models pull digits --version 3 --class rpi4 -o digits-rpi4.tflite"))
+def models_pull(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
+    version: Annotated[int | None, typer.Option("--version", min=1, help="Model version (default: latest).")] = None,
+    device_class: Annotated[str | None, typer.Option("--class", metavar="NAME", help="The model file this class "
+                                                     "runs (ONNX or TFLite), from its bundle.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", dir_okay=False,
+                                                help="Where to write it (default: the cloud's file name, e.g. "
+                                                "digits-v2.onnx, in the current folder).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download a model version: the uploaded ONNX file, or with --class the variant that class runs.
+
+    The file is written only once its sha256 matches the cloud's; an existing FILE is replaced.
+    """
+    client = _client(ctx)
+    if version is None:
+        version = client.model_versions(name)[-1].version
+    err = Console(stderr=True)
+    if not err.is_terminal:  # no bar in logs and pipes
+        pulled = client.pull_model(name, version, output, device_class=device_class)
+    else:
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      TimeRemainingColumn(), console=err, transient=True) as bar:
+            task = bar.add_task(f"downloading {name} v{version}", total=None, visible=False)
+
+            def progress(got: int, total: int) -> None:
+                # Shown only for large files: a small one is done before a bar could draw a frame.
+                bar.update(task, completed=got, total=total, visible=total >= PROGRESS_MIN_BYTES)
+
+            pulled = client.pull_model(name, version, output, device_class=device_class, on_progress=progress)
+    if as_json:
+        typer.echo(json.dumps({"path": str(pulled.path), "size_bytes": pulled.size_bytes, "sha256": pulled.sha256,
+                               "model": name, "version": version, "device_class": device_class}, indent=2))
+    else:
+        typer.echo(f"wrote {pulled.path} ({pulled.size_bytes} bytes, sha256 {pulled.sha256[:12]}): {name} v{version}"
+                   + (f" as class {device_class} runs it" if device_class else ""))
+
+
 # -- deploy ------------------------------------------------------------------------------------------------------
 
 
@@ -253,7 +309,11 @@ def deploy(
     = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Deploy a model version to exactly one target: --device, --class or --label."""
+    """Deploy a model version to exactly one target: --device, --class or --label.
+
+    A label or class that no enrolled device has yet is not an error: the rule is kept for the devices that enroll
+    later, and a warning on stderr says that none is reached now.
+    """
     given = [flag for flag, v in (("--device", device), ("--class", device_class), ("--label", label)) if v]
     if len(given) != 1:
         raise typer.BadParameter(
@@ -263,6 +323,11 @@ def deploy(
         raise typer.BadParameter("must be KEY=VALUE, e.g. site=kitchen", ctx=ctx, param_hint="--label")
     request = DeployRequest(model=model, version=version, device_id=device, device_class=device_class, label=label)
     view = _client(ctx).deploy(request)
+    if not view.devices and view.target_kind != "device":
+        # Not an error: the rule is kept and reaches the devices that enroll (or are labelled) later.
+        which = f"labelled {label}" if label else f"of class {device_class}"
+        typer.echo(f"warning: no enrolled device is {which}: deployment {view.id} reaches none now, and applies to "
+                   "devices that enroll later; `fleet devices` lists the enrolled ones", err=True)
     _emit(as_json, view, render.deployment_summary(view))
 
 
@@ -278,7 +343,8 @@ def deployments_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 
 @app.command(epilog=_examples("fleet status", "fleet status --json | jq '.[] | select(.state==\"failed\")'"))
 def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """Per device and model: class, desired against active version, state, last seen, p50/p95 ms, mJ/inference."""
+    """Per device and model: class, desired against active version, state, last seen, p50/p95 ms per request, ms and
+    mJ per inference (a batched request is one inference per row)."""
     rows = _client(ctx).status()
     _emit(as_json, rows, render.status_table(rows))
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from rich.console import Group
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -118,11 +119,12 @@ def device_detail(d: DeviceView) -> Group:
             _v(m and m.error),
         )
     tele = Table(title="telemetry (latest window per model version)", title_justify="left")
-    for col in ("model", "version", "count", "errors", "p50 ms", "p95 ms", "mJ/inf", "energy", "window end"):
+    for col in ("model", "version", "requests", "errors", "inferences", "p50 ms/req", "p95 ms/req", "ms/inf",
+                "mJ/inf", "energy", "window end"):
         tele.add_column(col)
     for s in d.telemetry:
-        tele.add_row(s.model, str(s.version), str(s.count), str(s.errors), num(s.p50_ms, 2), num(s.p95_ms, 2),
-                     num(s.mean_mj, 3), s.energy_source, ago(s.window_end))
+        tele.add_row(s.model, str(s.version), str(s.count), str(s.errors), _v(s.rows), num(s.p50_ms, 2),
+                     num(s.p95_ms, 2), num(s.row_ms, 3), num(s.row_mj, 3), s.energy_source, ago(s.window_end))
     if not d.telemetry:
         return Group(facts, models, Text("no telemetry yet", style="dim"))
     return Group(facts, models, tele)
@@ -140,8 +142,13 @@ def classes_table(classes: Sequence[DeviceClassInfo]) -> Table:
     return t
 
 
+def _shape(shape: Sequence[Any]) -> str:
+    return f"[{','.join('?' if d is None else str(d) for d in shape)}]"
+
+
 def _tensors(specs: Sequence[Any]) -> str:
-    return ", ".join(f"{s.name}:{s.dtype}[{','.join('?' if d is None else str(d) for d in s.shape)}]" for s in specs)
+    # Escaped: a table cell is rich markup, which would eat a shape such as [n,1,40] as a style tag.
+    return escape(", ".join(f"{s.name}:{s.dtype}{_shape(s.shape)}" for s in specs))
 
 
 def models_table(models: Sequence[ModelVersionView]) -> Table:
@@ -152,6 +159,31 @@ def models_table(models: Sequence[ModelVersionView]) -> Table:
         t.add_row(m.name, str(m.version), _size(m.size_bytes), _v(m.opset), _tensors(m.inputs), _tensors(m.outputs),
                   m.sha256[:12], ago(m.created_at))
     return t
+
+
+def model_detail(m: ModelVersionView, versions: Sequence[ModelVersionView] = ()) -> Group:
+    """One version: its facts, then its signature, one row per input and output with the full shape."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    facts.add_row("model", escape(f"{m.name} v{m.version}"))
+    facts.add_row("size", _size(m.size_bytes))
+    facts.add_row("sha256", m.sha256)
+    facts.add_row("opset", _v(m.opset))
+    facts.add_row("pushed", f"{m.created_at.isoformat(timespec='seconds')} ({ago(m.created_at)})")
+    if m.built_for_class or m.job_id is not None:
+        facts.add_row("variant", escape(f"{_v(m.precision)} {_v(m.format)} for {_v(m.runtime)}, built for class "
+                                        f"{_v(m.built_for_class)} by job {_v(m.job_id)}"))
+    if versions:
+        facts.add_row("versions", ", ".join(str(v.version) for v in versions))
+    sig = Table(title="signature", title_justify="left")
+    for col in ("", "name", "dtype", "shape"):
+        sig.add_column(col)
+    for kind, specs in (("input", m.inputs), ("output", m.outputs)):
+        for spec in specs:
+            sig.add_row(kind, escape(spec.name), escape(spec.dtype), escape(_shape(spec.shape)))
+    sig.caption = "? or a name: a dynamic dimension"
+    return Group(facts, sig)
 
 
 def deployment_summary(d: DeploymentView) -> Group:
@@ -182,16 +214,20 @@ def deployments_table(deployments: Sequence[DeploymentView]) -> Table:
 
 def status_table(rows: Sequence[DeviceStatusRow]) -> Table:
     t = Table(title=f"fleet status: {len(rows)} row(s)", title_justify="left")
-    for col in ("device", "class", "model", "desired", "active", "state", "last seen", "p50 ms", "p95 ms", "mJ/inf",
-                "energy"):
+    # An inference is a row: a request of 1,200 rows is 1,200 inferences, so ms/inf and mJ/inf are per row and
+    # p50/p95 per request (of inf/req rows on average).
+    for col in ("device", "class", "model", "desired", "active", "state", "last seen", "p50 ms/req", "p95 ms/req",
+                "ms/inf", "mJ/inf", "inf/req", "energy"):
         t.add_column(col)
     for r in rows:
         state = Text(r.state, style=_STATE_STYLE.get(r.state, ""))
         if r.error:
             state.append(f" ({r.error})", style="red")
         seen = Text(ago(r.last_seen), style="" if r.online else "red")
+        batch = r.rows / r.requests if r.rows is not None and r.requests else None
         t.add_row(r.device_id, r.device_class, _v(r.model), _v(r.desired_version), _v(r.active_version), state, seen,
-                  num(r.p50_ms, 2), num(r.p95_ms, 2), num(r.mean_mj, 3), _v(r.energy_source))
+                  num(r.p50_ms, 2), num(r.p95_ms, 2), num(r.row_ms, 3), num(r.row_mj, 3), num(batch, 1),
+                  _v(r.energy_source))
     return t
 
 
@@ -236,5 +272,5 @@ def _size(n: int) -> str:
 
 __all__ = [
     "ago", "classes_table", "deployment_summary", "deployments_table", "device_detail", "devices_table",
-    "models_table", "stats_table", "status_table", "to_json", "token_panel",
+    "model_detail", "models_table", "stats_table", "status_table", "to_json", "token_panel",
 ]

@@ -93,6 +93,10 @@ class DeploymentView(View):
 
 
 class TelemetrySummary(View):
+    """A model version's telemetry on one device over the look-back. `count` and `errors` are requests, `rows` the
+    inferences in them (a batched request is one per row); p50/p95 and `mean_mj` are per request, `row_ms` and
+    `row_mj` per inference."""
+
     model: str
     version: int
     count: int
@@ -102,6 +106,9 @@ class TelemetrySummary(View):
     mean_mj: float | None = None
     energy_source: str = "estimated"
     window_end: datetime | None = None
+    rows: int | None = None
+    row_ms: float | None = None
+    row_mj: float | None = None
 
 
 class DeviceView(View):
@@ -137,10 +144,14 @@ class DeviceStatusRow(View):
     active_version: int | None = None
     state: str  # "in_sync", "pending", "installing", "failed", "no_model"
     error: str | None = None
-    p50_ms: float | None = None
-    p95_ms: float | None = None
-    mean_mj: float | None = None
+    p50_ms: float | None = None  # per request
+    p95_ms: float | None = None  # per request
+    mean_mj: float | None = None  # per request
     energy_source: str | None = None
+    requests: int | None = None
+    rows: int | None = None  # inferences: a batched request is one per row
+    row_ms: float | None = None  # mean latency per inference
+    row_mj: float | None = None  # energy per inference
 
 
 class ClassesView(View):

@@ -10,8 +10,10 @@ Imports nothing of cloud.
 
 Figures: `accuracy` is against the transfer set's labels on the held-out rows (None without labels); `agreement`
 is the share of held-out rows where the student's argmax equals the teacher's (regression: R^2 of the student's
-outputs against the teacher's). `score` is what the choice maximises: accuracy when there are labels, else
-agreement.
+outputs against the teacher's); `test_accuracy` is on the user's own test set, rows no model saw. `score` is what
+both choice rules rank on: test accuracy when a test set was given, else held-out accuracy when there are labels,
+else agreement. The teacher's own variant for each class is a candidate too (`family = "teacher"`): no student
+costlier than it is ever chosen, and it ships when it is the best (`teacher_is_best`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from edgefleet.protos.messages import Budgets, Message, Versioned
 
 Precision = Literal["fp32", "fp16", "int8"]
 Runtime = Literal["onnxruntime", "litert"]
+# "teacher": the teacher's own variant for a class, a candidate like the students (it ships when it is the best).
+CandidateFamily = Literal["mlp", "dscnn2d", "cnn1d", "teacher"]
+Objective = Literal["accuracy", "efficiency"]
 
 
 class ModelFigures(Message):
@@ -33,8 +38,11 @@ class ModelFigures(Message):
     size_bytes: int = Field(ge=0)
     params: int | None = None
     macs: int | None = None
-    counter: str | None = None  # which op counter produced params/macs
+    counter: str | None = None  # which op counter produced params/macs ("measured-equivalent": see macs_basis)
+    macs_basis: str = ""  # how macs was found: counted, or inferred from latency measured on the build machine
     accuracy: float | None = None  # on the held-out rows, against the labels
+    test_accuracy: float | None = None  # on the user's test set (rows no model saw), when one was given
+    measured_p95_ms: float | None = None  # single-sample fp32 p95 on the build machine
     input_shape: list[int | str | None] = Field(default_factory=list)
     output: str = ""
 
@@ -52,17 +60,19 @@ class StudentFigures(Message):
     val_agreement: float
     accuracy: float | None = None
     agreement: float
+    test_accuracy: float | None = None  # on the user's test set, when one was given
     params: int
     macs: int
     size_bytes: int
     train_s: float
+    warnings: list[str] = Field(default_factory=list)  # degenerate students: one class, low agreement, below baseline
 
 
 class CandidateFigures(Message):
     """A candidate as built for one class: its variant, predictions and verdict against the class's budgets."""
 
     candidate: str
-    family: Literal["mlp", "dscnn2d", "cnn1d"]
+    family: CandidateFamily
     width_mult: float
     depth: int
     precision: Precision
@@ -71,28 +81,36 @@ class CandidateFigures(Message):
     precision_reason: str = ""  # why this precision/runtime for this class (int8 pays or not, fp16 preferred...)
     accuracy: float | None = None
     agreement: float
-    score: float  # accuracy if labels were given, else agreement
+    test_accuracy: float | None = None
+    score: float  # what both rules rank on: test accuracy if a test set was given, else accuracy, else agreement
     params: int
     macs: int
     size_bytes: int  # of this variant's file
     predicted_p95_ms: float
     predicted_mj: float
     measured_p95_ms: float | None = None  # single-sample p95 measured on the build machine, where done
-    fits: bool
+    fits: bool  # within the budgets and never costlier than the teacher's own variant for the class
     why_not: str | None = None
     drift: float | None = None  # share of held-out predictions the variant changed vs the fp32 student
+    warnings: list[str] = Field(default_factory=list)
 
 
 class ClassResult(Message):
     device_class: str
     budgets: Budgets
     calibration_source: str = ""  # where the class's cost figures come from (assumed, measured, fleet)
-    chosen: CandidateFigures | None = None
+    objective: Objective = "accuracy"
+    chosen: CandidateFigures | None = None  # the pick of `objective`'s rule (the teacher's variant when it is best)
     reason: str  # why the chosen one, or why none fits
     nearest: CandidateFigures | None = None  # when none fits: the closest to the budgets
     candidates: list[CandidateFigures] = Field(default_factory=list)
     teacher_predicted_p95_ms: float | None = None
     teacher_predicted_mj: float | None = None
+    # Both rules' picks, side by side, whichever one the objective ships; and the teacher as a candidate.
+    chosen_by_accuracy: CandidateFigures | None = None
+    chosen_by_efficiency: CandidateFigures | None = None
+    teacher_variant: CandidateFigures | None = None
+    teacher_is_best: bool = False
 
 
 class DistillReport(Versioned):
@@ -107,6 +125,9 @@ class DistillReport(Versioned):
     n_train: int
     n_val: int
     n_heldout: int
+    # Synthetic training rows the teacher labelled (MUNGE for [N, F], mixup and noise else; cloud/distill/augment):
+    # counted in n_train, never in n_samples, n_val or n_heldout, which are the user's own rows.
+    n_synthetic: int = Field(default=0, ge=0)
     has_labels: bool
     temperature: float
     alpha: float
@@ -114,6 +135,18 @@ class DistillReport(Versioned):
     classes: dict[str, ClassResult] = Field(default_factory=dict)
     seed: int
     created_at: datetime
+    objective: Objective = "accuracy"
+    max_accuracy_drop: float = 1.0  # points: the efficiency rule's allowance below the teacher's score
+    # Where the figures that rank candidates come from: "test" (the user's test set) or "heldout" (a split of the
+    # transfer set, which may overlap the teacher's own training data: `evaluation_note` says so in words).
+    evaluation: Literal["heldout", "test"] = "heldout"
+    evaluation_note: str = ""
+    n_test: int = 0
+    majority_baseline: float | None = None  # accuracy of always predicting the most frequent label, same rows
+    warnings: list[str] = Field(default_factory=list)  # the report's warnings, for the CLI to print first
+    # Where the students' interface differs from the teacher's, and why (a dynamic axis fixed, a family skipped).
+    interface_notes: list[str] = Field(default_factory=list)
 
 
-__all__ = ["CandidateFigures", "ClassResult", "DistillReport", "ModelFigures", "StudentFigures"]
+__all__ = ["CandidateFamily", "CandidateFigures", "ClassResult", "DistillReport", "ModelFigures", "Objective",
+           "StudentFigures"]

@@ -45,6 +45,10 @@ class DistillSubmit(BaseModel):
     max_candidates: int | None = Field(default=None, ge=1, le=64)
     learning_rate: float | None = Field(default=None, gt=0, le=1)
     batch_size: int | None = Field(default=None, ge=1, le=65536)
+    # "efficiency" (default): the least predicted mJ/inference within max_accuracy_drop points of the teacher;
+    # "accuracy": the best score within the budgets (cloud/distill/choice.py).
+    objective: Literal["accuracy", "efficiency"] | None = None
+    max_accuracy_drop: float | None = Field(default=None, ge=0, le=100)
 
     @field_validator("name")
     @classmethod
@@ -122,17 +126,25 @@ class CalibrationView(View):
 
 
 class VariantMeasurement(View):
-    """A deployed variant of the class: what the cost model predicted against what the devices measured."""
+    """A deployed variant of the class: what the cost model predicted against what the devices measured.
+
+    An inference is a row: a request of 1,200 rows is 1,200 inferences. `measured_p95_ms` is per request (of
+    `batch` rows on average); `measured_ms` and `measured_mj` are per inference, comparable with the predictions
+    (the cost model predicts single-row inferences)."""
 
     model: str
     version: int
     precision: str | None = None
     runtime: str | None = None
     predicted_p95_ms: float | None = None
-    measured_p95_ms: float | None = None
+    measured_p95_ms: float | None = None  # per request
     predicted_mj: float | None = None
-    measured_mj: float | None = None
-    inferences: int = 0  # telemetry count behind the measured figures
+    measured_mj: float | None = None  # per inference (row)
+    measured_ms: float | None = None  # mean latency per inference (row)
+    inferences: int = 0  # rows behind the measured figures
+    requests: int = 0
+    batch: float | None = None  # mean rows per request
+    windows: int = 0
     devices: int = 0
 
 
@@ -140,6 +152,29 @@ class ClassDetailView(View):
     info: DeviceClassInfo
     calibration: CalibrationView
     variants: list[VariantMeasurement] = Field(default_factory=list)
+
+
+class RefitView(View):
+    """The answer of `POST /api/v1/classes/{name}/refit[?accept=true]`: the calibration a refit proposes from the
+    class's telemetry, and whether it was applied.
+
+    A refit that would move a figure (a precision's throughput, the active power) by more than `max_factor` is held:
+    `held` says why, one line per figure, and nothing changes until an operator accepts it (`accept=true`, `fleet
+    classes refit NAME --accept`); the automatic refit before each distillation never does. Only windows of at least
+    `min_rows` rows (inferences) count: `windows_ignored` were smaller."""
+
+    device_class: str
+    applied: bool
+    held: list[str] = Field(default_factory=list)  # figures past max_factor: why it waits for an `accept`
+    accepted: bool = False  # applied past a hold, by the operator's confirmation
+    current: CalibrationView  # in force before the call
+    proposed: CalibrationView  # what the telemetry fits
+    windows: int = 0  # telemetry windows the fit learnt from
+    inferences: int = 0  # rows in them
+    windows_ignored: int = 0  # windows below min_rows
+    min_rows: int
+    max_factor: float
+    variants: list[VariantMeasurement] = Field(default_factory=list)  # what was measured, per deployed variant
 
 
 __all__ = [
@@ -152,5 +187,6 @@ __all__ = [
     "JobLogView",
     "JobState",
     "JobView",
+    "RefitView",
     "VariantMeasurement",
 ]

@@ -1,9 +1,10 @@
 """The ranges of the wire contract: every number, list and free text in a device message has a stated bound.
 
 Theory: a receiver must be able to store, sum and show whatever the contract admits, so the contract admits only
-what it can. Each bound below is a named constant with its unit and the reason for its value; `messages.py` applies
-them as pydantic constraints (finite floats, integer ranges, list and text lengths) and as cross-field rules
-(errors <= count, p50 <= p95 <= p99, start <= end). A message that breaks one is refused whole by `parse_message`
+what it can. Each bound below is a named constant with its unit and the reason for its value; the message modules
+(`telemetry.py`, `state.py`, ... re-exported by `messages.py`) apply them as pydantic constraints (finite floats,
+integer ranges, list and text lengths) and as cross-field rules (errors <= count <= rows, p50 <= p95 <= p99,
+per-row figures <= per-request ones, start <= end). A message that breaks one is refused whole by `parse_message`
 with a `MessageError` whose `reason` says which kind of rule (`REFUSAL_REASONS`), so receivers count refusals apart
 from garbage. The agent produces values inside these bounds by construction (edge_agent/telemetry.py clamps
 samples, edge_agent/config.py bounds `telemetry.window_s`, `clip_text` shortens error texts); docs/protocol.md
@@ -20,10 +21,11 @@ from pydantic_core import PydanticCustomError
 
 # Integer columns of the cloud's database (cloud/db/models.py): INTEGER is 32-bit on PostgreSQL, BIGINT 64-bit.
 INT32_MAX = 2**31 - 1  # versions, generations, window counts and errors, dropped windows
-INT64_MAX = 2**63 - 1  # telemetry seq, byte sizes
+INT64_MAX = 2**63 - 1  # telemetry seq and rows, byte sizes
 
 # 1 hour: no inference on an edge device takes that long; a larger figure is a clock jump or a lie. At this ceiling
-# a window's count-weighted sum (count <= INT32_MAX) stays below 1e16, far from double precision's 1.8e308.
+# a window's count-weighted sum (count <= INT32_MAX) stays below 1e16 and its rows-weighted one (rows <= a day at
+# MAX_ROWS_PER_S) below 1e21, far from double precision's 1.8e308.
 MAX_LATENCY_MS = 3_600_000.0
 # 10 kW: above any edge device (a rack of accelerators); device classes' power figures must stay below it.
 MAX_WATTS = 10_000.0
@@ -32,9 +34,13 @@ MAX_ENERGY_MJ = MAX_LATENCY_MS * MAX_WATTS
 # 1 day: a telemetry window longer than the cloud's look-back would be meaningless; the agent's
 # `telemetry.window_s` is capped to it.
 MAX_WINDOW_S = 86_400
-# 1 µs per inference, all threads together: the agent serves through Python, whose per-run overhead alone is several
+# 1 µs per request, all threads together: the agent serves through Python, whose per-run overhead alone is several
 # µs, so no real window reaches this rate. A window of under a second may hold one second's worth.
-MAX_INFERENCES_PER_S = 1_000_000
+MAX_REQUESTS_PER_S = 1_000_000
+MAX_INFERENCES_PER_S = MAX_REQUESTS_PER_S  # the name before windows counted rows; a window's `count` is requests
+# 1 ns per row (one inference of a batched request), all threads together: one clock cycle of a 1 GHz core, below
+# what any model costs per row. A day of it (8.6e13) fits the 64-bit `telemetry_windows.rows`.
+MAX_ROWS_PER_S = 1_000_000_000
 # 200 windows of about 400 bytes: 80 KB, well inside MAX_MESSAGE_BYTES (256 KiB) on the telemetry topic.
 MAX_WINDOWS_PER_BATCH = 200
 # Models in one desired state; an edge device serving more than a few dozen is not a real deployment.

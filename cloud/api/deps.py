@@ -63,9 +63,17 @@ def principal(
 PrincipalDep = Annotated[Principal, Depends(principal)]
 
 
+# "an enroll token" would be wrong, and "a admin token": each kind with its article, as the messages say it.
+_A_TOKEN = {"admin": "an admin token", "enroll": "an enrollment token", "device": "a device token"}
+
+
+def _a_token(kind: str) -> str:
+    return _A_TOKEN.get(kind, f"a token of kind {kind!r}")
+
+
 def admin(who: PrincipalDep) -> Principal:
     if who.kind != "admin":
-        raise Forbidden(f"this endpoint needs the admin token; a {who.kind} token may not use it")
+        raise Forbidden(f"this endpoint needs the admin token; {_a_token(who.kind)} may not use it")
     return who
 
 
@@ -74,7 +82,7 @@ AdminDep = Annotated[Principal, Depends(admin)]
 
 def enrollment(who: PrincipalDep) -> Principal:
     if who.kind != "enroll":
-        raise Forbidden(f"enrolling needs an enrollment token, not a {who.kind} token: "
+        raise Forbidden(f"enrolling needs an enrollment token, not {_a_token(who.kind)}: "
                         "create one with POST /api/v1/enrollment-tokens (`fleet tokens create`)")
     return who
 
@@ -84,7 +92,7 @@ EnrollDep = Annotated[Principal, Depends(enrollment)]
 
 def device_or_admin(who: PrincipalDep) -> Principal:
     if who.kind not in ("device", "admin"):
-        raise Forbidden(f"this endpoint needs a device or admin token; a {who.kind} token may not use it")
+        raise Forbidden(f"this endpoint needs a device or admin token; {_a_token(who.kind)} may not use it")
     return who
 
 

@@ -24,8 +24,9 @@ the answer with it (RFC 9112 9.6; the fuzzing in tests/cloud/test_api_fuzz.py lo
 rest and throws it away, and the connection stays open. Requests without a body are not touched.
 
 Caps (`body_limit`): a JSON body (or a route that takes none) `max_json_body_kb`; a form (the distillation upload)
-`max_model_mb + max_transfer_mb` plus 1 MiB of framing; a route that reads its raw body itself names the setting
-that caps it with `openapi_extra={"x-body-limit": "max_model_mb"}` (model upload).
+`max_model_mb + 2 x max_transfer_mb` (the transfer set and an optional test set) plus 1 MiB of framing; a route that
+reads its raw body itself names the setting that caps it with `openapi_extra={"x-body-limit": "max_model_mb"}`
+(model upload).
 """
 
 from __future__ import annotations
@@ -82,9 +83,11 @@ def body_limit(route: APIRoute | None, settings: Settings) -> BodyLimit:
     if declared is not None:
         raise ValueError(f"route {route.path if route else '?'}: unknown {BODY_LIMIT_KEY} {declared!r}")
     if route is not None and route.body_field is not None and isinstance(route.body_field.field_info, params.Form):
-        total = settings.max_model_bytes + settings.max_transfer_bytes + FORM_SLACK_BYTES
-        return BodyLimit(total, "max_model_mb + max_transfer_mb",
-                         f"{settings.max_model_mb:g} + {settings.max_transfer_mb:g} MB (+1 MiB of form framing)",
+        # The transfer set and, optionally, a test set: each held to max_transfer_mb on its own.
+        total = settings.max_model_bytes + 2 * settings.max_transfer_bytes + FORM_SLACK_BYTES
+        return BodyLimit(total, "max_model_mb + 2 x max_transfer_mb",
+                         f"{settings.max_model_mb:g} + 2 x {settings.max_transfer_mb:g} MB (transfer and test sets; "
+                         "+1 MiB of form framing)",
                          "the upload", "send smaller files or raise the limits in the cloud's settings")
     return BodyLimit(settings.max_json_body_bytes, "max_json_body_kb", f"{settings.max_json_body_kb} KiB",
                      "the request body", "no JSON body the API takes is this large; check what is being sent")

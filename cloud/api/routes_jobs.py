@@ -1,11 +1,12 @@
 """Admin routes for background work: submitting a distillation, following its job, reading its report and plot; and
 a class's cost-model facts (calibration, predicted against measured) with the refit that learns from telemetry.
 
-`POST /distill` is multipart/form-data: files `teacher` (ONNX) and `data` (the transfer set, .npz) and a form field
-`spec` holding `protos.jobs.DistillSubmit` as JSON. `limits.RequestLimits` refuses the request before its body is
-read when it cannot fit the limits (max_model_mb + max_transfer_mb; by its Content-Length, or at that many bytes
-when chunked), and each file is held to its own limit here. Job ids are 32-bit in the database (`jobs.id` is
-INTEGER), so a larger one is a 422 naming `path.job_id`, never a database error.
+`POST /distill` is multipart/form-data: files `teacher` (ONNX), `data` (the transfer set, .npz) and optionally `test`
+(a labelled test set, .npz), and a form field `spec` holding `protos.jobs.DistillSubmit` as JSON.
+`limits.RequestLimits` refuses the request before its body is read when it cannot fit the limits (max_model_mb + 2 x
+max_transfer_mb; by its Content-Length, or at that many bytes when chunked), and each file is held to its own limit
+here. Job ids are 32-bit in the database (`jobs.id` is INTEGER), so a larger one is a 422 naming `path.job_id`,
+never a database error.
 The Fleet checks the rest (spec, classes, teacher signature, data against it) before anything is queued, so a
 mistake is a 422 with the reason here rather than a failed job later. Training happens in `edgefleet-cloud worker`
 processes, never in this server.
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from edgefleet.cloud.api.deps import AdminDep, FleetDep
 from edgefleet.cloud.api.handlers import error_responses
 from edgefleet.cloud.errors import Invalid, TooLarge
-from edgefleet.protos.jobs import CalibrationView, ClassDetailView, DistillSubmit, JobLogView, JobState, JobView
+from edgefleet.protos.jobs import ClassDetailView, DistillSubmit, JobLogView, JobState, JobView, RefitView
 from edgefleet.protos.limits import INT32_MAX
 
 router = APIRouter()
@@ -65,13 +66,18 @@ async def submit_distill(
     teacher: Annotated[UploadFile, File(description="The teacher model (ONNX).")],
     data: Annotated[UploadFile, File(description="The transfer set (.npz with x, optionally y).")],
     spec: Annotated[str, Form(description="DistillSubmit as JSON: name, classes, task, budgets, seed, ...")],
+    test: Annotated[UploadFile | None, File(description="Optional labelled test set (.npz with x and y): rows no "
+                                                        "model saw, on which candidates are ranked.")] = None,
 ) -> JobView:
     """Queue a distillation of `teacher` for the spec's device classes; answers with the queued job."""
     s = fleet.settings
     submit = _parse_spec(spec)
     teacher_bytes = await _read_upload(teacher, "the teacher", s.max_model_bytes, "max_model_mb")
     data_bytes = await _read_upload(data, "the transfer set", s.max_transfer_bytes, "max_transfer_mb")
-    return await run_in_threadpool(fleet.submit_distill, submit, teacher_bytes, data_bytes)
+    test_bytes = None
+    if test is not None:
+        test_bytes = await _read_upload(test, "the test set", s.max_transfer_bytes, "max_transfer_mb")
+    return await run_in_threadpool(fleet.submit_distill, submit, teacher_bytes, data_bytes, test_bytes)
 
 
 @router.get("/jobs", response_model=list[JobView], tags=["jobs"])
@@ -120,8 +126,13 @@ def class_detail(name: str, fleet: FleetDep, who: AdminDep) -> ClassDetailView:
     return fleet.class_detail(name)
 
 
-@router.post("/classes/{name}/refit", response_model=CalibrationView, tags=["classes"])
-def refit_calibration(name: str, fleet: FleetDep, who: AdminDep) -> CalibrationView:
-    """Refit the class's calibration from its deployed variants' telemetry; later distillations use it."""
-    return fleet.refit_calibration(name)
+@router.post("/classes/{name}/refit", response_model=RefitView, tags=["classes"])
+def refit_calibration(name: str, fleet: FleetDep, who: AdminDep,
+                      accept: Annotated[bool, Query(description="Apply the refit even if it moves a figure by more "
+                                                                "than max_factor (held otherwise).")] = False,
+                      ) -> RefitView:
+    """Refit the class's calibration from its deployed variants' telemetry per inference; later distillations use
+    it. A refit that moves a figure by more than `max_factor` is held (200, `applied: false`, `held` says why) until
+    asked again with `accept=true`."""
+    return fleet.refit_calibration(name, accept=accept)
 

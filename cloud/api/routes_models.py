@@ -5,17 +5,25 @@ the body streams in: a Content-Length over the limit is refused before a byte is
 (chunked) is cut off at the limit, so a 10 GB mistake costs at most the limit in memory (`limits.RequestLimits`
 applies both rules before the route runs, after the token; `read_limited` keeps them where it is called).
 `Fleet.push_model` then validates the model (ONNX checker, ONNX Runtime session) in a worker thread.
+
+Getting a model back: `GET /models/{name}/versions` and `/versions/{version}` answer the version views (signature
+with full shapes); `GET /models/{name}/versions/{version}/file[?device_class=C]` streams the model file itself, the
+uploaded one or, with a class, the one inside that class's bundle (what its devices run, ONNX or TFLite; the bundle
+is built first when missing), with its sha256 in `X-Edgefleet-Sha256` and a file name in Content-Disposition. An
+unknown model, version or class is a 404 naming what to check.
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
 
 from edgefleet.cloud.api.deps import AdminDep, FleetDep, no_unknown_fields
 from edgefleet.cloud.api.handlers import error_responses
 from edgefleet.cloud.errors import Invalid, TooLarge
 from edgefleet.protos.api import DeploymentView, DeployRequest, DeviceClassInfo, ModelVersionView
+from edgefleet.protos.limits import Version
 from edgefleet.protos.messages import check_name
 
 router = APIRouter()
@@ -88,6 +96,43 @@ async def push_model(
 @router.get("/models", response_model=list[ModelVersionView], tags=["models"])
 def list_models(fleet: FleetDep, who: AdminDep) -> list[ModelVersionView]:
     return fleet.list_models()
+
+
+@router.get("/models/{name}/versions", response_model=list[ModelVersionView], tags=["models"],
+            responses=error_responses(404))
+def model_versions(name: str, fleet: FleetDep, who: AdminDep) -> list[ModelVersionView]:
+    """Every version of one model, oldest first, with inputs and outputs (full shapes)."""
+    return fleet.model_versions(name)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=ModelVersionView, tags=["models"],
+            responses=error_responses(404))
+def model_version(name: str, version: Version, fleet: FleetDep, who: AdminDep) -> ModelVersionView:
+    return fleet.get_model(name, version)
+
+
+@router.get(
+    "/models/{name}/versions/{version}/file",
+    tags=["models"],
+    response_class=Response,
+    responses={200: {"description": "The model file (ONNX or TFLite), its sha256 in X-Edgefleet-Sha256",
+                     "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+               **error_responses(404)},
+)
+async def model_file(
+    name: str,
+    version: Version,
+    fleet: FleetDep,
+    who: AdminDep,
+    device_class: str | None = Query(default=None, max_length=64,
+                                     description="The model file this class runs, from its bundle (built if missing)"),
+) -> Response:
+    """Download a model version: the uploaded file, or with `device_class` the variant that class runs."""
+    # Naming a class may build its bundle (an ONNX Runtime smoke run): off the event loop.
+    art = await run_in_threadpool(fleet.model_artifact, name, version, device_class)
+    headers = {"X-Edgefleet-Sha256": art.sha256, "Content-Disposition": f'attachment; filename="{art.filename}"',
+               "Content-Length": str(art.size_bytes)}
+    return StreamingResponse(art.chunks(fleet.blobs), media_type="application/octet-stream", headers=headers)
 
 
 @router.post("/deployments", response_model=DeploymentView, status_code=201, tags=["deployments"],

@@ -194,6 +194,10 @@ class TelemetryBatchRow(Base):
 
 
 class TelemetryWindowRow(Base):
+    """One window as the agent sent it (protos/telemetry.py): `count` and `errors` are requests, `rows` the rows
+    (inferences) in them; `p50_ms`..`p99_ms`, `mean_ms` and `mean_mj` are per request, `row_ms` and `row_mj` per
+    row. Windows stored before migration 0006 read as batch 1 (rows = count, row figures from the request ones)."""
+
     __tablename__ = "telemetry_windows"
     __table_args__ = (Index("ix_telemetry_windows_device_model_end", "device_id", "model", "version", "end"),)
 
@@ -210,6 +214,10 @@ class TelemetryWindowRow(Base):
     p95_ms: Mapped[float | None] = mapped_column(Float)
     p99_ms: Mapped[float | None] = mapped_column(Float)
     mean_mj: Mapped[float | None] = mapped_column(Float)
+    rows: Mapped[int] = mapped_column(BigInteger, nullable=False)  # a day at MAX_ROWS_PER_S needs 64 bits
+    mean_ms: Mapped[float | None] = mapped_column(Float)
+    row_ms: Mapped[float | None] = mapped_column(Float)
+    row_mj: Mapped[float | None] = mapped_column(Float)
     energy_source: Mapped[str] = mapped_column(String(16), nullable=False)
     energy_meter: Mapped[str] = mapped_column(String(64), nullable=False, default="")
     where: Mapped[str] = mapped_column(String(8), nullable=False, default="local")

@@ -13,7 +13,10 @@ than in fp32 and a larger one faster; that crossover is a property of the model,
 tests/cloud/distill/test_costmodel.py checks it against ONNX Runtime on the build machine. Operation counts come
 from onnx-tool when it can profile the graph, else from our own counter for Gemm/MatMul/Conv/ConvTranspose;
 `OpCounts.counter` says which. A class's figures start from `DEFAULTS` below (kept here, keyed by class name, so
-the foundation's catalog schema stays as it is) and are refit from fleet telemetry by `refit`.
+the foundation's catalog schema stays as it is) and are refit from fleet telemetry by `refit`, per row (per
+inference): a batched request's latency is its fixed cost plus its rows' work, so batched and single-row windows fit
+the same line, and the fitted latency is the telemetry's mean (what energy adds up from; p95 keeps `p95_factor`).
+`refit_moves` names the figures a refit would move by more than `MAX_REFIT_FACTOR`, which a person confirms first.
 """
 
 from __future__ import annotations
@@ -64,13 +67,20 @@ class Prediction:
 
 @dataclass(frozen=True)
 class Observation:
-    """One fleet telemetry window of a deployed variant, with the op counts its build recorded."""
+    """A deployed variant's fleet telemetry per row (per inference), with the op counts its build recorded.
+
+    `row_ms` and `row_mj` are means per row; `batch` is the mean rows per request, which spreads each request's
+    fixed cost over its rows: row_ms = (overhead_ms + batch x macs / throughput) / batch. A request of 1,200 rows
+    is 1,200 inferences here, never one slow one.
+    """
 
     precision: Precision
     macs: int
-    p95_ms: float
-    mj_per_inference: float | None = None
-    predicted_p95_ms: float | None = None
+    row_ms: float
+    row_mj: float | None = None
+    batch: float = 1.0
+    rows: int = 0  # inferences behind the figures
+    windows: int = 1  # telemetry windows behind the figures
 
 
 @dataclass(frozen=True)
@@ -142,17 +152,19 @@ def predict(counts: OpCounts, cal: Calibration, precision: str, runtime: str = "
 
 
 def refit(cal: Calibration, observations: Sequence[Observation]) -> Calibration:
-    """A new calibration from fleet windows: per precision, least squares of latency on MACs when there are two or
-    more distinct MAC counts, else one scale on the predicted latency; watts from mJ / latency."""
+    """A new calibration from fleet telemetry, per row: per precision, least squares of a request's latency
+    (row_ms x batch) on its work (macs x batch) when there are two or more distinct works, which gives the per-call
+    overhead as the intercept and the throughput as the slope; else one scale on the predicted latency. Watts are
+    mJ per row over ms per row (exact for the modelled meter, which charges active watts x busy time)."""
     if not observations:
         return cal
     gmacs = dict(cal.gmacs_per_s)
     intercepts: dict[str, float] = {}
     scales: list[float] = []
-    for precision in {o.precision for o in observations}:
+    for precision in sorted({o.precision for o in observations}):
         obs = [o for o in observations if o.precision == precision]
-        macs = np.array([o.macs for o in obs], dtype=np.float64)
-        lat = np.array([o.p95_ms for o in obs], dtype=np.float64) / cal.p95_factor
+        macs = np.array([o.macs * max(o.batch, 1.0) for o in obs], dtype=np.float64)  # work per request
+        lat = np.array([o.row_ms * max(o.batch, 1.0) for o in obs], dtype=np.float64)  # latency per request
         if len(set(macs.tolist())) >= 2:
             slope, intercept = np.polyfit(macs, lat, 1)
             if slope > 0 and intercept >= 0:
@@ -178,12 +190,34 @@ def refit(cal: Calibration, observations: Sequence[Observation]) -> Calibration:
         gmacs = {p: (g if p in fitted else g / scale) for p, g in gmacs.items()}
         if not intercepts:
             overhead, int8_extra = overhead * scale, int8_extra * scale
-    watts = [o.mj_per_inference / (o.p95_ms / cal.p95_factor) for o in observations
-             if o.mj_per_inference is not None and o.p95_ms > 0]
+    watts = [o.row_mj / o.row_ms for o in observations if o.row_mj is not None and o.row_ms > 0]
     active = float(np.median(watts)) if watts else cal.active_watts
-    n = len(observations)
+    n = sum(o.windows for o in observations)
     return replace(cal, gmacs_per_s=gmacs, overhead_ms=float(overhead), int8_overhead_ms=float(int8_extra),
                    active_watts=active, source=f"fleet ({n} windows)", samples=n)
+
+
+# 3x: the assumed per-class figures (DEFAULTS) come from public timings that agree within about 2x; a fit that moves
+# a class further is likelier broken telemetry than a different device (one batched request counted as one
+# inference once made rpi4 60x slower), so a person confirms it before any build predicts with it.
+MAX_REFIT_FACTOR = 3.0
+
+
+def refit_moves(current: Calibration, proposed: Calibration, max_factor: float = MAX_REFIT_FACTOR) -> list[str]:
+    """Why `proposed` is too far from `current` to apply unconfirmed: one line per figure (the throughput of each
+    precision, the active power) that moves by more than `max_factor` either way; empty when none does."""
+    figures = [(f"{p} throughput", current.gmacs_per_s.get(p), proposed.gmacs_per_s.get(p), "GMAC/s",
+                ("faster", "slower")) for p in sorted(set(current.gmacs_per_s) | set(proposed.gmacs_per_s))]
+    figures.append(("active power", current.active_watts, proposed.active_watts, "W", ("higher", "lower")))
+    out = []
+    for what, old, new, unit, (up, down) in figures:
+        if old is None or new is None or old <= 0 or new <= 0:
+            continue
+        factor = max(new / old, old / new)
+        if factor > max_factor:
+            out.append(f"{what} {old:.4g} -> {new:.4g} {unit}: {factor:.1f}x {up if new > old else down}, more than "
+                       f"{max_factor:g}x")
+    return out
 
 
 def measure_here(onnx_bytes: bytes, x: np.ndarray, runs: int = 200, threads: int = 1, warmup: int = 20) -> Measured:
@@ -196,7 +230,9 @@ def measure_here(onnx_bytes: bytes, x: np.ndarray, runs: int = 200, threads: int
     options.log_severity_level = 3
     session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    samples = [np.ascontiguousarray(x[i:i + 1]) for i in range(max(1, len(x)))]
+    # In the model's input dtype: a student keeps its teacher's (float64, float16), the transfer set is float32.
+    dtype = {"tensor(double)": np.float64, "tensor(float16)": np.float16}.get(session.get_inputs()[0].type, np.float32)
+    samples = [np.ascontiguousarray(x[i:i + 1], dtype=dtype) for i in range(max(1, len(x)))]
     for i in range(warmup):
         session.run(None, {name: samples[i % len(samples)]})
     times = np.empty(runs)
@@ -225,8 +261,8 @@ def count_ops(onnx_bytes: bytes, input_shape: Sequence[int]) -> OpCounts:
         return _count_own(model, graph_inputs[0].name, shape, len(onnx_bytes))
 
 
-__all__ = ["Calibration", "DEFAULTS", "Measured", "Observation", "OpCounts", "Prediction", "count_ops",
-           "default_calibration", "latency_ms", "measure_here", "predict", "refit"]
+__all__ = ["Calibration", "DEFAULTS", "MAX_REFIT_FACTOR", "Measured", "Observation", "OpCounts", "Prediction",
+           "count_ops", "default_calibration", "latency_ms", "measure_here", "predict", "refit", "refit_moves"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The teacher's signature and the transfer set, checked before anything expensive runs.
 
 Theory: every mistake a user can make with the inputs is caught here, cheaply, and named in one line that says what
-to change: a teacher that is not ONNX, has several inputs, an input rank no student family handles, no float
-output to distill (a lone int64 `label` carries no soft targets), a transfer set that is not an `.npz`, lacks `x`,
+to change: a teacher that is not ONNX, has several inputs, an input rank no student family handles, an output that
+is not a tensor (skl2onnx's ZipMap: the student reproduces every output, see `interface`), no float output to
+distill (a lone int64 `label` carries no soft targets), a transfer set that is not an `.npz`, lacks `x`,
 has a shape that does not match the teacher's input, holds NaN/inf, is empty, or carries labels whose count or
 range does not fit the task. ONNX Runtime reads the signature (it also proves the teacher loads, which is what the
 teacher run needs). The split into train / validation / held-out is a seeded permutation, so a rebuild with the same
@@ -102,6 +103,13 @@ def inspect_teacher(teacher_bytes: bytes, spec: DistillSpec) -> TeacherInfo:
     in_shape = _shape(inp.shape)
     family_for(in_shape)  # an unhandled rank is refused here, before the transfer set is even read
 
+    for o in session.get_outputs():
+        if not str(o.type).startswith("tensor("):
+            # skl2onnx's default ZipMap gives seq(map(int64, tensor(float))): a list of dicts no student graph makes.
+            raise DistillInputError(f"the teacher's output {o.name!r} is {o.type}, not a tensor; the student must "
+                                    "reproduce every output of the teacher and can only make tensors: convert the "
+                                    "teacher with zipmap off (skl2onnx: options={id(model): {'zipmap': False}}), "
+                                    "or drop that output")
     outputs = [TensorSpec(name=o.name, dtype=_ORT_TYPES.get(o.type, o.type), shape=_shape(o.shape or []))
                for o in session.get_outputs()]
     floats = [o for o in outputs if o.dtype in _FLOAT_DTYPES]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import platform
 import time
-import warnings
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -34,21 +33,36 @@ from typing import Any
 import numpy as np
 
 from edgefleet.cloud.distill import data as data_mod
-from edgefleet.cloud.distill.errors import ArtifactDrift, ArtifactUnrunnable, ConverterUnavailable, DistillCancelled
-from edgefleet.cloud.distill.export import run_onnx, to_onnx
+from edgefleet.cloud.distill.choice import TEACHER, choose, gate_on_teacher
+from edgefleet.cloud.distill.errors import DistillCancelled
+from edgefleet.cloud.distill.evaluate import (
+    HELDOUT_NOTE,
+    TEST_NOTE,
+    load_test_set,
+    majority_baseline,
+    score_outputs,
+    warnings_for,
+)
+from edgefleet.cloud.distill.export import run_onnx
 from edgefleet.cloud.distill.families import Candidate, candidates_for
+from edgefleet.cloud.distill.interface import describe as describe_interface
+from edgefleet.cloud.distill.interface import export_student, filter_candidates
+from edgefleet.cloud.distill.planner import (
+    EQUIVALENT,
+    ClassPlanner,
+    EvalRows,
+    TeacherCandidate,
+    teacher_cost,
+)
 from edgefleet.cloud.distill.spec import DistillSpec, resolve_budgets
 from edgefleet.cloud.distill.teacher import TeacherOutputs, teacher_outputs
 from edgefleet.cloud.distill.train import train_student
-from edgefleet.protos.distill import CandidateFigures, ClassResult, DistillReport, ModelFigures, StudentFigures
-from edgefleet.protos.messages import Budgets, DeviceClassInfo
+from edgefleet.protos.distill import ClassResult, DistillReport, ModelFigures, StudentFigures
+from edgefleet.protos.messages import DeviceClassInfo
 
 Progress = Callable[[str, float], None]
 # Shares of the overall progress bar: the teacher run, then training (the bulk), then per-class variants.
 _TEACHER_END, _TRAIN_END = 0.05, 0.85
-# int8 must be at least 10% faster to pay: it risks drift, and single-sample timings of tiny models jitter by about
-# that much between runs (measured: the same 9k-MAC MLP at 0.041-0.047 ms p95), which would flip the choice.
-INT8_MARGIN = 0.9
 
 
 @dataclass(frozen=True)
@@ -64,6 +78,8 @@ class DistillResult:
     report: DistillReport
     chosen: dict[str, ChosenArtifact]  # only the classes where a candidate fits
     students: dict[str, bytes] = field(default_factory=dict)  # candidate id -> fp32 ONNX
+    # class -> candidate id ("teacher" too) -> the variant built for that class (None where it cannot ship)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def plot_svg(self) -> str:
         from edgefleet.cloud.distill.report import plot_svg
@@ -79,194 +95,8 @@ class _Student:
     accuracy: float | None
     agreement: float
     figures: StudentFigures
-
-
-def score_outputs(out: np.ndarray, teacher: np.ndarray, y: np.ndarray | None,
-                  task: str) -> tuple[float | None, float]:
-    """(accuracy against labels or None, agreement with the teacher) on held-out outputs. Regression: R^2 both."""
-    if task == "regression":
-        accuracy = None if y is None else _r2(out, np.asarray(y, np.float32).reshape(out.shape))
-        return accuracy, _r2(out, teacher)
-    pred = out.argmax(axis=1)
-    known = None if y is None else y >= 0  # -1 marks an unlabelled row of a partly labelled transfer set
-    accuracy = None if known is None or not known.any() else float((pred[known] == y[known]).mean())
-    return accuracy, float((pred == teacher.argmax(axis=1)).mean())
-
-
-def _r2(pred: np.ndarray, target: np.ndarray) -> float:
-    spread = float(((target - target.mean(axis=0)) ** 2).sum())
-    return 1.0 - float(((pred - target) ** 2).sum()) / spread if spread > 0 else 0.0
-
-
-def _overruns(fig: CandidateFigures, budgets: Budgets) -> list[tuple[str, float, float]]:
-    """(what, value, limit) for every budget the candidate breaks."""
-    checks = [("p95", fig.predicted_p95_ms, budgets.p95_latency_ms, "ms"),
-              ("energy", fig.predicted_mj, budgets.mj_per_inference, "mJ"),
-              ("size", fig.size_bytes / 1e6, budgets.model_mb, "MB")]
-    return [(f"{what} {value:.4g} {unit} > {limit:g} {unit}", value, limit)
-            for what, value, limit, unit in checks if limit is not None and value > limit]
-
-
-def choose(figures: list[CandidateFigures], budgets: Budgets) -> tuple[CandidateFigures | None,
-                                                                      CandidateFigures | None, str]:
-    """(chosen, nearest, reason): the best score among those that fit (ties: higher agreement with the teacher, then
-    less energy, then fewer params); when none fits, none chosen and the nearest: the smallest worst ratio of figure
-    to budget. Agreement breaks accuracy ties because on a small held-out part (202 digits: one image is half a
-    point) several candidates tie on accuracy, and agreement is the finer signal of how well a student stands in."""
-    if not figures:
-        return None, None, "no candidates were built"
-    fitting = [f for f in figures if f.fits]
-    if fitting:
-        best = max(fitting, key=lambda f: (round(f.score, 6), round(f.agreement, 6), -f.predicted_mj, -f.params))
-        return best, None, (
-            f"{best.candidate} as {best.precision} on {best.runtime} scores best within the budgets "
-            f"({best.score:.4f}; p95 {best.predicted_p95_ms:.3g} ms, {best.predicted_mj:.3g} mJ, "
-            f"{best.size_bytes / 1e6:.3g} MB); {len(fitting)} of {len(figures)} candidates fit")
-
-    def worst(f: CandidateFigures) -> float:
-        ratios = [value / limit for _, value, limit in _overruns(f, budgets)]
-        return max(ratios, default=1.0)
-
-    nearest = min(figures, key=lambda f: (worst(f), -f.score))
-    return None, nearest, (
-        f"no candidate fits the budgets; the nearest is {nearest.candidate} as {nearest.precision} "
-        f"({nearest.why_not}); relax the budget, pick a faster class, or give a smaller grid")
-
-
-class ClassPlanner:
-    """Builds (and caches across classes) the variant each candidate would ship as on a class, and its figures."""
-
-    def __init__(self, artifacts, costmodel, spec: DistillSpec, heldout: tuple, calib_x: np.ndarray, work: Path):
-        self.artifacts, self.costmodel, self.spec = artifacts, costmodel, spec
-        self.x, self.t_held, self.y_held = heldout  # inputs, teacher outputs, labels (or None)
-        self.calib_x = calib_x
-        self.work = work
-        self._variants: dict[tuple[str, str, str], tuple[Any, float | None, str | None]] = {}
-        self._measured: dict[tuple[str, str], Any] = {}
-        self._converter_error: str | None = None
-        self._scores: dict[tuple[str, str, str], tuple[float | None, float] | None] = {}
-
-    def _variant_scores(self, variant) -> tuple[float | None, float] | None:
-        """The shipped variant's own held-out scores (a quantized model can gain or lose a few predictions); None
-        when this machine cannot run it (no LiteRT here), and the fp32 student's scores stand in."""
-        run = getattr(self.artifacts, "run_variant", None)
-        if run is None:
-            return None
-        try:
-            return score_outputs(np.asarray(run(variant, self.x)), self.t_held, self.y_held, self.spec.task)
-        except Exception:  # noqa: BLE001 - e.g. ImportError of LiteRT on the build machine; fp32 figures stand in
-            return None
-
-    def _build(self, cid: str, onnx32: bytes, precision: str, runtime: str) -> tuple[Any, float | None, str | None]:
-        """(variant, drift, error): error names why this variant cannot ship (drift, converter missing)."""
-        key = (cid, precision, runtime)
-        if key in self._variants:
-            return self._variants[key]
-        if runtime == "litert" and self._converter_error is not None:
-            return None, None, self._converter_error  # the converter venv failed once: do not rebuild it per model
-        a = self.artifacts
-        result: tuple[Any, float | None, str | None]
-        try:
-            if precision == "fp32" and runtime == "onnxruntime":
-                # The fp32 student is the drift reference itself: nothing to build or check.
-                result = (a.Variant("fp32", "onnxruntime", "onnx", onnx32), 0.0, None)
-                self._variants[key] = result
-                return result
-            work = self.work / f"{cid}-{precision}-{runtime}"
-            work.mkdir(parents=True, exist_ok=True)
-            # Calibrated on training rows, checked on held-out rows: the check sees inputs calibration never saw,
-            # as a device will.
-            variant = a.make_variant(onnx32, precision, runtime, self.calib_x, work)
-            drift = _drift_value(a.check_drift(variant, onnx32, self.x, self.spec.task, self.spec.drift_tolerance))
-            result = (variant, drift, None)
-            self._scores[key] = self._variant_scores(variant)
-        except ArtifactDrift as exc:
-            result = (None, _drift_value(exc.detail), f"{precision} {runtime} variant drifted: {exc.message}")
-        except ArtifactUnrunnable as exc:
-            result = (None, None, f"{precision} {runtime} variant cannot run: {exc.message}")
-        except ConverterUnavailable as exc:
-            result = (None, None, f"TFLite converter unavailable: {exc.message}")
-            if (exc.detail or {}).get("stage") != "convert":  # the venv itself, not this model: same for all
-                self._converter_error = result[2]
-        self._variants[key] = result
-        return result
-
-    def _measure(self, cid: str, precision: str, data: bytes) -> float:
-        if (cid, precision) not in self._measured:
-            self._measured[(cid, precision)] = self.costmodel.measure_here(data, self.x[:64], runs=200)
-        return float(self._measured[(cid, precision)].p95_ms)
-
-    def plan(self, cand: Candidate, onnx32: bytes, counts, accuracy: float | None, agreement: float,
-             cls: DeviceClassInfo, cal, budgets: Budgets, measure: bool) -> tuple[CandidateFigures, Any]:
-        cm = self.costmodel
-        runtime = "litert" if cls.runtimes[0] == "litert" else "onnxruntime"
-        measured: float | None = None
-        if cls.preferred_precision == "fp16":
-            precision, why = "fp16", f"{cls.name} prefers fp16 (its GPU providers run fp16 natively)"
-        else:
-            p32, p8 = cm.predict(counts, cal, "fp32", runtime), cm.predict(counts, cal, "int8", runtime)
-            m32 = m8 = err8 = None
-            if measure and runtime == "onnxruntime":
-                int8_variant, _, err8 = self._build(cand.id, onnx32, "int8", "onnxruntime")
-                m32 = self._measure(cand.id, "fp32", onnx32)
-                m8 = self._measure(cand.id, "int8", int8_variant.data) if err8 is None else None
-            if m32 is not None and m8 is not None:
-                pays, basis = m8 < INT8_MARGIN * m32, f"measured here: int8 p95 {m8:.3g} ms vs fp32 {m32:.3g} ms"
-            else:
-                pays, basis = p8.p95_ms < INT8_MARGIN * p32.p95_ms, (f"predicted: int8 p95 {p8.p95_ms:.3g} ms vs "
-                                                                     f"fp32 {p32.p95_ms:.3g} ms")
-            prefers = f"{cls.name} prefers int8, but " if cls.preferred_precision == "int8" and not pays else ""
-            if pays:
-                precision, why = "int8", f"int8 pays ({basis})"
-            else:
-                precision, why = "fp32", (f"{prefers}int8 does not pay ({basis}; it must be 10% faster): at "
-                                          f"{counts.macs:,} MACs the fixed per-call quantize/dequantize cost "
-                                          "outweighs the cheaper arithmetic")
-            if precision == "fp32" and err8 is not None:
-                why += f"; besides, the {err8}"  # measured runs were skipped: the int8 variant cannot ship anyway
-            measured = m8 if precision == "int8" else m32
-        variant, drift, error = self._build(cand.id, onnx32, precision, runtime)
-        why_not = None
-        if error is not None:
-            if "onnxruntime" in cls.runtimes:
-                why += f"; {error}: falling back to fp32 on ONNX Runtime"
-                precision, runtime = "fp32", "onnxruntime"
-                variant, _, _ = self._build(cand.id, onnx32, "fp32", "onnxruntime")
-                m32_done = self._measured.get((cand.id, "fp32"))
-                measured = None if m32_done is None else float(m32_done.p95_ms)
-            else:
-                why_not = error
-        if runtime == "litert":
-            why = f"{cls.name} runs LiteRT first: TFLite {variant.precision if variant else precision}; {why}"
-        if variant is not None:
-            precision = variant.precision
-            own = self._scores.get((cand.id, precision, runtime))
-            if own is not None:
-                accuracy, agreement = own
-        size = len(variant.data) if variant is not None else len(onnx32)
-        pred = cm.predict(counts, cal, precision, runtime, model_bytes=size)
-        fig = CandidateFigures(
-            candidate=cand.id, family=cand.family, width_mult=cand.width_mult, depth=cand.depth, precision=precision,
-            runtime=runtime, format="tflite" if runtime == "litert" else "onnx", precision_reason=why,
-            accuracy=accuracy, agreement=agreement, score=accuracy if accuracy is not None else agreement,
-            params=counts.params, macs=counts.macs, size_bytes=size, predicted_p95_ms=pred.p95_ms,
-            predicted_mj=pred.mj_per_inference, measured_p95_ms=measured, fits=False, drift=drift)
-        over = [text for text, _, _ in _overruns(fig, budgets)]
-        if why_not is None and over:
-            why_not = "; ".join(over)
-        return fig.model_copy(update={"fits": why_not is None, "why_not": why_not}), variant
-
-
-def _drift_value(result) -> float | None:
-    """The changed share from a DriftResult (or an ArtifactDrift's detail dict), whatever its field is called."""
-    if result is None:
-        return None
-    names = ("value", "changed_fraction", "drift")  # DriftResult.value; never "changed", which is a count
-    for name in names:
-        value = result.get(name) if isinstance(result, dict) else getattr(result, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    return None
+    test_accuracy: float | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def _default_modules(artifacts, costmodel):
@@ -277,22 +107,15 @@ def _default_modules(artifacts, costmodel):
     return artifacts, costmodel
 
 
-def _teacher_figures(teacher_bytes, info, targets: TeacherOutputs, t_held, y_held, costmodel,
-                     shape) -> ModelFigures:
-    accuracy = None
-    if y_held is not None:
-        accuracy = score_outputs(t_held, t_held, y_held, targets.kind == "values" and "regression" or "")[0]
-    params = macs = counter = None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # onnx-tool warns once per operator it cannot profile
-            counts = costmodel.count_ops(teacher_bytes, shape)
-        # 0 MACs means "operators the counter does not know" (ai.onnx.ml Scaler, LinearClassifier...), not free.
-        if counts.macs > 0:
-            params, macs, counter = counts.params, counts.macs, counts.counter
-    except Exception:  # noqa: BLE001 - a teacher with operators no counter knows simply has no counts
-        pass
-    return ModelFigures(size_bytes=len(teacher_bytes), params=params, macs=macs, counter=counter, accuracy=accuracy,
+def _teacher_figures(teacher_bytes, info, targets: TeacherOutputs, t_held, y_held, counts, basis: str,
+                     measured_p95_ms: float | None, test: EvalRows | None, task: str) -> ModelFigures:
+    accuracy = score_outputs(t_held, t_held, y_held, task)[0] if y_held is not None else None
+    test_accuracy = score_outputs(test.teacher, test.teacher, test.y, task)[0] if test is not None else None
+    counted = counts is not None and counts.counter != EQUIVALENT
+    return ModelFigures(size_bytes=len(teacher_bytes), params=counts.params if counted else None,
+                        macs=counts.macs if counts is not None else None,
+                        counter=counts.counter if counts is not None else None, macs_basis=basis,
+                        accuracy=accuracy, test_accuracy=test_accuracy, measured_p95_ms=measured_p95_ms,
                         input_shape=list(info.input_shape), output=info.chosen_output)
 
 
@@ -301,8 +124,10 @@ def run_distillation(teacher_bytes: bytes, npz: bytes | Path, spec: DistillSpec,
                      progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None, *,
                      model_name: str = "student", artifacts: ModuleType | Any = None,
                      costmodel: ModuleType | Any = None,
-                     measure_classes: Collection[str] | None = None) -> DistillResult:
-    """Distil `teacher_bytes` on the transfer set `npz` for `spec.classes`.
+                     measure_classes: Collection[str] | None = None,
+                     test_npz: bytes | Path | None = None) -> DistillResult:
+    """Distil `teacher_bytes` on the transfer set `npz` for `spec.classes`; `test_npz`: the user's labelled test set
+    (rows no model saw), on which every candidate and the teacher are then ranked.
 
     `progress(stage, fraction)`: fraction of the whole job in [0, 1]. `should_cancel()` is polled between epochs and
     steps; True raises DistillCancelled. `calibrations`: per class (a missing class gets the cost model's default).
@@ -328,6 +153,7 @@ def run_distillation(teacher_bytes: bytes, npz: bytes | Path, spec: DistillSpec,
     budgets = resolve_budgets(spec, catalog)
     info = data_mod.inspect_teacher(teacher_bytes, spec)
     transfer = data_mod.load_transfer_set(npz, info, spec)
+    test_set = load_test_set(test_npz, info, spec) if test_npz is not None else None
     shape = [None, *transfer.x.shape[1:]]
     candidates_for(shape, info.n_out or 1, spec.max_candidates)  # rank check; the real width comes from the teacher
 
@@ -339,15 +165,30 @@ def run_distillation(teacher_bytes: bytes, npz: bytes | Path, spec: DistillSpec,
         transfer = data_mod.TransferSet(transfer.x, data_mod.check_labels(transfer.y, len(transfer.x),
                                                                           targets.n_out, spec))
     parts = data_mod.split(len(transfer.x), spec)
+    # A small transfer set gets synthetic TRAINING rows labelled by the teacher, appended after the real rows (the
+    # validation and held-out indices do not move): cloud/distill/augment.py.
+    from edgefleet.cloud.distill.augment import extend as augment_training_rows
+
+    transfer, targets, parts, augmentation = augment_training_rows(
+        transfer, targets, parts, spec,
+        lambda x_syn, s: teacher_outputs(teacher_bytes, x_syn, info, s, work_dir / "teacher-cache"))
     held = parts.heldout_idx
     x_held, y_held, t_held = transfer.x[held], None if transfer.y is None else transfer.y[held], targets.logits[held]
     sample_shape = list(transfer.x.shape[1:])
-    teacher = _teacher_figures(teacher_bytes, info, targets, t_held, y_held, costmodel, sample_shape)
+    test = None
+    if test_set is not None:
+        t_test = teacher_outputs(teacher_bytes, test_set.x, info, spec, work_dir / "teacher-cache").logits
+        test = EvalRows(test_set.x, t_test, data_mod.check_labels(test_set.y, len(test_set.x), targets.n_out, spec))
+    t_counts, t_basis, t_measured = teacher_cost(teacher_bytes, x_held, info, costmodel, sample_shape)
+    teacher = _teacher_figures(teacher_bytes, info, targets, t_held, y_held, t_counts, t_basis, t_measured, test,
+                               spec.task)
     report_progress("teacher outputs", _TEACHER_END)
 
-    # 3. Train, export and score every candidate, smallest first.
-    candidates = candidates_for(shape, targets.n_out, spec.max_candidates)
-    output_name = "values" if spec.task == "regression" else "logits"
+    # 3. Train, export and score every candidate, smallest first. Every student keeps the teacher's interface (input
+    # name, dtype and dynamic dimensions; every output by name, dtype and meaning): cloud/distill/interface.py.
+    iface = describe_interface(teacher_bytes, info, targets, transfer.x, spec.task)
+    candidates, interface_notes = filter_candidates(iface, candidates_for(shape, targets.n_out, spec.max_candidates))
+    interface_notes = [*interface_notes, *iface.notes]  # what the students' interface does differently, and why
     students: list[_Student] = []
     span = (_TRAIN_END - _TEACHER_END) / len(candidates)
     for i, cand in enumerate(candidates):
@@ -357,10 +198,11 @@ def run_distillation(teacher_bytes: bytes, npz: bytes | Path, spec: DistillSpec,
         trained = train_student(cand, transfer, targets, parts, spec,
                                 progress=lambda stage, f, base=base: report_progress(stage, base + f * span * 0.9),
                                 should_cancel=should_cancel)
-        onnx_bytes = to_onnx(trained.module, shape, output_name=output_name,
-                             doc_string=f"edgefleet distilled student {cand.id} of {model_name}, seed {spec.seed}")
+        onnx_bytes = export_student(trained.module, iface, shape, doc_string=" ".join(
+            [f"edgefleet distilled student {cand.id} of {model_name}, seed {spec.seed}.", *interface_notes]))
         report_progress(f"export {cand.id}", base + span * 0.95)
-        accuracy, agreement = score_outputs(run_onnx(onnx_bytes, x_held), t_held, y_held, spec.task)
+        accuracy, agreement = score_outputs(run_onnx(onnx_bytes, x_held, output=iface.scores), t_held, y_held,
+                                            spec.task)
         counts = costmodel.count_ops(onnx_bytes, sample_shape)
         students.append(_Student(cand, onnx_bytes, counts, accuracy, agreement, StudentFigures(
             candidate=cand.id, family=cand.family, width_mult=cand.width_mult, depth=cand.depth,
@@ -368,16 +210,28 @@ def run_distillation(teacher_bytes: bytes, npz: bytes | Path, spec: DistillSpec,
             val_agreement=trained.val_agreement, accuracy=accuracy, agreement=agreement, params=counts.params,
             macs=counts.macs, size_bytes=len(onnx_bytes), train_s=round(time.perf_counter() - started, 3))))
 
-    # 4. Per class: the variant each candidate would ship as, its predictions, the choice.
+    # 3b. Every student on the user's test set, and the warnings a degenerate one earns.
+    eval_y = test.y if test is not None else y_held
+    baseline = majority_baseline(eval_y) if spec.task == "classification" else None
+    for st in students:
+        out = run_onnx(st.onnx, x_held if test is None else test.x)
+        acc_eval, agreement_eval = st.accuracy, st.agreement
+        if test is not None:
+            st.test_accuracy, agreement_eval = score_outputs(out, test.teacher, test.y, spec.task)
+            acc_eval = st.test_accuracy
+        st.warnings = warnings_for(out, agreement_eval, acc_eval, baseline, spec.task,
+                                   who=f"student {st.candidate.id}")
+        st.figures = st.figures.model_copy(update={"test_accuracy": st.test_accuracy, "warnings": st.warnings})
+
+    # 4. Per class: the variant each candidate (and the teacher) would ship as, its predictions, both rules' picks.
     results: dict[str, ClassResult] = {}
     chosen: dict[str, ChosenArtifact] = {}
+    built: dict[str, dict[str, Any]] = {}
     calib_x = transfer.x[parts.train_idx[np.random.default_rng(spec.seed).permutation(len(parts.train_idx))[:512]]]
-    planner = ClassPlanner(artifacts, costmodel, spec, (x_held, t_held, y_held), calib_x, work_dir / "variants")
-    teacher_counts = None
-    if teacher.macs is not None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            teacher_counts = costmodel.count_ops(teacher_bytes, sample_shape)
+    planner = ClassPlanner(artifacts, costmodel, spec, (x_held, t_held, y_held), calib_x, work_dir / "variants",
+                           test=test)
+    # The teacher agrees with itself; its accuracy figures are its own.
+    t_agreement = 1.0
     for k, name in enumerate(spec.classes):
         check_cancel(f"before building variants for {name}")
         report_progress(f"variants {name}", _TRAIN_END + (1 - _TRAIN_END) * k / len(spec.classes))
@@ -386,33 +240,57 @@ def run_distillation(teacher_bytes: bytes, npz: bytes | Path, spec: DistillSpec,
         figures, variants = [], {}
         for st in students:
             fig, variant = planner.plan(st.candidate, st.onnx, st.counts, st.accuracy, st.agreement, cls, cal,
-                                        budgets[name], measure=name in measure_classes)
-            figures.append(fig)
+                                        budgets[name], measure=name in measure_classes,
+                                        test_accuracy=st.test_accuracy)
+            figures.append(fig.model_copy(update={"warnings": st.warnings}))
             variants[st.candidate.id] = variant
-        best, nearest, reason = choose(figures, budgets[name])
-        teacher_pred = costmodel.predict(teacher_counts, cal, "fp32", "onnxruntime") if teacher_counts else None
+        teacher_fig = None
+        if t_counts is not None:  # a teacher that can be neither counted nor timed is no candidate (said in basis)
+            teacher_fig, variants[TEACHER] = planner.plan(
+                TeacherCandidate(), teacher_bytes, t_counts, teacher.accuracy, t_agreement, cls, cal, budgets[name],
+                measure=name in measure_classes, test_accuracy=teacher.test_accuracy)
+        figures = gate_on_teacher(figures, teacher_fig)
+        built[name] = variants
+        decision = choose(figures, budgets[name], objective=spec.objective, teacher=teacher_fig,
+                          max_accuracy_drop=spec.max_accuracy_drop)
         results[name] = ClassResult(
-            device_class=name, budgets=budgets[name], calibration_source=getattr(cal, "source", ""), chosen=best,
-            reason=reason, nearest=nearest, candidates=figures,
-            teacher_predicted_p95_ms=teacher_pred.p95_ms if teacher_pred else None,
-            teacher_predicted_mj=teacher_pred.mj_per_inference if teacher_pred else None)
+            device_class=name, budgets=budgets[name], calibration_source=getattr(cal, "source", ""),
+            objective=spec.objective, chosen=decision.chosen, reason=decision.reason, nearest=decision.nearest,
+            candidates=figures, teacher_predicted_p95_ms=teacher_fig.predicted_p95_ms if teacher_fig else None,
+            teacher_predicted_mj=teacher_fig.predicted_mj if teacher_fig else None,
+            chosen_by_accuracy=decision.by_accuracy, chosen_by_efficiency=decision.by_efficiency,
+            teacher_variant=teacher_fig, teacher_is_best=decision.teacher_is_best)
+        best = decision.chosen
         if best is not None:
-            onnx32 = next(st.onnx for st in students if st.candidate.id == best.candidate)
+            onnx32 = teacher_bytes if best.family == TEACHER else \
+                next(st.onnx for st in students if st.candidate.id == best.candidate)
             chosen[name] = ChosenArtifact(name, best.candidate, variants[best.candidate], onnx32)
 
+    teacher_eval = (test.teacher, teacher.test_accuracy) if test is not None else (t_held, teacher.accuracy)
+    report_warnings = warnings_for(teacher_eval[0], 1.0, teacher_eval[1], baseline, spec.task, who="the teacher")
+    for name, result in results.items():
+        if result.chosen is not None:
+            report_warnings += [f"{name}: {w}" for w in result.chosen.warnings]
     report = DistillReport(
         model_name=model_name, task=spec.task, teacher=teacher, teacher_output_kind=targets.kind,
         how_probabilities_were_handled=targets.how_probabilities_were_handled(),
-        metric=_metric_words(spec.task, transfer.y is not None), n_samples=len(transfer.x),
+        metric=_metric_words(spec.task, transfer.y is not None, test is not None), n_samples=len(transfer.x),
         n_train=len(parts.train_idx), n_val=len(parts.val_idx), n_heldout=len(held), has_labels=transfer.y is not None,
         temperature=spec.temperature, alpha=spec.alpha, students=[st.figures for st in students], classes=results,
-        seed=spec.seed, created_at=datetime.now(timezone.utc))
+        seed=spec.seed, created_at=datetime.now(timezone.utc), objective=spec.objective,
+        max_accuracy_drop=spec.max_accuracy_drop, evaluation="test" if test is not None else "heldout",
+        evaluation_note=TEST_NOTE.format(n=len(test.x)) if test is not None else HELDOUT_NOTE,
+        n_test=len(test.x) if test is not None else 0, majority_baseline=baseline, warnings=report_warnings,
+        interface_notes=interface_notes)
     _write(work_dir, report)
     report_progress("done", 1.0)
-    return DistillResult(report, chosen, {st.candidate.id: st.onnx for st in students})
+    return DistillResult(report, chosen, {st.candidate.id: st.onnx for st in students}, built)
 
 
-def _metric_words(task: str, has_labels: bool) -> str:
+def _metric_words(task: str, has_labels: bool, has_test: bool = False) -> str:
+    if has_test:
+        return ("R^2 against the test set's labels" if task == "regression" else
+                "accuracy against the test set's labels (rows no model saw)")
     if task == "regression":
         return "R^2 against the labels on held-out rows" if has_labels else "R^2 against the teacher on held-out rows"
     if has_labels:

@@ -18,6 +18,8 @@ from edgefleet.protos.messages import Budgets, DeviceClassInfo
 
 Task = Literal["classification", "regression"]
 OutputKind = Literal["auto", "logits", "probabilities"]
+Objective = Literal["accuracy", "efficiency"]
+Augment = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,14 @@ class DistillSpec:
     # Tiny students train fastest on one thread (thread hand-offs cost more than the 1-10k-MAC layers); None: use
     # min(2, cores). One thread also makes a build bit-identical regardless of the machine's core count.
     threads: int | None = 1
+    # Which candidate a class ships (cloud/distill/choice.py): "efficiency", the least predicted mJ/inference within
+    # `max_accuracy_drop` points of the teacher's score, or "accuracy", the best score within the budgets.
+    objective: Objective = "efficiency"
+    max_accuracy_drop: float = 1.0
+    # Synthetic training rows labelled by the teacher (cloud/distill/augment.py): `augment_rows` of them (at most 20
+    # per real training row), "auto" for transfer sets under 1000 rows, "on" for any, "off" never.
+    augment: Augment = "auto"
+    augment_rows: int = 2000
 
     def __post_init__(self) -> None:
         if isinstance(self.classes, str):
@@ -68,6 +78,11 @@ class DistillSpec:
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.threads is None or self.threads >= 1, "threads must be >= 1 or None"),
+            (self.objective in ("accuracy", "efficiency"), "objective must be 'accuracy' or 'efficiency'"),
+            (math.isfinite(self.max_accuracy_drop) and 0.0 <= self.max_accuracy_drop <= 100.0,
+             "max_accuracy_drop must be within [0, 100] points"),
+            (self.augment in ("auto", "on", "off"), "augment must be 'auto', 'on' or 'off'"),
+            (self.augment_rows >= 0, "augment_rows must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -113,4 +128,4 @@ def resolve_budgets(spec: DistillSpec, catalog: Mapping[str, DeviceClassInfo]) -
     return {name: merge_budgets(catalog[name].budgets, spec.budgets.get(name)) for name in spec.classes}
 
 
-__all__ = ["DistillSpec", "OutputKind", "Task", "merge_budgets", "resolve_budgets"]
+__all__ = ["DistillSpec", "Objective", "OutputKind", "Task", "merge_budgets", "resolve_budgets"]

@@ -67,10 +67,18 @@ def _cache_key(teacher_bytes: bytes, x: np.ndarray, info: TeacherInfo) -> str:
 
 
 def _run(teacher_bytes: bytes, x: np.ndarray, info: TeacherInfo) -> np.ndarray:
+    out = run_outputs(teacher_bytes, x, info, [info.chosen_output])[info.chosen_output]
+    return out.reshape(len(x), -1).astype(np.float32)
+
+
+def run_outputs(teacher_bytes: bytes, x: np.ndarray, info: TeacherInfo,
+                names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The teacher's raw outputs `names` (default: all) on `x`, as it gives them (dtype and shape), uncached."""
+    names = [o.name for o in info.outputs] if names is None else list(names)
     session = open_session(teacher_bytes)
     batch = info.input_shape[0] if isinstance(info.input_shape[0], int) else _BATCH
     x = x.astype(info.input_dtype, copy=False)
-    parts = []
+    parts: list[list[np.ndarray]] = []
     for start in range(0, len(x), batch):
         chunk = x[start:start + batch]
         rows = len(chunk)
@@ -78,14 +86,17 @@ def _run(teacher_bytes: bytes, x: np.ndarray, info: TeacherInfo) -> np.ndarray:
             # A fixed-batch teacher: pad the last chunk with copies of its first row, keep only the real rows.
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], batch - rows, axis=0)])
         try:
-            out = session.run([info.chosen_output], {info.input_name: chunk})[0]
+            outs = session.run(names, {info.input_name: chunk})
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own types; usually a shape the graph refuses
             text = " ".join(str(exc).split())[:300]
             raise DistillInputError(f"the teacher failed on the transfer set ({text}); check that x matches what "
                                     "the teacher was trained on") from None
-        parts.append(np.asarray(out)[:rows])
-    out = np.concatenate(parts)
-    return out.reshape(len(x), -1).astype(np.float32)
+        parts.append([np.asarray(out)[:rows] for out in outs])
+    return {name: np.concatenate([p[i] for p in parts]) for i, name in enumerate(names)}
+
+
+def named_probabilities(name: str) -> bool:
+    return "prob" in name.lower() or "softmax" in name.lower()
 
 
 def looks_like_probabilities(values: np.ndarray) -> bool:
@@ -129,8 +140,7 @@ def teacher_outputs(teacher_bytes: bytes, x: np.ndarray, info: TeacherInfo, spec
     if spec.output_kind == "probabilities":
         kind = "probabilities"
     elif spec.output_kind == "auto":
-        name = info.chosen_output.lower()
-        if ("prob" in name or "softmax" in name) and raw.min() >= 0:
+        if named_probabilities(info.chosen_output) and raw.min() >= 0:
             kind, detected_by = "probabilities", "name"
         elif looks_like_probabilities(raw):
             kind, detected_by = "probabilities", "values"
@@ -145,4 +155,5 @@ def teacher_outputs(teacher_bytes: bytes, x: np.ndarray, info: TeacherInfo, spec
     return TeacherOutputs(raw, "logits", detected_by, hit)
 
 
-__all__ = ["EPS", "HOW_PROBABILITIES", "TeacherOutputs", "looks_like_probabilities", "teacher_outputs"]
+__all__ = ["EPS", "HOW_PROBABILITIES", "TeacherOutputs", "looks_like_probabilities", "named_probabilities",
+           "run_outputs", "teacher_outputs"]

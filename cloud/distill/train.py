@@ -7,7 +7,12 @@ Without labels the loss is the soft term alone; with labels on some rows only (t
 of a large unlabelled transfer set), the hard term covers the labelled rows. Regression matches the teacher's values
 with MSE, mixed with MSE to the labels in the same alpha proportion when labels exist. Early stopping watches
 validation AGREEMENT with the teacher (argmax match; negative MSE for regression), not accuracy: the student's job
-is to stand in for the teacher, and agreement needs no labels. The best epoch's weights are kept.
+is to stand in for the teacher, and agreement needs no labels. Epochs that tie on agreement are told apart by the
+training loss on the validation rows (the lower is kept; `patience` still counts epochs since agreement last rose,
+so training runs no longer): on a validation part of a few hundred rows agreement moves in coarse steps, and the
+first epoch to reach a level is rarely the best at it (measured on digits with 2000 synthetic rows, 3 seeds, the
+same epochs run: the 9k-MAC MLP's held-out accuracy went from 97.6-99.3 % to 98.9-99.1 %).
+The best epoch's weights are kept.
 
 Reproducibility: torch.manual_seed and a seeded torch.Generator for the batch order, deterministic algorithms
 (cheap on CPU), and a fixed thread count (1 by default: the reduction order of multi-threaded kernels can vary with
@@ -86,6 +91,7 @@ def _fit(c: Candidate, x: np.ndarray, n_out: int, split: Split, spec: DistillSpe
         val_idx = torch.from_numpy(split.val_idx)
         gen = torch.Generator().manual_seed(spec.seed)
         best, best_state, best_epoch, since_best = -float("inf"), None, 0, 0
+        best_key = (-float("inf"), 0.0)  # (validation agreement, -validation loss)
         history: list[dict] = []
         stage = f"train {c.id}"
         epoch = 0
@@ -107,10 +113,19 @@ def _fit(c: Candidate, x: np.ndarray, n_out: int, split: Split, spec: DistillSpe
                 seen += len(batch)
             module.eval()
             with torch.no_grad():
-                score = float(agreement_fn(module(xt[val_idx]), val_idx))
-            history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_agreement": score})
-            if score > best + 1e-9:
-                best, best_epoch, since_best = score, epoch, 0
+                out = module(xt[val_idx])
+                score = float(agreement_fn(out, val_idx))
+                val_loss = float(loss_fn(out, val_idx))
+            history.append({"epoch": epoch, "train_loss": total / max(seen, 1), "val_agreement": score,
+                            "val_loss": val_loss})
+            # Agreement first; among epochs that tie on it (202 digits move it in steps of half a point), the lower
+            # validation loss: the finer signal of how closely the student follows the teacher's soft targets. Only a
+            # gain in agreement resets the patience count.
+            key = (round(score, 9), -val_loss)
+            if key > best_key:
+                gained = score > best + 1e-9
+                best_key, best, best_epoch = key, score, epoch
+                since_best = 0 if gained else since_best + 1
                 best_state = copy.deepcopy(module.state_dict())
             else:
                 since_best += 1

@@ -4,10 +4,11 @@ Theory of operation: `load` opens `{model_dir}/{manifest.model_file}` (a `.tflit
 `ai_edge_litert.interpreter.Interpreter`, or with `tflite_runtime.interpreter.Interpreter` on older devices where only
 that is installed (tflite-runtime 2.14 fails at inference under numpy 2, so ai-edge-litert comes first). Models
 converted by edgefleet (onnx2tf) carry a `serving_default` signature whose input names are the ONNX input names
-and whose outputs are `output_0..n` in ONNX order; the signature runner resizes a dynamic batch by itself. Output
-names are taken from the manifest by position, so a TFLite bundle answers with the same names (and passes the same
-smoke test) as its ONNX sibling. A model without signatures is run through the raw tensor API, its inputs matched
-to the manifest by position. An interpreter is not thread-safe, so runs are serialised by a lock. Engine
+and whose outputs are `output_0..n` in ONNX order; the signature runner resizes a dynamic batch by itself. Names
+are taken from the manifest (which records the ONNX student's, that is the teacher's, names in order): by name when
+the signature's keys are those names, else by position, so a TFLite bundle answers with the same names (and passes
+the same smoke test) as its ONNX sibling. A model without signatures is run through the raw tensor API, its inputs
+matched to the manifest by position. An interpreter is not thread-safe, so runs are serialised by a lock. Engine
 exceptions are wrapped here: load -> RuntimeLoadError, bad inputs -> InferenceError.
 """
 
@@ -82,6 +83,7 @@ class LiteRtRuntime:
             raise
         except Exception as exc:  # noqa: BLE001 - LiteRT raises ValueError/RuntimeError from C++; wrap them all
             raise RuntimeLoadError(f"LiteRT could not load the model: {exc}") from None
+        in_keys, out_keys = _by_name(in_keys, input_names), _by_name(out_keys, output_names)
         in_names = _names(in_keys, input_names, "input", in_details)
         out_names = _names(out_keys, output_names, "output", out_details)
         with self._lock:
@@ -147,6 +149,14 @@ def _natural(name: str) -> tuple:
     head = name.rstrip("0123456789")
     tail = name[len(head):]
     return (head, int(tail) if tail else -1)
+
+
+def _by_name(keys: list[str], wanted: list[str] | None) -> list[str]:
+    """The signature's keys in the manifest's order when they carry the manifest's names (a converter that kept the
+    ONNX names); otherwise as they are, matched by position."""
+    if wanted is not None and len(wanted) == len(keys) and set(wanted) == set(keys):
+        return list(wanted)
+    return keys
 
 
 def _names(keys: list[str], wanted: list[str] | None, kind: str, details: dict) -> list[str]:

@@ -1,11 +1,13 @@
-"""The `EnergyMeter` seam: how many joules an inference's busy interval cost, and how we know.
+"""The `EnergyMeter` seam: how many joules a request's busy interval cost, and how we know.
 
 Theory of operation: energy is attributed to inferences by busy time, never by spawning a process or reading a
-sensor per inference. A meter is bracketed around one busy interval: `token = meter.start()` before the run,
-`joules = meter.stop(token, busy_s)` after it. A modelled meter ignores the token and multiplies power by time; a
-measured one (RAPL energy counters, INA3221 rails, NVML) reads its counter at start and stop and returns the
-difference, attributing overlap between concurrent runs by busy share. `source` labels every number we report:
-"measured" or "estimated", or "none" when there is no meter at all.
+sensor per inference. A meter is bracketed around one busy interval, one request however many rows it carries:
+`token = meter.start()` before the run, `joules = meter.stop(token, busy_s)` after it. The joules are the
+request's; telemetry records them with the request's rows (its batch size) and divides, so a window gives energy
+per request and per row (per inference) alike, and no meter needs to know the batch. A modelled meter ignores
+the token and multiplies power by time; a measured one (RAPL energy counters, INA3221 rails, NVML) reads its
+counter at start and stop and returns the difference, attributing overlap between concurrent runs by busy share.
+`source` labels every number we report: "measured" or "estimated", or "none" when there is no meter at all.
 """
 
 from __future__ import annotations

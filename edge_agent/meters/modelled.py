@@ -1,7 +1,8 @@
 """The modelled meter: energy = active watts x busy time, labelled "estimated".
 
 Theory of operation: on hardware without an energy counter the best honest figure is the device class's active
-power (from the catalog, or the agent config) times the time the inference kept the device busy. It over-counts
+power (from the catalog, or the agent config) times the time the request kept the device busy (for a batched
+request, the whole batch: telemetry divides by its rows). It over-counts
 when other work shares the CPU and ignores idle power (spent whether or not we infer), so it is always reported as
 `estimated` with meter name "modelled"; fleet telemetry against measured devices recalibrates the catalog's watts.
 `idle_watts` is kept for window-level accounting (idle energy between inferences), not charged per inference.

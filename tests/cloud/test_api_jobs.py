@@ -127,9 +127,11 @@ def test_class_detail_and_refit_from_telemetry(server):
                                    count=100, errors=0, p50_ms=p95 / 2, p95_ms=p95, p99_ms=p95, mean_mj=mj)
                    for v, p95, mj in ((v1, 2.0, 3.0), (v2, 5.0, 9.0))]
         fleet.record_telemetry(TelemetryBatch(device_id="pi-1", seq=1, sent_at=now, windows=windows))
-        r = c.post("/api/v1/classes/rpi4/refit")
-        assert r.status_code == 200, r.text
-        assert r.json()["samples"] == 2 and r.json()["source"] == "fleet (2 windows)"
+        r = c.post("/api/v1/classes/rpi4/refit")  # about 10x slower than assumed: held for the operator
+        assert r.status_code == 200 and r.json()["applied"] is False and r.json()["held"], r.text
+        r = c.post("/api/v1/classes/rpi4/refit", params={"accept": "true"})
+        assert r.status_code == 200 and r.json()["applied"], r.text
+        assert r.json()["proposed"]["samples"] == 2 and r.json()["proposed"]["source"] == "fleet (2 windows)"
         detail = ClassDetailView.model_validate(c.get("/api/v1/classes/rpi4").json())
         assert detail.calibration.source == "fleet (2 windows)"  # the next distillation predicts with this
         assert [(v.measured_p95_ms, v.measured_mj, v.inferences, v.devices) for v in detail.variants] == [
@@ -206,7 +208,8 @@ def test_a_build_refits_its_classes_from_fleet_telemetry_first(server):
             now = datetime.now(timezone.utc)
             windows = [TelemetryWindow(model="old", version=v.version, start=now - timedelta(seconds=60), end=now,
                                        count=50, errors=0, p50_ms=p95 / 2, p95_ms=p95, p99_ms=p95, mean_mj=mj)
-                       for v, p95, mj in ((v1, 2.0, 3.0), (v2, 5.0, 9.0))]
+                       # within 3x of the assumed rpi4 figures, so the automatic refit applies it
+                       for v, p95, mj in ((v1, 0.4, 1.28), (v2, 0.7, 2.24))]
             fleet.record_telemetry(TelemetryBatch(device_id="pi-9", seq=1, sent_at=now, windows=windows))
             r = post_distill(c, {"name": "tiny", "classes": ["rpi4"], "max_epochs": 2, "max_candidates": 1})
             assert r.status_code == 201, r.text

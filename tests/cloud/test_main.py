@@ -77,6 +77,7 @@ def test_serve_prints_the_admin_token_once_and_stops_cleanly(tmp_path):
         code, err = _stop(proc)
     assert code == 0, err
     assert token in err and str(data / "admin.token") in err
+    assert f"fleet login --url http://127.0.0.1:{port} --token {token}" in err  # works as printed (test_cli.py)
     assert not port_open("127.0.0.1", mqtt_port), "the embedded broker outlived the cloud"
 
     # Second start on the same data dir: no new token, and the old one still works.

@@ -14,7 +14,14 @@ from edgefleet.cloud.db.models import Base
 from edgefleet.cloud.db.session import migrate
 from edgefleet.cloud.errors import Conflict, Invalid, Unavailable
 from edgefleet.cloud.store import Store
-from edgefleet.protos.limits import INT32_MAX, MAX_ENERGY_MJ, MAX_LATENCY_MS, MAX_WINDOWS_PER_BATCH
+from edgefleet.protos.limits import (
+    INT32_MAX,
+    MAX_ENERGY_MJ,
+    MAX_LATENCY_MS,
+    MAX_ROWS_PER_S,
+    MAX_WINDOW_S,
+    MAX_WINDOWS_PER_BATCH,
+)
 
 NOW = datetime(2025, 5, 1, 10, 0, 0, tzinfo=timezone.utc)
 
@@ -29,9 +36,11 @@ def store(db_url):
 
 
 def window(model="m", version=1, end_s=60, p95=5.0) -> dict:
+    """A window of 10 single-row requests, as `TelemetryWindow.model_dump()` gives it to the store."""
     return dict(model=model, version=version, start=NOW + timedelta(seconds=end_s - 60),
-                end=NOW + timedelta(seconds=end_s), count=10, errors=0, p50_ms=2.0, p95_ms=p95, p99_ms=7.0,
-                mean_mj=1.5, energy_source="estimated", energy_meter="modelled", where="local")
+                end=NOW + timedelta(seconds=end_s), count=10, errors=0, rows=10, p50_ms=2.0, p95_ms=p95, p99_ms=7.0,
+                mean_ms=2.0, row_ms=2.0, mean_mj=1.5, row_mj=1.5, energy_source="estimated", energy_meter="modelled",
+                where="local")
 
 
 def run_threads(n: int, target) -> list:
@@ -237,7 +246,7 @@ def test_telemetry_summary_rolls_windows_up_over_the_look_back(store):
     # Two windows of model a v1 (counts 10 and 30), one too old to count, and another device.
     old = window("a", 1, 10, p95=100.0)
     w1 = {**window("a", 1, 60, p95=2.0), "count": 10, "p50_ms": 1.0, "mean_mj": 4.0}
-    w2 = {**window("a", 1, 120, p95=6.0), "count": 30, "p50_ms": 3.0, "mean_mj": 8.0, "errors": 2}
+    w2 = {**window("a", 1, 120, p95=6.0), "count": 30, "rows": 30, "p50_ms": 3.0, "mean_mj": 8.0, "errors": 2}
     store.add_telemetry("d", 1, [old], 0, NOW)
     store.add_telemetry("d", 2, [w1, w2], 0, NOW)
     store.add_telemetry("e", 1, [window("a", 1, 60)], 0, NOW)
@@ -254,8 +263,10 @@ def test_telemetry_summary_rolls_windows_up_over_the_look_back(store):
 
 
 @pytest.mark.parametrize("bad", [{"p95_ms": 1e308}, {"p95_ms": float("nan")}, {"p50_ms": float("inf")},
-                                 {"mean_mj": -1.0}, {"p99_ms": -5.0}, {"errors": 11}],
-                         ids=["p95-1e308", "nan", "inf", "negative-energy", "negative-latency", "errors>count"])
+                                 {"mean_mj": -1.0}, {"p99_ms": -5.0}, {"errors": 11}, {"rows": 9},
+                                 {"row_mj": -1.0}, {"row_ms": 1e308}],
+                         ids=["p95-1e308", "nan", "inf", "negative-energy", "negative-latency", "errors>count",
+                              "rows<count", "negative-row-energy", "row-latency-1e308"])
 def test_telemetry_summary_leaves_out_rows_outside_the_contract(store, bad):
     # Rows stored before the contract had limits. On PostgreSQL the 1e308 one made the roll-up overflow, so every
     # listing answered 503 until the row was removed by hand; on SQLite it turned the aggregate into inf.
@@ -271,7 +282,8 @@ def test_telemetry_summary_leaves_out_rows_outside_the_contract(store, bad):
 def test_telemetry_summary_holds_the_largest_values_the_contract_admits(store):
     # 1000 windows at every ceiling at once: the weighted sums stay finite and exact enough on both databases.
     top = {"count": INT32_MAX, "errors": INT32_MAX - 1, "p50_ms": MAX_LATENCY_MS, "p95_ms": MAX_LATENCY_MS,
-           "p99_ms": MAX_LATENCY_MS, "mean_mj": MAX_ENERGY_MJ}
+           "p99_ms": MAX_LATENCY_MS, "mean_mj": MAX_ENERGY_MJ, "rows": MAX_ROWS_PER_S * MAX_WINDOW_S,
+           "mean_ms": MAX_LATENCY_MS, "row_ms": MAX_LATENCY_MS, "row_mj": MAX_ENERGY_MJ}
     for seq in range(5):
         store.add_telemetry("d", seq, [{**window("a", 1, 60), **top}] * MAX_WINDOWS_PER_BATCH, 0, NOW)
     (agg,) = store.telemetry_summary(NOW)["d"]
@@ -279,3 +291,65 @@ def test_telemetry_summary_holds_the_largest_values_the_contract_admits(store):
     assert (agg.count, agg.errors) == (n * INT32_MAX, n * (INT32_MAX - 1))
     assert agg.p50_ms == pytest.approx(MAX_LATENCY_MS) and agg.p95_ms == pytest.approx(MAX_LATENCY_MS)
     assert agg.p99_ms == MAX_LATENCY_MS and agg.mean_mj == pytest.approx(MAX_ENERGY_MJ)
+    assert agg.rows == n * MAX_ROWS_PER_S * MAX_WINDOW_S and agg.windows == n
+    assert agg.row_ms == pytest.approx(MAX_LATENCY_MS) and agg.row_mj == pytest.approx(MAX_ENERGY_MJ)
+
+
+# -- rows: a batched request is as many inferences as it has rows -------------------------------------------------
+
+
+def test_telemetry_summary_weighs_per_row_figures_by_rows(store):
+    # The issue's rpi4 window: 10 requests of 1,200 rows at 110 ms and 708 mJ each, next to 30 single rows.
+    batched = {**window("a", 1, 60), "count": 10, "rows": 12_000, "p50_ms": 110.0, "p95_ms": 120.0, "p99_ms": 130.0,
+               "mean_ms": 110.0, "row_ms": 110.0 / 1200, "mean_mj": 708.0, "row_mj": 708.0 / 1200}
+    single = {**window("a", 1, 120), "count": 30, "rows": 30, "p50_ms": 0.2, "p95_ms": 0.3, "p99_ms": 0.4,
+              "mean_ms": 0.25, "row_ms": 0.25, "mean_mj": 1.0, "row_mj": 1.0}
+    store.add_telemetry("d", 1, [batched, single], 0, NOW)
+    (agg,) = store.telemetry_summary(NOW)["d"]
+    assert (agg.count, agg.rows, agg.windows) == (40, 12_030, 2) and agg.batch == pytest.approx(12_030 / 40)
+    assert agg.row_mj == pytest.approx((10 * 708.0 + 30 * 1.0) / 12_030)  # per inference: 0.59 mJ, not 177
+    assert agg.row_ms == pytest.approx((10 * 110.0 + 30 * 0.25) / 12_030)
+    assert agg.mean_mj == pytest.approx((10 * 708.0 + 30 * 1.0) / 40)  # per request, as before
+    assert agg.mean_ms == pytest.approx((10 * 110.0 + 30 * 0.25) / 40)
+
+
+def test_telemetry_summary_can_leave_out_windows_of_too_few_rows(store):
+    small = {**window("a", 1, 60), "count": 3, "rows": 3, "row_ms": 50.0, "mean_ms": 50.0, "p50_ms": 50.0,
+             "p95_ms": 60.0, "p99_ms": 70.0}
+    big = {**window("a", 1, 120), "count": 10, "rows": 400, "row_ms": 0.5, "mean_ms": 20.0}
+    store.add_telemetry("d", 1, [small, big], 0, NOW)
+    store.add_telemetry("e", 1, [{**small, "model": "b"}], 0, NOW)
+    (agg,) = store.telemetry_summary(NOW, min_rows=100)["d"]
+    assert (agg.count, agg.rows, agg.windows, agg.row_ms) == (10, 400, 1, 0.5)
+    assert set(store.telemetry_summary(NOW, min_rows=100)) == {"d"}  # e's only window is too small
+    assert store.telemetry_summary(NOW)["d"][0].rows == 403
+
+
+def test_migration_0006_reads_windows_stored_before_it_as_batch_one(db_url):
+    """A window an older cloud stored (no rows) becomes rows = count with the request figures as per-row ones."""
+    import sqlalchemy as sa
+    from alembic import command
+
+    from edgefleet.cloud.db.session import alembic_config, make_engine
+
+    engine = make_engine(db_url)
+    try:
+        command.upgrade(alembic_config(engine), "0005")
+        with engine.begin() as conn:
+            conn.execute(sa.text(
+                'INSERT INTO telemetry_windows (device_id, seq, model, version, start, "end", count, errors, '
+                'p50_ms, p95_ms, p99_ms, mean_mj, energy_source, energy_meter, "where") VALUES '
+                "('d', 1, 'a', 1, :start, :end, 25, 1, 2.0, 5.0, 7.0, 1.5, 'estimated', 'modelled', 'local')"),
+                {"start": NOW, "end": NOW + timedelta(seconds=60)})
+        command.upgrade(alembic_config(engine), "head")
+    finally:
+        engine.dispose()
+    s = Store.open(db_url)
+    try:
+        (agg,) = s.telemetry_summary(NOW)["d"]
+        assert (agg.count, agg.errors, agg.rows, agg.windows) == (25, 1, 25, 1)
+        assert (agg.mean_ms, agg.row_ms, agg.row_mj, agg.mean_mj) == (2.0, 2.0, 1.5, 1.5)
+        assert s.add_telemetry("d", 2, [window("a", 1, 120)], 0, NOW)  # and new windows go in beside it
+        assert s.telemetry_summary(NOW)["d"][0].rows == 35
+    finally:
+        s.close()

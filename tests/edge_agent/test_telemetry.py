@@ -1,15 +1,19 @@
-"""edge_agent/telemetry.py and meters: windows, percentiles, energy, the outbox's seq, acks and counted drops."""
+"""edge_agent/telemetry.py and meters: windows, percentiles, energy, the outbox's seq, acks and counted drops, and
+requests against rows (a batched request is as many inferences as it has rows, through the real inference service)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+import numpy as np
 import pytest
 
+from edgefleet.edge_agent.inference import InferenceService, batch_rows
 from edgefleet.edge_agent.meters import EnergyMeter, ModelledMeter, NullMeter
 from edgefleet.edge_agent.telemetry import Outbox, Telemetry, percentile
-from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS
+from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS, MAX_ROWS_PER_S
 from edgefleet.protos.messages import TelemetryBatch, parse_message
+from edgefleet.protos.oip import InferRequest
 from tests.edge_agent import agent_testkit as kit
 
 T0 = kit.T0  # a multiple of 60 s since the epoch
@@ -105,3 +109,57 @@ def test_wild_samples_are_clamped_into_the_contract_so_the_window_still_goes_out
     [w] = parse_message(batch.to_wire(), TelemetryBatch).windows
     assert (w.count, w.p50_ms, w.p99_ms) == (4, 0.0, MAX_LATENCY_MS)
     assert w.mean_mj == pytest.approx((1.0 + MAX_ENERGY_MJ) / 4)
+
+
+# -- batches: a request of N rows is N inferences ---------------------------------------------------------------
+
+
+def test_a_batched_request_counts_its_rows_with_per_row_figures(tmp_path):
+    tel = make(tmp_path)
+    # One request of 1,200 rows (110 ms, 708 mJ: the issue's rpi4 window), then 3 single rows of 0.1 ms / 0.6 mJ.
+    tel.record("m", 1, 110.0, T0 + timedelta(seconds=1), energy_mj=708.0, energy_source="estimated",
+               energy_meter="modelled", rows=1200)
+    for _ in range(3):
+        tel.record("m", 1, 0.1, T0 + timedelta(seconds=2), energy_mj=0.6, energy_source="estimated",
+                   energy_meter="modelled")
+    tel.record("m", 1, 50.0, T0 + timedelta(seconds=3), ok=False, rows=40)  # failed: rows counted, no figures
+    tel.record("m", 1, 1.0, T0 + timedelta(seconds=4), rows=0)  # zero rows still paid for a call: one row
+    [batch] = tel.flush(T0 + timedelta(seconds=60))
+    [w] = parse_message(batch.to_wire(), TelemetryBatch).windows
+    assert (w.count, w.errors, w.rows) == (6, 1, 1200 + 3 + 40 + 1)
+    assert w.mean_ms == pytest.approx((110.0 + 0.3 + 1.0) / 5)  # per successful request
+    assert w.row_ms == pytest.approx((110.0 + 0.3 + 1.0) / 1204)  # per row of the successful requests
+    assert w.mean_mj == pytest.approx((708.0 + 1.8) / 4)  # the unmetered request has no energy
+    assert w.row_mj == pytest.approx((708.0 + 1.8) / 1203)  # about 0.59 mJ per inference, not 177
+    assert w.row_ms <= w.mean_ms and w.row_mj <= w.mean_mj
+
+
+def test_rows_past_what_a_window_admits_are_capped_so_it_still_goes_out(tmp_path):
+    tel = make(tmp_path, window_s=1)
+    tel.record("m", 1, 1.0, T0, rows=2**62)  # a hostile [2**62, 0] input: that many rows of nothing
+    [batch] = tel.flush(T0 + timedelta(seconds=1))
+    [w] = parse_message(batch.to_wire(), TelemetryBatch).windows
+    assert w.rows == MAX_ROWS_PER_S and w.count == 1
+
+
+def test_the_inference_service_records_the_leading_dimension_as_rows(tmp_path):
+    """Real ONNX Runtime behind the service: an OIP request of [1200, 3] is 1,200 inferences in telemetry."""
+    installer = kit.install_direct(tmp_path / "models", version=1, tmp=tmp_path)
+    tel = make(tmp_path)
+    service = InferenceService(installer, meter=ModelledMeter(active_watts=4.0), telemetry=tel, clock=lambda: T0)
+    service.load_active()
+    provenance = []
+    for n in (1200, 1, 7):
+        body = {"inputs": [{"name": "x", "shape": [n, 3], "datatype": "FP32", "data": [0.5] * (3 * n)}]}
+        response = service.infer("digits", InferRequest.model_validate(body))
+        assert response.outputs[0].shape == [n, 3]
+        provenance.append(response.parameters)
+    [batch] = tel.flush(T0 + timedelta(seconds=60))
+    [w] = batch.windows
+    assert (w.count, w.errors, w.rows) == (3, 0, 1208)
+    energy = sum(p["energy_mj"] for p in provenance)  # the meter's figure per request, as the app saw it
+    assert w.mean_mj == pytest.approx(energy / 3, rel=1e-4) and w.row_mj == pytest.approx(energy / 1208, rel=1e-4)
+    assert w.row_ms == pytest.approx(sum(p["latency_ms"] for p in provenance) / 1208, rel=1e-3)
+    assert batch_rows({"x": np.zeros((5, 3))}) == 5 and batch_rows({"x": np.float32(1.0)}) == 1
+    assert batch_rows({"a": np.zeros((2, 1)), "b": np.zeros((9, 1))}, ["b", "a"]) == 9  # the model's first input
+    assert batch_rows({"x": np.zeros((0, 3))}) == 1 and batch_rows({}) == 1

@@ -150,6 +150,67 @@ def test_server_failure_and_foreign_answers_are_exit_5(cli, scripted):
     cli.fails(5, "--url", scripted, "--token", "good", "status")
 
 
+@pytest.fixture
+def plain_http(tmp_path) -> Iterator[str]:
+    """`python -m http.server`: a real web server that is not the cloud (HTML 404s, a directory listing at /)."""
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<html>hello</html>")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(tmp_path / "site")))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def foreign_api() -> Iterator[str]:
+    """Another JSON API (FastAPI, not edgefleet): its 404s are `{"detail": "Not Found"}`."""
+    from fastapi import FastAPI
+
+    from tests.cloud_server import serve_app
+
+    other = FastAPI()
+
+    @other.get("/hello")
+    def hello() -> dict:
+        return {"hello": "world"}
+
+    server = serve_app(other)
+    try:
+        yield server.base_url
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("server", ["plain_http", "foreign_api"])
+@pytest.mark.parametrize("args", [("devices", "list"), ("stats",), ("deploy", "m", "--class", "rpi4"),
+                                  ("models", "pull", "m", "--version", "1", "-o", "m.onnx")])
+def test_a_url_that_is_not_the_cloud_is_exit_5_in_one_line(cli, request, server, args):
+    url = request.getfixturevalue(server)
+    err = cli.fails(5, "--url", url, "--token", "t", *args)
+    # http.server answers a POST 501 (no such method), everything else 404; neither is an edgefleet ErrorBody.
+    assert "not an edgefleet" in err and "--url" in err and ("404" in err or "501" in err)
+    assert "{" not in err and "<html" not in err.lower()  # none of the server's raw body
+
+
+def test_login_to_something_that_is_not_the_cloud_is_exit_5(cli, plain_http):
+    err = cli.fails(5, "login", "--url", plain_http, "--token", "t")
+    assert "is it the cloud's URL?" in err
+    assert not cli.config_file.exists()
+
+
 def test_refusal_message_is_the_servers_on_one_line_exit_2(cli, scripted, tmp_path):
     model = tmp_path / "m.onnx"
     model.write_bytes(b"xx")
@@ -357,8 +418,34 @@ def test_deploy_by_device_class_and_label(admin, cloud, tmp_path):
     listed = json.loads(admin.ok("deployments", "list", "--json").stdout)
     assert {d["target_kind"] for d in listed if d["model"] == "tinydep"} == {"device", "device_class", "label"}
 
-    assert "error:" in admin.fails(2, "deploy", "no-such-model", "--class", "rpi4")
-    assert "error:" in admin.fails(2, "deploy", "tinydep", "--version", "999", "--device", "cli-dep-1")
+    err = admin.fails(2, "deploy", "no-such-model", "--class", "rpi4")
+    assert "no model 'no-such-model'" in err and "`fleet models push`" in err
+    err = admin.fails(2, "deploy", "tinydep", "--version", "999", "--device", "cli-dep-1")
+    assert "model 'tinydep' has no version 999" in err and "no any" not in err
+
+
+def test_deploy_to_a_label_no_device_has_warns_and_keeps_the_rule(admin, cloud, tmp_path):
+    push(admin, tmp_path, "tinylater")
+    result = admin("deploy", "tinylater", "--label", "site=nowhere", "--json")
+    assert result.exit_code == 0, result.stderr
+    view = json.loads(result.stdout)  # stdout stays the JSON alone
+    assert view["devices"] == [] and view["target_kind"] == "label"
+    warning = result.stderr.strip()
+    assert warning.startswith("warning: no enrolled device is labelled site=nowhere") and "enroll later" in warning
+    assert len(warning.splitlines()) == 1
+    # The rule applies to a device that enrolls with the label afterwards.
+    enroll(admin, cloud, "cli-later-1", "rpi4", site="nowhere")
+    shown = json.loads(admin.ok("devices", "show", "cli-later-1", "--json").stdout)
+    assert shown["desired_models"] == {"tinylater": view["version"]}
+    # A target that reaches devices says nothing on stderr.
+    assert admin.ok("deploy", "tinylater", "--label", "site=nowhere").stderr == ""
+
+
+def test_deploy_to_a_class_with_no_device_warns(admin, tmp_path):
+    push(admin, tmp_path, "tinyempty")
+    result = admin("deploy", "tinyempty", "--class", "jetson-nano")
+    assert result.exit_code == 0, result.stderr
+    assert "warning: no enrolled device is of class jetson-nano" in result.stderr and "deployed" in result.stdout
 
 
 def test_status_shows_desired_against_reported_with_latency_and_energy(admin, cloud, tmp_path):
@@ -427,6 +514,28 @@ def test_devices_reset(admin, cloud):
     assert shown["reset_pending"] is True
     assert "reset" in admin.ok("devices", "show", "cli-reset-1").stdout
     assert "no device" in admin.fails(2, "devices", "reset", "no-such-device")
+
+
+def test_the_first_start_banner_prints_a_login_that_works(cli, cloud, capsys):
+    import shlex
+
+    from edgefleet.cloud.main import announce_admin_token
+
+    announce_admin_token(cloud.admin_token, cloud.data_dir / "admin.token", str(cloud.settings.public_url))
+    banner = capsys.readouterr().err
+    (line,) = [ln.strip() for ln in banner.splitlines() if ln.strip().startswith("fleet login")]
+    assert f"--url {cloud.base_url}" in line
+    prog, *args = shlex.split(line)
+    assert prog == "fleet"
+    assert "saved" in cli.ok(*args).stdout
+    assert json.loads(cli.ok("stats", "--json").stdout)["counters"] is not None
+
+
+def test_a_token_of_the_wrong_kind_is_named_with_its_article(cli, cloud):
+    token = json.loads(cli.ok("--url", cloud.base_url, "--token", cloud.admin_token, "tokens", "create",
+                              "--json").stdout)["token"]
+    err = cli.fails(4, "--url", cloud.base_url, "--token", token, "models", "list")
+    assert "an enrollment token may not use it" in err
 
 
 def test_real_cloud_wrong_token_is_exit_4(cli, cloud):

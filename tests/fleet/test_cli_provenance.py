@@ -91,8 +91,10 @@ def test_a_distilled_models_chain_names_teacher_student_and_variant(cli, cloud, 
     teacher, data = tmp_path / "teacher.onnx", tmp_path / "transfer.npz"
     teacher.write_bytes(tiny_teacher())
     data.write_bytes(tiny_transfer())
+    # --max-accuracy-drop 100: the cheapest student that fits ships, however far its 3 epochs leave it from the
+    # teacher (the chain of a student is what this test reads).
     cli.ok("distill", str(teacher), "--data", str(data), "--classes", "rpi4", "--name", "small", "--max-epochs",
-           "3", "--no-wait")
+           "3", "--max-accuracy-drop", "100", "--no-wait")
     assert Worker.from_fleet(cloud.fleet, "test-worker").run_once()
     out = cli.ok("models", "provenance", "small").stdout  # the latest version, its class's bundle
     assert f"source model (teacher): big v{teacher_version}" in out
@@ -266,3 +268,35 @@ def test_a_good_statement_about_another_version_is_refused(tmp_path, answers, sc
     err = Cli(tmp_path).fails("--url", scripted, "--token", "good", "models", "provenance", "served", "--version",
                               str(asked), "--key", str(answers["key"]))
     assert f"not served v{asked} as asked" in err, err
+
+
+def test_the_teacher_ships_as_its_own_variant_when_no_student_matches_it(cli, cloud, tmp_path):
+    """Students that cannot stand in (one epoch at a learning rate that barely moves them) and no allowance below the
+    teacher: the teacher's own variant is the best choice; it becomes the version, the report says why, and its
+    chain says that no student shipped."""
+    import hashlib
+
+    from edgefleet.cloud.worker import Worker
+
+    teacher = tiny_teacher()
+    spec = {"name": "same", "classes": ["x86-cpu"], "max_epochs": 1, "learning_rate": 1e-7, "max_candidates": 2,
+            "max_accuracy_drop": 0.0}
+    with cloud.client() as c:
+        r = c.post("/api/v1/distill", files={"teacher": ("t.onnx", teacher), "data": ("d.npz", tiny_transfer())},
+                   data={"spec": json.dumps(spec)})
+        assert r.status_code == 201, r.text
+    assert Worker.from_fleet(cloud.fleet, "test-worker").run_once()
+    job = json.loads(cli.ok("jobs", "list", "--json").stdout)[0]  # newest first
+    assert job["state"] == "succeeded", job
+    report = json.loads(cli.ok("jobs", "report", str(job["id"]), "--json").stdout)
+    cr = report["classes"]["x86-cpu"]
+    assert cr["teacher_is_best"] and cr["chosen"]["family"] == "teacher", cr["reason"]
+    assert "the teacher itself is the best choice" in cr["reason"]
+    assert "the teacher itself is the best choice" in cli.ok("jobs", "report", str(job["id"])).stdout
+    [version] = job["versions"]
+    pulled = tmp_path / "pulled.onnx"
+    cli.ok("models", "pull", "same", "--version", str(version["version"]), "--class", "x86-cpu", "-o", str(pulled))
+    if version["precision"] == "fp32":  # int8 where it pays: then the teacher's quantized copy
+        assert hashlib.sha256(pulled.read_bytes()).digest() == hashlib.sha256(teacher).digest()
+    out = cli.ok("models", "provenance", "same").stdout
+    assert "no student: the teacher's own variant shipped" in out

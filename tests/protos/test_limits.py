@@ -20,6 +20,7 @@ from edgefleet.protos.limits import (
     MAX_ERROR_CHARS,
     MAX_LATENCY_MS,
     MAX_MODELS_PER_REPORT,
+    MAX_ROWS_PER_S,
     MAX_SHORT_TEXT_CHARS,
     MAX_WINDOW_S,
     MAX_WINDOWS_PER_BATCH,
@@ -71,7 +72,8 @@ def test_the_largest_figures_the_contract_admits_are_accepted():
     long_s = MAX_WINDOW_S  # a full day: capacity far above INT32_MAX
     top = window(start=(NOW - timedelta(seconds=long_s)).isoformat(), count=INT32_MAX, errors=INT32_MAX - 1,
                  p50_ms=MAX_LATENCY_MS, p95_ms=MAX_LATENCY_MS, p99_ms=MAX_LATENCY_MS, mean_mj=MAX_ENERGY_MJ,
-                 version=INT32_MAX, energy_meter="m" * MAX_SHORT_TEXT_CHARS)
+                 version=INT32_MAX, energy_meter="m" * MAX_SHORT_TEXT_CHARS, rows=long_s * MAX_ROWS_PER_S,
+                 mean_ms=MAX_LATENCY_MS, row_ms=MAX_LATENCY_MS, row_mj=MAX_ENERGY_MJ)
     got = parse_message(wire(batch(*[top] * MAX_WINDOWS_PER_BATCH, seq=INT64_MAX, dropped_windows=INT32_MAX)),
                         TelemetryBatch)
     assert len(got.windows) == MAX_WINDOWS_PER_BATCH and got.windows[0].p95_ms == MAX_LATENCY_MS
@@ -109,6 +111,25 @@ TELEMETRY_POISONS = [
     ("NUL in the meter name", window(energy_meter="rapl\x00"), "bad_text", "windows.0.energy_meter"),
     ("time before the epoch", window(start="1969-12-31T23:59:30Z"), "out_of_range", "windows.0.start"),
     ("time that overflows in UTC", window(start="0001-01-01T00:00:00+14:00"), "out_of_range", "windows.0.start"),
+    # Rows (inferences) against requests: a request carries at least one row, per-row figures are at most the
+    # per-request ones, and given with them.
+    ("fewer rows than requests", window(rows=1199), "inconsistent", "windows.0"),
+    ("negative rows", window(rows=-1), "out_of_range", "windows.0.rows"),
+    ("rows past BIGINT", window(rows=2**63), "out_of_range", "windows.0.rows"),
+    ("rows past the window's capacity", window(rows=61 * MAX_ROWS_PER_S), "out_of_range", "windows.0"),
+    ("row energy above the request's", window(rows=2400, row_mj=2.0), "inconsistent", "windows.0"),
+    ("row latency above the request's", window(rows=2400, mean_ms=0.5, row_ms=0.6), "inconsistent", "windows.0"),
+    ("row energy without request energy", window(rows=2400, mean_mj=None, row_mj=0.9), "inconsistent",
+     "windows.0"),
+    ("request latency without row latency", window(rows=2400, mean_ms=0.5, row_ms=None), "inconsistent",
+     "windows.0"),
+    ("row figures without a success", window(count=2, errors=2, rows=5, p50_ms=None, p95_ms=None, p99_ms=None,
+                                             mean_mj=None, row_mj=0.1, mean_ms=None, row_ms=None), "inconsistent",
+     "windows.0"),
+    ("negative row energy", window(rows=2400, row_mj=-0.1), "out_of_range", "windows.0.row_mj"),
+    ("row latency NaN", window(rows=2400, mean_ms=0.5, row_ms=float("nan")), "not_finite", "windows.0.row_ms"),
+    ("row energy past the ceiling", window(rows=2400, mean_mj=MAX_ENERGY_MJ, row_mj=MAX_ENERGY_MJ * 2),
+     "out_of_range", "windows.0.row_mj"),
 ]
 
 

@@ -91,3 +91,48 @@ def test_tflite_variant_matches_the_student(cnn, tmp_path, precision):
     assert result.passed
     if precision == "fp32":
         assert result.max_abs_error < 1e-4
+
+
+def _labelled_student() -> bytes:
+    """A student with the skl2onnx interface: `label` int64 [N] then `probabilities` [N, 10], float64 input."""
+    from edgefleet.cloud.distill.families import build_student, candidates_for
+    from edgefleet.cloud.distill.interface import Interface, Port, export_student
+
+    iface = Interface(Port("pixels", "float64", ("n", 64)),
+                      (Port("label", "int64", ("n",), "label"),
+                       Port("probabilities", "float32", ("n", 10), "probabilities")), "probabilities")
+    shape = [None, 64]
+    rng = np.random.default_rng(0)
+    net = build_student(candidates_for(shape, 10, 6)[-1], shape, 10, rng.uniform(0, 8, 64), rng.uniform(1, 5, 64))
+    return export_student(net, iface, shape)
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp16"])
+def test_variants_keep_the_interface_and_float_head(precision, tmp_path):
+    student = _labelled_student()
+    x = np.random.default_rng(3).uniform(0, 16, (300, 64))
+    v = art.make_variant(student, precision, "onnxruntime", x[:200], tmp_path)
+    assert (v.inputs, v.outputs, v.scores) == (("pixels",), ("label", "probabilities"), "probabilities")
+    model = onnx.load_from_string(v.data)
+    io = [(t.name, t.type.tensor_type.elem_type, [d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim])
+          for t in [*model.graph.input, *model.graph.output]]
+    assert io == [("pixels", onnx.TensorProto.DOUBLE, ["n", 64]), ("label", onnx.TensorProto.INT64, ["n"]),
+                  ("probabilities", onnx.TensorProto.FLOAT, ["n", 10])]
+    out = art.run_variant_outputs(v, x[200:])  # one array: fed under the input's name
+    assert out["label"].dtype == np.int64 and out["label"].shape == (100,)
+    np.testing.assert_array_equal(out["label"], out["probabilities"].argmax(axis=1))
+    # The head stayed float32: rows sum to 1 as exactly as in the fp32 student (an int8 Softmax would not).
+    np.testing.assert_allclose(out["probabilities"].sum(axis=1), 1.0, atol=1e-6)
+    result = art.check_drift(v, student, x[200:], "classification", 0.05)  # on the probabilities
+    assert result.passed and result.samples == 100 and result.max_abs_error < 0.2
+
+
+def test_a_variant_that_loses_the_interface_is_not_shipped():
+    from edgefleet.cloud.distill.errors import ArtifactUnrunnable
+
+    student = am.mlp()
+    renamed = onnx.load_from_string(student)
+    renamed.graph.output[0].name = "output_0"
+    renamed.graph.node[-1].output[0] = "output_0"
+    with pytest.raises(ArtifactUnrunnable, match="changed the student's inputs or outputs"):
+        art._keeps_interface(renamed.SerializeToString(), student, "int8")

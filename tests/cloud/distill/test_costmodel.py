@@ -1,5 +1,6 @@
 """Cost model: op counts against hand counts, the prediction formula, the int8 crossover and the x86-cpu
-prediction against ONNX Runtime on this machine, and refit recovering a known calibration from synthetic windows."""
+prediction against ONNX Runtime on this machine, and refit recovering a known calibration from synthetic windows,
+batched or not, and holding one that moves a class too far."""
 
 from __future__ import annotations
 
@@ -143,13 +144,16 @@ def test_measure_here_measures_a_real_run():
 
 # -- refit -----------------------------------------------------------------------------------------------------------
 
-def _windows(cal, points, jitter=0.0, seed=0):
+def _windows(cal, points, jitter=0.0, seed=0, batch=1.0):
+    """What the fleet measures of variants (precision, macs) on a device that is `cal`, per row, with requests of
+    `batch` rows: each request pays the fixed cost once and the work of every row."""
     rng = np.random.default_rng(seed)
     out = []
     for precision, macs in points:
-        lat = cm.latency_ms(macs, cal, precision) * (1 + jitter * rng.standard_normal())
-        out.append(cm.Observation(precision, macs, p95_ms=lat * cal.p95_factor, mj_per_inference=cal.active_watts * lat,
-                                  predicted_p95_ms=None))
+        request_ms = cm.latency_ms(macs * batch, cal, precision) * (1 + jitter * rng.standard_normal())
+        row_ms = request_ms / batch
+        out.append(cm.Observation(precision, macs, row_ms=row_ms, row_mj=cal.active_watts * row_ms, batch=batch,
+                                  rows=int(100 * batch)))
     return out
 
 
@@ -177,3 +181,38 @@ def test_refit_with_one_point_scales():
     for macs in (1e5, 5e6):
         assert cm.latency_ms(macs, fitted, "fp32") == pytest.approx(cm.latency_ms(macs, truth, "fp32"), rel=1e-6)
     assert fitted.samples == 2 and cm.refit(CAL, []) is CAL
+
+
+def test_a_batched_window_no_longer_skews_the_fit():
+    """The issue's rpi4: requests of 1,200 rows. Per row, with the batch spreading each request's fixed cost, they
+    fit the same line as single-row windows; counted as one inference per request they made the class 60x slower
+    (and the next distillation found no student fit), which refit_moves now holds for a person to confirm."""
+    rpi4 = cm.default_calibration(builtin_catalog()["rpi4"])
+    truth = replace(rpi4, gmacs_per_s={"fp32": 2.5, "fp16": 2.0, "int8": 5.0}, overhead_ms=0.1, active_watts=6.0)
+    batched = _windows(truth, [("fp32", 4e5)], batch=1200.0)
+    single = _windows(truth, [("fp32", 1e5), ("fp32", 2e6)])
+    fitted = cm.refit(rpi4, batched + single)
+    assert fitted.gmacs_per_s["fp32"] == pytest.approx(2.5, rel=1e-6)
+    assert fitted.overhead_ms == pytest.approx(0.1, rel=1e-6) and fitted.active_watts == pytest.approx(6.0)
+    assert cm.refit_moves(rpi4, fitted) == []  # within 3x of the assumed figures: applied without asking
+    alone = cm.refit(rpi4, batched)  # one batched variant alone: the scale path, still the device as it is
+    assert cm.latency_ms(4e5, alone, "fp32") == pytest.approx(cm.latency_ms(4e5, truth, "fp32"), rel=0.2)
+    # The old reading: each 1,200-row request taken as one inference of its whole latency and energy.
+    [w] = batched
+    as_one = cm.Observation("fp32", 400_000, row_ms=w.row_ms * 1200, row_mj=w.row_mj * 1200)
+    skewed = cm.refit(rpi4, [as_one])
+    assert rpi4.gmacs_per_s["fp32"] / skewed.gmacs_per_s["fp32"] > 60
+    held = {line.split(" -> ")[0]: line for line in cm.refit_moves(rpi4, skewed)}
+    assert set(held) == {"fp16 throughput 2", "fp32 throughput 3", "int8 throughput 6"}  # watts: still exact
+    assert "slower, more than 3x" in held["fp32 throughput 3"]
+
+
+def test_refit_moves_names_each_figure_past_the_factor_either_way():
+    faster = replace(CAL, gmacs_per_s={**CAL.gmacs_per_s, "int8": CAL.gmacs_per_s["int8"] * 3.5},
+                     active_watts=CAL.active_watts / 4)
+    moves = cm.refit_moves(CAL, faster)
+    assert len(moves) == 2 and "int8 throughput" in moves[0] and "3.5x faster" in moves[0]
+    assert moves[1].startswith("active power") and "4.0x lower" in moves[1]
+    close = replace(CAL, gmacs_per_s={k: v * 2.9 for k, v in CAL.gmacs_per_s.items()},
+                    active_watts=CAL.active_watts * 3)
+    assert cm.refit_moves(CAL, close) == [] and cm.refit_moves(CAL, close, max_factor=2.0) != []

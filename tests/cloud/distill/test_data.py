@@ -136,3 +136,15 @@ def test_spec_round_trips_through_dict():
     assert DistillSpec.from_dict(spec.to_dict()) == spec
     with pytest.raises(DistillInputError, match="unknown keys"):
         DistillSpec.from_dict({"classes": ["rpi4"], "epochs": 3})
+
+
+def test_a_zipmap_output_is_refused_with_the_fix():
+    from skl2onnx import to_onnx
+    from skl2onnx.common.data_types import FloatTensorType
+    from sklearn.tree import DecisionTreeClassifier
+
+    x, y = digits()
+    clf = DecisionTreeClassifier(max_depth=3, random_state=0).fit(x, y)
+    onx = to_onnx(clf, initial_types=[("input", FloatTensorType([None, 64]))], target_opset={"": 17, "ai.onnx.ml": 3})
+    with pytest.raises(DistillInputError, match="'output_probability' is seq.*not a tensor.*zipmap off"):
+        inspect_teacher(onx.SerializeToString(), SPEC)

@@ -43,3 +43,31 @@ def test_doc_string_and_names():
     model = onnx.load_from_string(data)
     assert model.doc_string == "student of test" and model.producer_name == "edgefleet-distill"
     assert model.graph.input[0].name == "x" and model.graph.output[0].name == "values"
+
+
+def test_dynamic_dims_stay_dynamic_and_run_at_other_sizes():
+    shape = [None, 2, 50]
+    net = build_student(next(c for c in candidates_for(shape, 3, 6) if c.family == "cnn1d"), shape, 3).eval()
+    data = to_onnx(net, shape, dynamic_dims={2: "time"})
+    dims = onnx.load_from_string(data).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in dims] == ["batch", 2, "time"]
+    for t in (9, 50, 123):
+        x = np.random.default_rng(t).standard_normal((3, 2, t)).astype(np.float32)
+        np.testing.assert_allclose(run_onnx(data, x), predict(net, x), atol=1e-4, rtol=1e-4)
+
+
+def test_run_onnx_reads_the_scores_output_unless_told_another():
+    """A student with the skl2onnx interface (`label` first, then `probabilities`): the scores by default."""
+    from edgefleet.cloud.distill.interface import Interface, Port, export_student
+
+    iface = Interface(Port("features", "float64", (None, 4)),
+                      (Port("label", "int64", (None,), "label"),
+                       Port("probabilities", "float32", (None, 3), "probabilities")), "probabilities")
+    net = build_student(candidates_for([None, 4], 3, 6)[0], [None, 4], 3).eval()
+    data = export_student(net, iface, [None, 4])
+    x = np.random.default_rng(0).standard_normal((7, 4))  # float64, as the teacher takes it
+    probabilities = run_onnx(data, x)
+    assert probabilities.shape == (7, 3) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-6)
+    label = run_onnx(data, x, output="label")
+    assert label.dtype == np.int64 and label.shape == (7, 1)  # one row per sample
+    np.testing.assert_array_equal(label[:, 0], probabilities.argmax(axis=1))

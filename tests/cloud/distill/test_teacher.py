@@ -107,3 +107,14 @@ def test_regression_values_and_single_column_classification():
     assert out.kind == "values" and out.logits.shape == (40, 1)
     with pytest.raises(DistillInputError, match="K >= 2"):
         teacher_outputs(onx, x, inspect_teacher(onx, SPEC), SPEC, None)
+
+
+def test_run_outputs_gives_every_output_as_the_teacher_does():
+    onx = sklearn_teacher()
+    info = inspect_teacher(onx, SPEC)
+    x, _ = digits()
+    out = teacher_mod.run_outputs(onx, x[:50], info)
+    assert list(out) == ["label", "probabilities"]
+    assert out["label"].dtype == np.int64 and out["label"].shape == (50,)
+    assert out["probabilities"].shape == (50, 10)
+    np.testing.assert_array_equal(out["label"], out["probabilities"].argmax(axis=1))

@@ -78,10 +78,37 @@ def test_early_stopping_keeps_the_best_epoch(digits_case):
     cand = candidates_for([None, 64], 10, 6)[0]
     spec = DistillSpec(classes=("rpi4",), max_epochs=200, patience=2, learning_rate=0.05)
     st = train_student(cand, data, targets, parts, spec)
-    assert st.epochs < 200 and st.epochs - st.best_epoch == 2  # stopped after `patience` epochs without a gain
     assert st.val_agreement == max(h["val_agreement"] for h in st.history)
+    first_best = next(h["epoch"] for h in st.history if h["val_agreement"] == st.val_agreement)
+    assert st.epochs < 200 and st.epochs - first_best == 2  # stopped `patience` epochs after agreement last rose
     val = parts.val_idx
     assert _agreement(st.module, data.x[val], targets.logits[val]) == pytest.approx(st.val_agreement)
+
+
+def test_ties_on_agreement_go_to_the_lower_validation_loss(digits_case):
+    """Of the epochs that reach the best validation agreement, the one kept has the lowest validation loss (the kept
+    weights give that loss again); patience still counts from the epoch where agreement last rose."""
+    import torch.nn.functional as F
+
+    from edgefleet.cloud.distill.data import Split
+
+    data, targets, parts = digits_case
+    parts = Split(parts.train_idx, parts.val_idx[:25], parts.heldout_idx)  # 25 rows: agreement in 4-point steps
+    cand = candidates_for([None, 64], 10, 6)[1]
+    spec = DistillSpec(classes=("rpi4",), max_epochs=30, patience=6)
+    st = train_student(cand, data, targets, parts, spec)
+    tied = [h for h in st.history if h["val_agreement"] == st.val_agreement]
+    assert len(tied) > 1 and tied[0]["epoch"] != st.best_epoch  # the first to reach the best level is not kept
+    best = min(tied, key=lambda h: h["val_loss"])
+    assert best["epoch"] == st.best_epoch
+    assert st.epochs == spec.max_epochs or st.epochs - tied[0]["epoch"] == spec.patience
+    val = parts.val_idx
+    out = torch.from_numpy(predict(st.module, data.x[val]))
+    t = torch.from_numpy(targets.logits[val])
+    T, a = spec.temperature, spec.alpha
+    kd = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(t / T, 1), log_target=True, reduction="batchmean") * T * T
+    loss = a * kd + (1 - a) * F.cross_entropy(out, torch.from_numpy(data.y[val]))
+    assert float(loss) == pytest.approx(best["val_loss"], rel=1e-4)
 
 
 def test_progress_and_cancel(digits_case):
