@@ -147,6 +147,9 @@ def distill(
     max_accuracy_drop: Annotated[float, typer.Option(
         "--max-accuracy-drop", metavar="PT", min=0, max=100,
         help="Points of accuracy the efficiency objective may give up against the teacher.")] = 1.0,
+    augment: Annotated[str, typer.Option(
+        "--augment", help="Synthetic training rows labelled by the teacher (MUNGE for tables, mixup, shifts and "
+        "noise for signals and images): auto (below 1000 rows), on or off.")] = "auto",
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the job to its end (default).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
@@ -158,8 +161,11 @@ def distill(
         raise typer.BadParameter("classification or regression", param_hint="--task")
     if objective not in ("accuracy", "efficiency"):
         raise typer.BadParameter("efficiency or accuracy", param_hint="--objective")
+    if augment not in ("auto", "on", "off"):
+        raise typer.BadParameter("auto, on or off", param_hint="--augment")
     spec = DistillSubmit(name=name, classes=wanted, task=task, budgets=parse_budgets(budget or []), seed=seed,
-                         max_epochs=max_epochs, objective=objective, max_accuracy_drop=max_accuracy_drop)
+                         max_epochs=max_epochs, objective=objective, max_accuracy_drop=max_accuracy_drop,
+                         augment=augment)
     client = _client(ctx)
     job = client.submit_distill(teacher, data, spec, test=test)
     if not wait:

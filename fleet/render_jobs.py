@@ -93,6 +93,8 @@ def _label(c: CandidateFigures) -> str:
 def report_tables(r: DistillReport) -> Group:
     test = r.evaluation == "test"
     samples = f"{r.n_samples} samples ({r.n_train} train, {r.n_val} val, {r.n_heldout} held out)"
+    if r.n_synthetic:
+        samples += f" + {r.n_synthetic} synthetic training rows labelled by the teacher"
     if test:
         samples += f", test set of {r.n_test}"
     head = Text.assemble(("distilled ", ""), (r.model_name, "bold"), (f": {samples}; {r.metric}", ""))

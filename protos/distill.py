@@ -126,7 +126,7 @@ class DistillReport(Versioned):
     n_val: int
     n_heldout: int
     # Synthetic training rows the teacher labelled (MUNGE for [N, F], mixup and noise else; cloud/distill/augment):
-    # counted in n_train, never in n_samples, n_val or n_heldout, which are the user's own rows.
+    # trained on beside the n_train real rows, never counted in n_samples, n_train, n_val or n_heldout (the user's own).
     n_synthetic: int = Field(default=0, ge=0)
     has_labels: bool
     temperature: float

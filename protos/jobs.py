@@ -49,6 +49,9 @@ class DistillSubmit(BaseModel):
     # "accuracy": the best score within the budgets (cloud/distill/choice.py).
     objective: Literal["accuracy", "efficiency"] | None = None
     max_accuracy_drop: float | None = Field(default=None, ge=0, le=100)
+    # Synthetic training rows labelled by the teacher (cloud/distill/augment.py): "auto" below 1000 rows.
+    augment: Literal["auto", "on", "off"] | None = None
+    augment_rows: int | None = Field(default=None, ge=1, le=1_000_000)
 
     @field_validator("name")
     @classmethod

@@ -30,7 +30,7 @@ teach most), a third are shifted by up to an eighth of each axis (one pixel of a
 Gaussian noise of `NOISE_SIGMA` times the channel's spread. The teacher labels every synthetic input, so a shift or a
 mix that changes what an input is changes its targets too. Measured on digits (the teacher CNN at 99.6 % on 450
 held-out images; the 9k-MAC MLP mlp-w1-d2): 96.4 % without synthetic rows, 98.4 % with 3000 of mixup and noise
-alone, 98.4-98.9 % with 2000 of mixup, shifts and noise (3 seeds; 99.1 % in bench/distill.py's run).
+alone, 98.9-99.1 % with 2000 of mixup, shifts and noise (3 seeds; 99.1 % in bench/distill.py's run).
 Values are clipped to the training range per feature (tables) or per channel: a pixel stays within 0..16.
 
 Rows: synthetic inputs come from the TRAINING part only and go into the training part only, appended after the real

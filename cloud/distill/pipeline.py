@@ -274,8 +274,11 @@ def run_distillation(teacher_bytes: bytes, npz: bytes | Path, spec: DistillSpec,
     report = DistillReport(
         model_name=model_name, task=spec.task, teacher=teacher, teacher_output_kind=targets.kind,
         how_probabilities_were_handled=targets.how_probabilities_were_handled(),
-        metric=_metric_words(spec.task, transfer.y is not None, test is not None), n_samples=len(transfer.x),
-        n_train=len(parts.train_idx), n_val=len(parts.val_idx), n_heldout=len(held), has_labels=transfer.y is not None,
+        metric=_metric_words(spec.task, transfer.y is not None, test is not None),
+        # The user's rows: synthetic training rows are counted apart (n_synthetic), never as samples given.
+        n_samples=len(transfer.x) - augmentation.n_synthetic, n_synthetic=augmentation.n_synthetic,
+        n_train=len(parts.train_idx) - augmentation.n_synthetic, n_val=len(parts.val_idx), n_heldout=len(held),
+        has_labels=transfer.y is not None,
         temperature=spec.temperature, alpha=spec.alpha, students=[st.figures for st in students], classes=results,
         seed=spec.seed, created_at=datetime.now(timezone.utc), objective=spec.objective,
         max_accuracy_drop=spec.max_accuracy_drop, evaluation="test" if test is not None else "heldout",

@@ -205,6 +205,8 @@ def test_small_table_students_beat_the_unaugmented_ones_on_test_rows(small_table
     assert min(acc_on.values()) >= min(acc_off.values()) + 0.05, (acc_off, acc_on)  # the smallest gain most
     assert max(acc_on.values()) >= max(acc_off.values()), (acc_off, acc_on)
     assert max(acc_on.values()) >= teacher_accuracy - 0.03, (teacher_accuracy, acc_on)
-    # The report's own parts are the user's rows: validation and held-out untouched, training extended.
-    assert (augmented.n_val, augmented.n_heldout) == (plain.n_val, plain.n_heldout)
-    assert augmented.n_train == plain.n_train + 2000
+    # The report's parts are the user's rows, the same with or without augmentation; the synthetic rows are counted
+    # apart.
+    assert (augmented.n_samples, augmented.n_train, augmented.n_val, augmented.n_heldout) == \
+        (plain.n_samples, plain.n_train, plain.n_val, plain.n_heldout) and plain.n_samples == 150
+    assert augmented.n_synthetic == 2000 and plain.n_synthetic == 0
