@@ -1,21 +1,15 @@
-"""One teacher in, one budget-fitting student per device class out: the distillation pipeline.
+"""One teacher in, one budget-fitting model per device class out: the distillation pipeline.
 
-Theory: everything cheap and refusable runs first (spec and class names, teacher signature, transfer set, labels
-against the teacher's output width), so bad input fails in seconds with a `DistillInputError` and no training. Then
-the teacher runs once (cached), and every candidate of the input's family, smallest first, is distilled, exported
-to fp32 ONNX and scored on the held-out rows. Per class, each candidate becomes the variant that class would run:
-
-  - runtime: LiteRT (TFLite) when the class lists "litert" first, else ONNX Runtime;
-  - precision: fp16 when the class prefers fp16 (Jetson GPUs); int8 only where it PAYS: when the class's cost model
-    predicts (or, for classes measured here, a run on this machine shows) a lower p95 than fp32. On tiny models the
-    fixed per-call quantize/dequantize cost outweighs the cheaper arithmetic and int8 is slower, so a class that
-    prefers int8 still gets fp32 then, and the report says why;
-  - a quantized or converted variant must keep its predictions within `drift_tolerance` of the fp32 student on the
-    held-out rows, else the class falls back to fp32 ONNX (the drift is reported).
-
-The cost model predicts p95 ms, mJ per inference and size for the variant; `choose` (pure) takes the best score
-within the budgets, or none with the nearest candidate (smallest worst overrun). `artifacts` and `costmodel` are
-module-like objects passed in (default: the real modules), so tests can inject stand-ins.
+Theory: everything cheap and refusable runs first (spec and class names, teacher signature and interface, transfer
+set, test set, labels against the teacher's output width), so bad input fails in seconds with a `DistillInputError`
+and no training. Then the teacher runs once (cached), a small transfer set gets synthetic training rows the teacher
+labels (`augment`), and every candidate of the input's family, smallest first, is distilled and exported to fp32
+ONNX with the teacher's own interface (`interface`), then scored on the held-out rows and, when the user gave one,
+on the test set (`evaluate`, with its warnings). Per class, `planner.ClassPlanner` builds the variant each student,
+and the teacher itself, would ship as (runtime, precision where it pays, drift check, predicted p95/mJ/MB);
+`choice` (pure) drops every student costlier than the teacher's variant and picks by the spec's objective, the
+teacher included. `artifacts` and `costmodel` are module-like objects passed in (default: the real modules), so
+tests can inject stand-ins.
 """
 
 from __future__ import annotations

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from edgefleet.fleet.main import app
+from tests.harness import http_server
 
 
 class Cli:
@@ -111,15 +111,8 @@ def scripted() -> Iterator[str]:
         ("POST", "/api/v1/models"): (413, "application/json", json.dumps(
             {"error": "too_large", "message": "the model is larger than the 1 MB limit\n(Content-Length 2)"}).encode()),
     }
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with http_server(_Scripted) as url:
+        yield url
 
 
 def test_unreachable_cloud_is_one_line_exit_3(cli):
@@ -163,15 +156,8 @@ def plain_http(tmp_path) -> Iterator[str]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(tmp_path / "site")))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with http_server(partial(Quiet, directory=str(tmp_path / "site"))) as url:
+        yield url
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests.fleet.test_cli import Cli
+from tests.harness import http_server
 
 LITERT_CLASS = {"name": "pi-litert", "cores": 4, "memory_mb": 4096, "runtimes": ["litert"],
                 "execution_providers": [], "preferred_precision": "fp32", "idle_watts": 2.7, "active_watts": 6.4}
@@ -200,8 +201,7 @@ def test_pull_shows_progress_for_a_large_file(cloud, tmp_path):
 
 def test_a_download_that_does_not_match_its_sha256_is_not_written(tmp_path):
     """A server whose bytes differ from the digest it sent (a broken proxy, a damaged blob): exit 5, no file."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Lying(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -216,19 +216,12 @@ def test_a_download_that_does_not_match_its_sha256_is_not_written(tmp_path):
         def log_message(self, *args: object) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Lying)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(Lying) as url:
         out_file = tmp_path / "m.onnx"
-        err = Cli(tmp_path).fails(5, "--url", f"http://127.0.0.1:{server.server_address[1]}", "--token", "t",
-                                  "models", "pull", "m", "--version", "1", "-o", str(out_file))
+        err = Cli(tmp_path).fails(5, "--url", url, "--token", "t", "models", "pull", "m", "--version", "1", "-o",
+                                  str(out_file))
         assert "nothing written" in err and not out_file.exists()
         assert list(tmp_path.glob(".m.onnx*")) == []
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 @pytest.mark.parametrize("args", [("models", "show"), ("models", "pull")])

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ from typer.testing import CliRunner
 from edgefleet.fleet.main import app
 from edgefleet.fleet.provenance import PINNED_FILE
 from tests.cloud_server import cloud_server, tiny_onnx
+from tests.harness import http_server
 from tests.job_kinds import tiny_teacher, tiny_transfer
 
 
@@ -187,15 +187,8 @@ def answers(cloud, tmp_path_factory) -> dict:
 
 @pytest.fixture
 def scripted(answers) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Scripted)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with http_server(_Scripted) as url:
+        yield url
 
 
 def _serve(answers: dict, views: list, archive: bytes) -> None:
