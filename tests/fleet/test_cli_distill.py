@@ -13,48 +13,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from edgefleet.fleet.commands_distill import _outcome, parse_budgets
 from edgefleet.fleet.errors import Rejected
-from edgefleet.fleet.main import app
 from edgefleet.protos.jobs import JobView
 from edgefleet.protos.messages import Budgets
-from tests.cloud_server import cloud_server
 from tests.job_kinds import tiny_teacher, tiny_transfer
-
-
-class Cli:
-    def __init__(self, tmp_path: Path, url: str, token: str) -> None:
-        self.runner = CliRunner()
-        self.env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home"), "EDGEFLEET_URL": url,
-                    "EDGEFLEET_TOKEN": token, "EDGEFLEET_TIMEOUT_S": None, "COLUMNS": "220"}
-
-    def __call__(self, *args: str):
-        return self.runner.invoke(app, list(args), env=self.env, catch_exceptions=False)
-
-    def ok(self, *args: str):
-        result = self(*args)
-        assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
-        return result
-
-    def fails(self, *args: str, code: int = 2) -> str:
-        result = self(*args)
-        assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-        return lines[0]
-
-
-@pytest.fixture
-def cloud(tmp_path: Path):
-    with cloud_server(tmp_path / "cloud") as s:
-        yield s
-
-
-@pytest.fixture
-def cli(tmp_path: Path, cloud) -> Cli:
-    return Cli(tmp_path, cloud.base_url, cloud.admin_token)
 
 
 @pytest.fixture

@@ -11,34 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from typer.testing import CliRunner
 
-from edgefleet.fleet.main import app
 from edgefleet.protos.messages import ModelStatus, ReportedState, TelemetryBatch, TelemetryWindow
-from tests.cloud_server import cloud_server, enroll_device, tiny_onnx
-
-
-class Cli:
-    def __init__(self, tmp_path: Path, url: str, token: str) -> None:
-        self.runner = CliRunner()
-        self.env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home"), "EDGEFLEET_URL": url,
-                    "EDGEFLEET_TOKEN": token, "EDGEFLEET_TIMEOUT_S": None, "COLUMNS": "250"}
-
-    def ok(self, *args: str):
-        result = self.runner.invoke(app, list(args), env=self.env, catch_exceptions=False)
-        assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
-        return result
-
-
-@pytest.fixture
-def cloud(tmp_path: Path):
-    with cloud_server(tmp_path / "cloud") as s:
-        yield s
-
-
-@pytest.fixture
-def cli(tmp_path: Path, cloud) -> Cli:
-    return Cli(tmp_path, cloud.base_url, cloud.admin_token)
+from tests.cloud_server import enroll_device, tiny_onnx
 
 
 def post(cloud, device_id: str, token: str, channel: str, msg) -> None:
