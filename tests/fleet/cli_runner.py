@@ -11,7 +11,8 @@ from edgefleet.fleet.main import app
 
 
 class Cli:
-    def __init__(self, tmp_path: Path, url: str, token: str) -> None:
+    def __init__(self, tmp_path: Path, url: str | None = None, token: str | None = None) -> None:
+        """url and token None: none in the environment (the test logs in, or means the CLI to find none)."""
         self.runner = CliRunner()
         self.env = {"XDG_CONFIG_HOME": str(tmp_path / "xdg"), "HOME": str(tmp_path / "home"), "EDGEFLEET_URL": url,
                     "EDGEFLEET_TOKEN": token, "EDGEFLEET_TIMEOUT_S": None, "COLUMNS": "250"}
@@ -25,7 +26,7 @@ class Cli:
         return result
 
     def fails(self, *args: str, code: int = 2) -> str:
-        result = self(*args)
+        result = self.last = self(*args)
         assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

@@ -15,37 +15,26 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
-from typer.testing import CliRunner
 
-from edgefleet.fleet.main import app
 from edgefleet.fleet.provenance import PINNED_FILE
 from tests.cloud_server import cloud_server, tiny_onnx
+from tests.fleet.cli_runner import Cli as CliRunnerBase
 from tests.harness import http_server
 from tests.job_kinds import tiny_teacher, tiny_transfer
 
 
-class Cli:
+class Cli(CliRunnerBase):
+    """The shared runner with no URL or token in the environment (each test logs in, which pins the key); a failure
+    also leaves stdout empty."""
+
     def __init__(self, home: Path) -> None:
-        self.runner = CliRunner()
-        self.env = {"XDG_CONFIG_HOME": str(home / "xdg"), "HOME": str(home / "home"), "EDGEFLEET_URL": None,
-                    "EDGEFLEET_TOKEN": None, "EDGEFLEET_TIMEOUT_S": None, "COLUMNS": "250"}
+        super().__init__(home)
         self.pinned = home / "xdg" / "edgefleet" / PINNED_FILE
 
-    def __call__(self, *args: str):
-        return self.runner.invoke(app, list(args), env=self.env, catch_exceptions=False)
-
-    def ok(self, *args: str):
-        result = self(*args)
-        assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
-        return result
-
     def fails(self, *args: str, code: int = 2) -> str:
-        result = self(*args)
-        assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-        assert result.stdout == ""
-        return lines[0]
+        line = super().fails(*args, code=code)
+        assert self.last.stdout == ""
+        return line
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,12 @@ def samples(shape, n=256, seed=1) -> np.ndarray:
 
 
 def tflite_or_skip(onnx_bytes: bytes, calib_x, work, precision: str):
-    """A real .tflite from the converter venv.
+    """A real .tflite from the converter venv (see `converter_or_skip`)."""
+    return converter_or_skip().convert(onnx_bytes, calib_x, work, precision=precision)
+
+
+def converter_or_skip():
+    """The converter venv, built on first use.
 
     A venv that cannot be built fails the test: a skip would hide a broken converter. On a machine with no package
     index, set EDGEFLEET_SKIP_TFLITE=1 to skip these tests on purpose (the reason is printed).
@@ -126,4 +131,4 @@ def tflite_or_skip(onnx_bytes: bytes, calib_x, work, precision: str):
         if os.environ.get("EDGEFLEET_SKIP_TFLITE") == "1":
             pytest.skip(f"EDGEFLEET_SKIP_TFLITE=1 and the converter venv is unavailable: {exc.message.splitlines()[0]}")
         raise
-    return env.convert(onnx_bytes, calib_x, work, precision=precision)
+    return env
