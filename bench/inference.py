@@ -42,7 +42,8 @@ from edgefleet.edge_agent.inference import InferenceService  # noqa: E402
 from edgefleet.edge_agent.installer import Installer  # noqa: E402
 from edgefleet.edge_agent.local_api import LocalApi  # noqa: E402
 from edgefleet.edge_agent.meters import ModelledMeter  # noqa: E402
-from edgefleet.edge_agent.telemetry import Outbox, Telemetry  # noqa: E402
+from edgefleet.edge_agent.outbox import Outbox  # noqa: E402
+from edgefleet.edge_agent.telemetry import Telemetry  # noqa: E402
 from edgefleet.edge_agent.unpack import unpack_bundle  # noqa: E402
 
 

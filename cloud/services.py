@@ -29,6 +29,7 @@ from edgefleet.cloud.services_models import ModelsFacade
 from edgefleet.cloud.services_provenance import ProvenanceFacade
 from edgefleet.cloud.settings import Settings
 from edgefleet.cloud.store import ADMIN_MARKER, Store
+from edgefleet.cloud.store_telemetry import BatchIn
 from edgefleet.cloud.trust import DesiredStateSigner, TufRepository
 from edgefleet.common.fsutil import private_dir
 from edgefleet.protos.api import DeviceStatusRow, DeviceView, StatsView, TelemetrySummary
@@ -151,16 +152,16 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
         self.count("refused_messages")
         self.count(f"refused_{channel}_{reason}")
 
-    def record_telemetry(self, msg: TelemetryBatch) -> None:
-        if self.store.get_device(msg.device_id) is None:
-            self.count("dropped_unknown_device")
-            return
-        windows = [w.model_dump() for w in msg.windows]
-        if not self.store.add_telemetry(msg.device_id, msg.seq, windows, msg.dropped_windows, _now()):
-            self.count("telemetry_replayed")
-            return
-        if msg.dropped_windows:
-            self.count("telemetry_dropped_windows", msg.dropped_windows)
+    def record_telemetry(self, msg: TelemetryBatch) -> str:
+        """Store one batch once (HTTP path); returns "stored", "replayed" or "unknown_device" (counted)."""
+        return self.record_telemetry_many([msg])[0]
+
+    def record_telemetry_many(self, msgs: list[TelemetryBatch]) -> list[str]:
+        """Store many batches in one transaction (the MQTT bridge's ingest); per batch what happened. Raises when
+        the database fails: then nothing was stored and nothing may be acknowledged."""
+        batches = [BatchIn(m.device_id, m.epoch, m.seq, [w.model_dump() for w in m.windows], m.dropped_windows,
+                           m.merged_windows) for m in msgs]
+        return self.store.add_telemetry_many(batches, _now())
 
     def record_status(self, msg: DeviceStatus) -> None:
         if not self.store.set_online(msg.device_id, msg.online, _now()):

@@ -1,8 +1,8 @@
 """Telemetry in SQL: windows stored once per batch and rolled up per device and model version; a part of `Store`
 (mixed into it), kept in its own file.
 
-Theory: a batch is claimed by its (device_id, seq) primary key with `INSERT ... ON CONFLICT DO NOTHING RETURNING`,
-so an outbox replay stores nothing twice, on SQLite and PostgreSQL alike. A window counts requests (`count`,
+Theory: a batch is claimed by its (device_id, epoch, seq) primary key with `INSERT ... ON CONFLICT DO NOTHING
+RETURNING`, so an outbox replay stores nothing twice, on SQLite and PostgreSQL alike. A window counts requests (`count`,
 `errors`) and the rows, inferences, in them (`rows`) apart, with per-request and per-row figures
 (protos/telemetry.py); roll-ups are one SQL aggregate: per-request figures weighted by requests, per-row ones by
 rows, so a window of batched requests weighs as the inferences it served. `min_rows` leaves out windows too small to
@@ -11,19 +11,36 @@ learn from (the calibration refit's minimum, cloud/services_distill.py).
 
 from __future__ import annotations
 
+from collections import Counter as CounterDict
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Float, case, cast, func, or_, select
 
-from edgefleet.cloud.db.models import TelemetryBatchRow, TelemetryWindowRow
+from edgefleet.cloud.db.models import Counter, Device, TelemetryBatchRow, TelemetryWindowRow
 from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from sqlalchemy.orm import Session
+
+
+# What `add_telemetry_many` did with each batch.
+STORED, REPLAYED, UNKNOWN_DEVICE = "stored", "replayed", "unknown_device"
+
+
+@dataclass(frozen=True)
+class BatchIn:
+    """One telemetry batch to store: its identity (device_id, epoch, seq) and its windows as column dicts."""
+
+    device_id: str
+    epoch: int
+    seq: int
+    windows: list[dict[str, Any]]
+    dropped_windows: int = 0
+    merged_windows: int = 0
 
 
 class TelemetryStoreMixin:
@@ -35,18 +52,52 @@ class TelemetryStoreMixin:
         def _insert(self, table: Any) -> Any: ...
 
     def add_telemetry(self, device_id: str, seq: int, windows: list[dict[str, Any]], dropped_windows: int,
-                      now: datetime) -> bool:
-        """Store a batch's windows once; False when (device_id, seq) was stored before (an outbox replay)."""
-        claim = self._insert(TelemetryBatchRow).values(
-            device_id=device_id, seq=seq, windows=len(windows), dropped_windows=dropped_windows, received_at=now
-        ).on_conflict_do_nothing(index_elements=[TelemetryBatchRow.device_id, TelemetryBatchRow.seq]).returning(
-            TelemetryBatchRow.seq)
+                      now: datetime, *, epoch: int = 0, merged_windows: int = 0) -> bool:
+        """Store a batch's windows once; False when (device_id, epoch, seq) was stored before (an outbox replay)."""
+        batch = BatchIn(device_id, epoch, seq, windows, dropped_windows, merged_windows)
+        return self.add_telemetry_many([batch], now, known_only=False)[0] == STORED
+
+    def add_telemetry_many(self, batches: list[BatchIn], now: datetime, *, known_only: bool = True) -> list[str]:
+        """Store many batches in ONE transaction, each once; per batch STORED, REPLAYED (stored before) or
+        UNKNOWN_DEVICE (with `known_only`, a device the cloud does not have: nothing stored).
+
+        The counters (`telemetry_batches`, `telemetry_windows`, `telemetry_replayed`, `telemetry_dropped_windows`,
+        `telemetry_merged_windows`, `dropped_unknown_device`) move in the same transaction, so they are exact. All
+        or nothing: when the transaction fails nothing is stored or counted and the caller must acknowledge none of
+        them (the MQTT bridge retries, and the broker redelivers what was never acknowledged)."""
+        outcomes: list[str] = []
+        tally: CounterDict[str] = CounterDict()
         with self._tx() as s:
-            # RETURNING, not rowcount: rowcount of ON CONFLICT DO NOTHING differs between drivers.
-            if s.execute(claim).first() is None:
-                return False
-            s.add_all(TelemetryWindowRow(device_id=device_id, seq=seq, **w) for w in windows)
-        return True
+            known: set[str] | None = None
+            if known_only:
+                ids = sorted({b.device_id for b in batches})
+                known = set(s.scalars(select(Device.device_id).where(Device.device_id.in_(ids)))) if ids else set()
+            for b in batches:
+                if known is not None and b.device_id not in known:
+                    outcomes.append(UNKNOWN_DEVICE)
+                    tally["dropped_unknown_device"] += 1
+                    continue
+                claim = self._insert(TelemetryBatchRow).values(
+                    device_id=b.device_id, epoch=b.epoch, seq=b.seq, windows=len(b.windows),
+                    dropped_windows=b.dropped_windows, merged_windows=b.merged_windows, received_at=now,
+                ).on_conflict_do_nothing(index_elements=[TelemetryBatchRow.device_id, TelemetryBatchRow.epoch,
+                                                         TelemetryBatchRow.seq]).returning(TelemetryBatchRow.seq)
+                # RETURNING, not rowcount: rowcount of ON CONFLICT DO NOTHING differs between drivers.
+                if s.execute(claim).first() is None:
+                    outcomes.append(REPLAYED)
+                    tally["telemetry_replayed"] += 1
+                    continue
+                s.add_all(TelemetryWindowRow(device_id=b.device_id, epoch=b.epoch, seq=b.seq, **w) for w in b.windows)
+                outcomes.append(STORED)
+                tally["telemetry_batches"] += 1
+                tally["telemetry_windows"] += len(b.windows)
+                tally["telemetry_dropped_windows"] += b.dropped_windows
+                tally["telemetry_merged_windows"] += b.merged_windows
+            for name, by in sorted(tally.items()):
+                if by:
+                    s.execute(self._insert(Counter).values(name=name, value=by).on_conflict_do_update(
+                        index_elements=[Counter.name], set_={"value": Counter.value + by}))
+        return outcomes
 
     def telemetry_summary(self, since: datetime, device_id: str | None = None, *,
                           min_rows: int = 0) -> dict[str, list[TelemetryAggregate]]:

@@ -20,7 +20,7 @@ from edgefleet.edge_agent.cloud_client import CloudApi
 from edgefleet.edge_agent.config import AgentConfig
 from edgefleet.edge_agent.errors import AgentError, CloudUnavailable
 from edgefleet.edge_agent.link import CloudLink
-from edgefleet.edge_agent.telemetry import Outbox
+from edgefleet.edge_agent.outbox import Outbox
 from edgefleet.protos.limits import MAX_ERROR_CHARS
 from edgefleet.protos.messages import MAX_MESSAGE_BYTES, ReportedState, TelemetryBatch
 

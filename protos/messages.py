@@ -12,7 +12,7 @@ the import for every one of them:
     bundle.py     Budgets, DeviceClassInfo, TensorSpec, FileEntry, SmokeTest, Manifest
     enroll.py     EnrollRequest (with EnrollProof), BrokerInfo, EnrollResponse
     state.py      desired state (signed) and its keys, reported state, device status
-    telemetry.py  TelemetryWindow (requests and rows), TelemetryBatch
+    telemetry.py  TelemetryWindow (requests and rows), TelemetryBatch, TelemetryAck
 
 Signed documents (the desired state) are verified over the canonical JSON of the *received* payload dict, never over
 a re-serialisation of the parsed model, so the signature does not depend on pydantic's output format. The signing
@@ -70,11 +70,11 @@ from edgefleet.protos.state import (
     SignedDesiredState,
     SignedDesiredStateKeys,
 )
-from edgefleet.protos.telemetry import TelemetryBatch, TelemetryWindow
+from edgefleet.protos.telemetry import TelemetryAck, TelemetryBatch, TelemetryWindow
 
 WireMessage = Annotated[
     Manifest | EnrollRequest | EnrollResponse | SignedDesiredState | DesiredState | ReportedState | TelemetryBatch
-    | DeviceStatus,
+    | TelemetryAck | DeviceStatus,
     Field(discriminator="kind"),
 ]
 _wire: TypeAdapter[Any] = TypeAdapter(WireMessage)
@@ -123,6 +123,6 @@ __all__ = [
     "SHA256_RE", "BrokerInfo", "Budgets", "DesiredModel", "DesiredState", "DesiredStateKeys", "DeviceClassInfo",
     "DeviceId", "DeviceStatus", "EnrollProof", "EnrollRequest", "EnrollResponse", "FileEntry", "Manifest", "Message",
     "MessageError", "ModelStatus", "Name", "ReportedState", "Signature", "SignedDesiredState",
-    "SignedDesiredStateKeys", "SmokeTest", "TelemetryBatch", "TelemetryWindow", "TensorSpec", "Versioned",
-    "WireMessage", "check_device_id", "check_name", "enroll_proof_bytes", "parse_message",
+    "SignedDesiredStateKeys", "SmokeTest", "TelemetryAck", "TelemetryBatch", "TelemetryWindow", "TensorSpec",
+    "Versioned", "WireMessage", "check_device_id", "check_name", "enroll_proof_bytes", "parse_message",
 ]

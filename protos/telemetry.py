@@ -19,7 +19,7 @@ succeeded.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -37,7 +37,14 @@ from edgefleet.protos.limits import (
     ShortText,
     Timestamp,
     Version,
+    Watts,
 )
+
+# The most seqs one TelemetryAck names: a cloud that stored more batches of one device at once sends several.
+MAX_ACK_SEQS = 1000
+# A meter sampling faster than 1 MHz is not a power sensor an edge device has.
+MAX_SAMPLE_HZ = 1_000_000.0
+SampleHz = Annotated[float, Field(gt=0, le=MAX_SAMPLE_HZ, allow_inf_nan=False)]
 
 # Per-row figures are a request figure divided by at least one row; this slack absorbs the float rounding of
 # computing both from the same sums (a relative 1e-9 is far above double precision's 1e-16 and far below any lie).
@@ -72,6 +79,16 @@ class TelemetryWindow(Message):
     row_mj: EnergyMj | None = None  # per row (per inference): energy / rows of the metered requests; <= mean_mj
     energy_source: Literal["measured", "estimated", "none"] = "estimated"
     energy_meter: ShortText = ""  # which meter: "modelled", "rapl", "ina3221", ...
+    # How the energy figures were obtained (edge_agent/meters): "counter" (a cumulative energy counter read at the
+    # window's edges: RAPL, NVML), "sampled" (power sampled at `energy_hz` and integrated: INA3221, the Pi 5 PMIC),
+    # "modelled" (active watts x busy time); "" from an agent older than this field.
+    energy_method: Literal["counter", "sampled", "modelled", ""] = ""
+    energy_hz: SampleHz | None = None  # the sampling rate of a "sampled" meter
+    # Idle-subtracted energy per row: (window energy - idle_w x window length) shared by busy time, over the rows.
+    # Given only with row_mj and at most it; `row_mj` is then the gross figure (all the energy the device drew over
+    # the window, shared the same way). `idle_w` is the idle power subtracted, measured or configured.
+    row_net_mj: EnergyMj | None = None
+    idle_w: Watts | None = None
     where: Literal["local", "cloud"] = "local"
 
     @model_validator(mode="before")
@@ -123,16 +140,44 @@ class TelemetryWindow(Message):
                 raise _inconsistent("{per_row} {row} is above {per_request} {request}; a request has at least one "
                                     "row, so a per-row figure is at most the per-request one", per_row=per_row,
                                     row=row, per_request=per_request, request=request)
+        if self.row_net_mj is not None:
+            if self.row_mj is None:
+                raise _inconsistent("row_net_mj given without row_mj; the net figure is the gross one less idle")
+            if self.row_net_mj > self.row_mj * (1 + _ROUNDING):
+                raise _inconsistent("row_net_mj {net} is above row_mj {gross}; idle-subtracted energy is at most the "
+                                    "gross", net=self.row_net_mj, gross=self.row_mj)
         return self
 
 
 class TelemetryBatch(Versioned):
+    """One outbox batch. (device_id, epoch, seq) is its identity, as a Kafka idempotent producer's (producer id,
+    epoch, sequence): the cloud stores a batch once however often it arrives."""
+
     kind: Literal["telemetry"] = "telemetry"
     device_id: DeviceId
-    seq: Int64  # rises per batch; the cloud ignores a seq it has stored (outbox replays)
+    # The outbox's incarnation: set when its state is first created (milliseconds since the Unix epoch), new when
+    # the state was lost, so a seq counted again from 0 is not taken for a replay. 0 from an older agent.
+    epoch: Int64 = 0
+    seq: Int64  # rises per batch within an epoch; the cloud ignores a (epoch, seq) it has stored (outbox replays)
     windows: list[TelemetryWindow] = Field(default_factory=list, max_length=MAX_WINDOWS_PER_BATCH)
-    dropped_windows: Int32 = 0  # windows the outbox had to drop since the last batch (full disk)
+    dropped_windows: Int32 = 0  # windows the outbox had to drop since the last batch, counted (last resort)
+    # Windows of older, never-sent batches that a full outbox merged into coarser ones carried here (edge_agent/
+    # outbox.py); the windows they became are in `windows`. Counted by the cloud, never silent.
+    merged_windows: Int32 = 0
     sent_at: Timestamp
 
 
-__all__ = ["TelemetryBatch", "TelemetryWindow"]
+class TelemetryAck(Versioned):
+    """cloud -> agent on the device's `ack` topic: these batches are committed (or refused for good) and may leave
+    the outbox. Sent after the database transaction that stored them, never before."""
+
+    kind: Literal["telemetry_ack"] = "telemetry_ack"
+    device_id: DeviceId
+    epoch: Int64 = 0
+    seqs: list[Int64] = Field(default_factory=list, max_length=MAX_ACK_SEQS)  # stored now or before
+    # Read but outside the contract: the cloud will never store them, so resending is pointless; counted there.
+    refused: list[Int64] = Field(default_factory=list, max_length=MAX_ACK_SEQS)
+    reason: ShortText = ""
+
+
+__all__ = ["MAX_ACK_SEQS", "TelemetryAck", "TelemetryBatch", "TelemetryWindow"]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from edgefleet.protos.messages import check_device_id
 
-CHANNELS = ("desired", "reported", "telemetry", "status")
+CHANNELS = ("desired", "reported", "telemetry", "status", "ack")
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,10 @@ class DeviceTopics:
     @property
     def telemetry(self) -> str:  # agent -> cloud, QoS 1, TelemetryBatch
         return self._t("telemetry")
+
+    @property
+    def ack(self) -> str:  # cloud -> agent, QoS 1, not retained, TelemetryAck: batches committed in the database
+        return self._t("ack")
 
     @property
     def status(self) -> str:  # agent -> cloud, retained, QoS 1, DeviceStatus; also the last will

@@ -187,9 +187,12 @@ class TelemetryBatchRow(Base):
     __tablename__ = "telemetry_batches"
 
     device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # The agent outbox's incarnation (migration 0007): (device_id, epoch, seq) is a batch's identity.
+    epoch: Mapped[int] = mapped_column(BigInteger, primary_key=True, default=0)
     seq: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     windows: Mapped[int] = mapped_column(Integer, nullable=False)
     dropped_windows: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    merged_windows: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
 
 
@@ -203,7 +206,8 @@ class TelemetryWindowRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(128), nullable=False)
-    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)  # the batch it came in
+    epoch: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)  # with seq: the batch it came in
+    seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
     model: Mapped[str] = mapped_column(String(64), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
     start: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
@@ -220,6 +224,10 @@ class TelemetryWindowRow(Base):
     row_mj: Mapped[float | None] = mapped_column(Float)
     energy_source: Mapped[str] = mapped_column(String(16), nullable=False)
     energy_meter: Mapped[str] = mapped_column(String(64), nullable=False, default="")
+    energy_method: Mapped[str] = mapped_column(String(16), nullable=False, default="")
+    energy_hz: Mapped[float | None] = mapped_column(Float)
+    row_net_mj: Mapped[float | None] = mapped_column(Float)  # idle-subtracted energy per row
+    idle_w: Mapped[float | None] = mapped_column(Float)
     where: Mapped[str] = mapped_column(String(8), nullable=False, default="local")
 
 

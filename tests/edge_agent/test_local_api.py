@@ -16,7 +16,8 @@ from edgefleet.edge_agent.inference import InferenceService, request_to_numpy
 from edgefleet.edge_agent.installer import Installer
 from edgefleet.edge_agent.local_api import LocalApi
 from edgefleet.edge_agent.meters import ModelledMeter
-from edgefleet.edge_agent.telemetry import Outbox, Telemetry
+from edgefleet.edge_agent.outbox import Outbox
+from edgefleet.edge_agent.telemetry import Telemetry
 from edgefleet.protos.messages import TensorSpec
 from edgefleet.protos.oip import InferRequest, InferResponse
 from tests.edge_agent import agent_testkit as kit

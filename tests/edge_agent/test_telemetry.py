@@ -10,7 +10,8 @@ import pytest
 
 from edgefleet.edge_agent.inference import InferenceService, batch_rows
 from edgefleet.edge_agent.meters import EnergyMeter, ModelledMeter, NullMeter
-from edgefleet.edge_agent.telemetry import Outbox, Telemetry, percentile
+from edgefleet.edge_agent.outbox import Outbox
+from edgefleet.edge_agent.telemetry import Telemetry, percentile
 from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS, MAX_ROWS_PER_S
 from edgefleet.protos.messages import TelemetryBatch, parse_message
 from edgefleet.protos.oip import InferRequest
