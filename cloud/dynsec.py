@@ -61,7 +61,8 @@ def device_role_acls(prefix: str, device_id: str) -> list[dict[str, Any]]:
 
 
 def cloud_role_acls(prefix: str) -> list[dict[str, Any]]:
-    acls = [{"acltype": "publishClientSend", "topic": f"{prefix}/devices/+/desired", "allow": True}]
+    acls = [{"acltype": "publishClientSend", "topic": f"{prefix}/devices/+/{channel}", "allow": True}
+            for channel in ("desired", "ack")]
     for topic in cloud_subscriptions(prefix):
         acls += [{"acltype": "subscribePattern", "topic": topic, "allow": True},
                  {"acltype": "publishClientReceive", "topic": topic, "allow": True}]
@@ -131,6 +132,9 @@ class DynsecAccounts:
             ])
             return
         self._check_ours(device_id, existing)
+        # A role made by an older cloud gains today's entries (the ack topic); existing ones answer "already exists".
+        self._run([{"command": "addRoleACL", "rolename": role, **acl}
+                   for acl in device_role_acls(self.prefix, device_id)])
         # setClientPassword drops the live connection: the old password stops working at once.
         self._run([
             {"command": "setClientId", "username": device_id, "clientid": device_client_id(device_id)},
@@ -144,6 +148,25 @@ class DynsecAccounts:
             self._check_ours(device_id, existing)
             self._run([{"command": "deleteClient", "username": device_id}])  # drops its connection at once
         self._run([{"command": "deleteRole", "rolename": device_role(device_id)}], ok_errors=("Role not found",))
+
+    def _upgrade_device_roles(self) -> None:
+        """Give every device role today's ACL entries (roles made before the `ack` topic existed lack it); an entry
+        already there answers "already exists". Mosquitto drops the clients of a role that changed: those devices
+        reconnect once, after an upgrade only."""
+        (answer,) = self.request([{"command": "listRoles", "verbose": False, "count": -1, "offset": 0}])
+        if answer.get("error"):
+            raise Unavailable(f"Mosquitto dynamic security refused listRoles: {answer['error']}")
+        commands = []
+        for role in answer.get("data", {}).get("roles", []):
+            name = role if isinstance(role, str) else role.get("rolename", "")
+            device_id = name[len(DEVICE_ROLE_PREFIX):] if name.startswith(DEVICE_ROLE_PREFIX) else ""
+            try:
+                acls = device_role_acls(self.prefix, device_id) if device_id else []
+            except ValueError:  # a role named like ours around an id that is not one: not ours to change
+                continue
+            commands += [{"command": "addRoleACL", "rolename": name, **acl} for acl in acls]
+        for i in range(0, len(commands), 100):  # one control message stays small
+            self._run(commands[i:i + 100])
 
     # -- commands --------------------------------------------------------------------------------------------------
 
@@ -207,6 +230,7 @@ class DynsecAccounts:
             # An older role (another topic prefix) gains today's entries; existing ones answer "already exists".
             self._run([{"command": "addRoleACL", "rolename": CLOUD_ROLE, **acl}
                        for acl in cloud_role_acls(self.prefix)])
+            self._upgrade_device_roles()
             me = self._get_client(self.login.username) or {}
             if CLOUD_ROLE not in {r.get("rolename") for r in me.get("roles", [])}:
                 # Mosquitto drops a client whose roles change, this one included (2.0.11 answers "Internal error"

@@ -4,7 +4,8 @@ Theory: every device gets its own broker login at enrollment (username = device 
 once in `EnrollResponse.broker`), bound to its client id (`protos.topics.device_client_id`). The database keeps
 only a salted scrypt hash; re-enrollment rotates the password, `Fleet.revoke_device` revokes it. What a login may
 do is one rule, `acl_allows`: a device publishes only its own reported, telemetry and status topics and subscribes
-only to its own desired topic; the cloud publishes desired states and subscribes to the devices' channels.
+only to its own desired and ack topics; the cloud publishes desired states and telemetry acks and subscribes to
+the devices' channels.
 
 Who enforces it is a `BrokerAccounts` behind the `Fleet`:
 - `DynsecAccounts` (cloud/dynsec.py): Mosquitto's dynamic security plugin, one client and one role per device,
@@ -118,8 +119,9 @@ def device_publish_topics(prefix: str, device_id: str) -> tuple[str, str, str]:
     return t.reported, t.telemetry, t.status
 
 
-def device_subscribe_filters(prefix: str, device_id: str) -> tuple[str]:
-    return (device_topics(prefix, device_id).desired,)
+def device_subscribe_filters(prefix: str, device_id: str) -> tuple[str, str]:
+    t = device_topics(prefix, device_id)
+    return t.desired, t.ack
 
 
 def acl_allows(prefix: str, *, cloud_username: str, username: str, action: Action, topic: str) -> bool:
@@ -132,7 +134,7 @@ def acl_allows(prefix: str, *, cloud_username: str, username: str, action: Actio
     if username == cloud_username:
         if action == "publish":
             where = parse_topic(prefix, topic)
-            return where is not None and where[1] == "desired"
+            return where is not None and where[1] in ("desired", "ack")
         return topic in cloud_subscriptions(prefix)
     try:
         allowed = (device_publish_topics(prefix, username) if action == "publish"

@@ -55,9 +55,14 @@ def start_mqtt(settings: Settings, fleet: Fleet) -> MqttSide:
     broker = start_broker(s.embedded_broker, s.mqtt_host, s.mqtt_port, s.data_dir, auth=auth)
     dynsec: DynsecAccounts | None = None
     try:
+        protocol = s.mqtt_protocol
+        if protocol == "auto":
+            protocol = "3.1.1" if isinstance(broker, EmbeddedBroker) else "5"
         bridge = MqttBridge(fleet, s.mqtt_host, s.mqtt_port, s.mqtt_topic_prefix, keepalive_s=s.mqtt_keepalive_s,
                             client_id=login.client_id, username=login.username, password=login.password,
-                            reconnect_min_s=s.mqtt_retry_initial_s, reconnect_max_s=s.mqtt_retry_max_s)
+                            reconnect_min_s=s.mqtt_retry_initial_s, reconnect_max_s=s.mqtt_retry_max_s,
+                            protocol=protocol, session_expiry_s=s.mqtt_session_expiry_s,
+                            ingest_batch=s.mqtt_ingest_batch, ingest_wait_s=s.mqtt_ingest_wait_s)
         side = MqttSide(broker=broker, accounts=None, bridge=bridge)
         if isinstance(broker, EmbeddedBroker) and broker.authority is not None:
             from edgefleet.cloud.broker_auth import EmbeddedAccounts

@@ -95,6 +95,14 @@ class Settings(BaseSettings):
     # The bridge's reconnect backoff (full jitter, common/backoff.py): 1 s first window, capped at 30 s.
     mqtt_retry_initial_s: float = Field(default=1.0, gt=0)
     mqtt_retry_max_s: float = Field(default=30.0, gt=0)
+    # The cloud's MQTT session (cloud/mqtt_bridge.py): "auto" speaks MQTT 5 to any Mosquitto and 3.1.1 to the
+    # embedded amqtt (which knows nothing newer). Persistent either way: the broker queues devices' messages for the
+    # cloud while it is away, for up to mqtt_session_expiry_s (MQTT 5; a 3.1.1 session never expires).
+    mqtt_protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    mqtt_session_expiry_s: int = Field(default=7 * 86_400, ge=0, le=2**32 - 1)
+    # Telemetry ingest: up to this many messages, or what came within mqtt_ingest_wait_s, per database transaction.
+    mqtt_ingest_batch: int = Field(default=500, ge=1, le=10_000)
+    mqtt_ingest_wait_s: float = Field(default=0.05, ge=0, le=10)
     # None: looked up where Debian, Alpine and the Mosquitto tarball install mosquitto_dynamic_security.so.
     mosquitto_dynsec_plugin: Path | None = None
 

@@ -98,6 +98,6 @@ def test_dynsec_roles_grant_what_the_acl_grants():
     subscribes = {a["topic"] for a in acls if a["acltype"] == "subscribeLiteral"}
     assert all(a["allow"] for a in acls)
     assert sends == {f"{P}/devices/dev-a/{c}" for c in ("reported", "telemetry", "status")}
-    assert subscribes == {f"{P}/devices/dev-a/desired"}
+    assert subscribes == {f"{P}/devices/dev-a/desired", f"{P}/devices/dev-a/ack"}
     cloud_sends = {a["topic"] for a in cloud_role_acls(P) if a["acltype"] == "publishClientSend"}
-    assert cloud_sends == {f"{P}/devices/+/desired"}
+    assert cloud_sends == {f"{P}/devices/+/desired", f"{P}/devices/+/ack"}

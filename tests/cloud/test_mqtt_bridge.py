@@ -23,6 +23,7 @@ from edgefleet.protos.messages import (
     ReportedState,
     Signature,
     SignedDesiredState,
+    TelemetryAck,
     TelemetryBatch,
     TelemetryWindow,
 )
@@ -53,7 +54,15 @@ class RecordingFleet:
                 raise RuntimeError("database is down")
             self.recorded.append(msg)
 
-    record_reported = record_telemetry = record_status = _record
+    record_reported = record_status = _record
+
+    def record_telemetry_many(self, msgs: list[object]) -> list[str]:
+        with self.lock:
+            if self.fail_next:
+                self.fail_next = False
+                raise RuntimeError("database is down")
+            self.recorded.extend(msgs)
+        return ["stored"] * len(msgs)
 
     def count(self, name: str) -> None:
         with self.lock:
@@ -142,15 +151,101 @@ def test_retained_clear_is_ignored_not_counted(fleet, bridge, mosquitto):
     assert fleet.counters["malformed_messages"] == 0
 
 
-def test_a_fleet_that_raises_is_logged_and_counted_and_the_bridge_goes_on(fleet, bridge, mosquitto):
+def test_a_fleet_that_raises_is_retried_counted_and_nothing_is_lost(fleet, bridge, mosquitto):
     fleet.fail_next = True
     device = MqttProbe(mosquitto.host, mosquitto.port)
     device.publish(f"{PREFIX}/devices/dev-a/reported", valid("reported", "dev-a"))
     device.publish(f"{PREFIX}/devices/dev-a/reported", valid("reported", "dev-a"))
     device.stop()
-    wait_for(lambda: len(fleet.recorded) == 1, what="the second report to be recorded")
+    # The first report failed once (the database was "down"): retried, not dropped.
+    wait_for(lambda: len(fleet.recorded) == 2, what="both reports to be recorded")
     assert fleet.counters["ingest_errors"] == 1
     assert bridge.connected
+
+
+def batch(device_id: str, seq: int, epoch: int = 5) -> bytes:
+    window = TelemetryWindow(model="digits", version=1, start=NOW, end=NOW, count=3, errors=0)
+    return TelemetryBatch(device_id=device_id, epoch=epoch, seq=seq, windows=[window], sent_at=NOW).to_wire()
+
+
+def acked(probe: MqttProbe, device_id: str) -> list[int]:
+    out: list[int] = []
+    for m in probe.received(f"{PREFIX}/devices/{device_id}/ack"):
+        ack = TelemetryAck.model_validate_json(m.payload)
+        assert ack.device_id == device_id and ack.epoch == 5
+        out += ack.seqs
+    return sorted(out)
+
+
+def test_telemetry_is_acked_on_the_device_topic_only_after_it_is_stored(fleet, mosquitto):
+    """The agent may drain its outbox only on the cloud's ack, sent after the commit; not on the broker's PUBACK."""
+    gate = threading.Event()
+    stored_before_ack: list[bool] = []
+    real = fleet.record_telemetry_many
+
+    def slow(msgs):
+        gate.wait(10)
+        return real(msgs)
+
+    fleet.record_telemetry_many = slow
+    b = MqttBridge(fleet, mosquitto.host, mosquitto.port, PREFIX, client_id="cloud-ack").start()
+    assert b.wait_connected(10)
+    device = MqttProbe(mosquitto.host, mosquitto.port, topics=(f"{PREFIX}/devices/dev-a/ack",))
+    try:
+        for seq in (1, 2, 3):
+            device.publish(f"{PREFIX}/devices/dev-a/telemetry", batch("dev-a", seq))
+        wait_for(lambda: b.counters["recorded_telemetry"] == 0 and b.backlog() == 0, what="the batches to be taken")
+        assert acked(device, "dev-a") == []  # in the broker's hands, not stored: no ack yet
+        gate.set()
+        wait_for(lambda: acked(device, "dev-a") == [1, 2, 3], what="an ack naming the three batches")
+        stored_before_ack.append(len(fleet.recorded) == 3)
+        assert stored_before_ack == [True]
+    finally:
+        gate.set()
+        device.stop()
+        b.stop()
+
+
+def test_the_cloud_session_persists_and_what_was_never_stored_is_redelivered(fleet, mosquitto):
+    """Batches sent while the cloud is away are queued for its session; one received but not committed before the
+    cloud stopped was never acknowledged, so the broker delivers it again to the next session."""
+    fleet.record_telemetry_many = lambda msgs: (_ for _ in ()).throw(RuntimeError("database is down"))
+    first = MqttBridge(fleet, mosquitto.host, mosquitto.port, PREFIX, client_id="cloud-persist",
+                       retry_max_s=0.1).start()
+    assert first.wait_connected(10)
+    device = MqttProbe(mosquitto.host, mosquitto.port, topics=(f"{PREFIX}/devices/dev-a/ack",))
+    try:
+        device.publish(f"{PREFIX}/devices/dev-a/telemetry", batch("dev-a", 1))
+        wait_for(lambda: first.counters["ingest_errors"] >= 2, what="the failing insert to be retried")
+        first.stop()  # killed mid-retry: seq 1 was received and never acknowledged
+        for seq in (2, 3):  # sent while the cloud is away
+            device.publish(f"{PREFIX}/devices/dev-a/telemetry", batch("dev-a", seq))
+        del fleet.record_telemetry_many  # the database is back
+        second = MqttBridge(fleet, mosquitto.host, mosquitto.port, PREFIX, client_id="cloud-persist").start()
+        try:
+            wait_for(lambda: acked(device, "dev-a") == [1, 2, 3], what="all three batches stored and acked")
+            assert sorted(m.seq for m in fleet.recorded) == [1, 2, 3]
+        finally:
+            second.stop()
+    finally:
+        device.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_both_protocols_keep_the_session(fleet, mosquitto, protocol):
+    first = MqttBridge(fleet, mosquitto.host, mosquitto.port, PREFIX, client_id=f"cloud-{protocol}",
+                       protocol=protocol).start()
+    assert first.wait_connected(10)
+    first.stop()
+    device = MqttProbe(mosquitto.host, mosquitto.port)
+    device.publish(f"{PREFIX}/devices/dev-b/telemetry", batch("dev-b", 9))
+    device.stop()
+    second = MqttBridge(fleet, mosquitto.host, mosquitto.port, PREFIX, client_id=f"cloud-{protocol}",
+                        protocol=protocol).start()
+    try:
+        wait_for(lambda: [m.seq for m in fleet.recorded] == [9], what="the batch queued while away")
+    finally:
+        second.stop()
 
 
 def test_handle_refuses_topics_that_are_not_device_channels(fleet):
@@ -232,7 +327,8 @@ def test_inside_the_real_cloud_desired_goes_out_and_garbage_shows_in_stats(tmp_p
         device.publish(f"{base}/status", valid("status", "dev-m"))
         device.stop()
         wait_for(lambda: admin.get("/api/v1/devices/dev-m").json()["online"], what="the status to land")
-        counters = admin.get("/api/v1/stats").json()["counters"]
-        assert counters["malformed_messages"] == 3
+        # Telemetry has a worker of its own (a flood never delays a status): wait for its count too.
+        wait_for(lambda: admin.get("/api/v1/stats").json()["counters"].get("malformed_messages") == 3,
+                 what="the three malformed messages to be counted")
     finally:
         cloud.stop()
