@@ -268,7 +268,11 @@ class MosquittoProcess:
             raise RuntimeError("mosquitto is not installed: apt-get install mosquitto, or set embedded_broker=always")
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
-        lines = [f"listener {self.port} {self.host}", "log_dest stderr", "log_type error", "log_type warning"]
+        lines = [f"listener {self.port} {self.host}", "log_dest stderr", "log_type error", "log_type warning",
+                 # The cloud's session queues what devices send while the cloud is away; 1,000 (the default) is
+                 # under a minute of a busy fleet. Past this the broker drops, and agents resend what the cloud
+                 # never confirmed: no loss, only traffic. max_queued_bytes bounds the memory it may take.
+                 "max_queued_messages 100000", "max_queued_bytes 268435456"]
         if self.dynsec is None:
             lines.append("allow_anonymous true")
         else:

@@ -75,6 +75,13 @@ class Conflict(CloudError):
     code = "conflict"
 
 
+class RateLimited(CloudError):
+    """A device past its telemetry rate (cloud/ratelimit.py): try again later; nothing was stored."""
+
+    status_code = 429
+    code = "rate_limited"
+
+
 class Unavailable(CloudError):
     status_code = 503
     code = "unavailable"

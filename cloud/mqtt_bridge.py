@@ -356,9 +356,9 @@ class MqttBridge:
                 return  # stopping: unacknowledged, the broker delivers them to the next session
             for (item, msg), outcome in zip(good, outcomes, strict=True):
                 entry = acks.setdefault((msg.device_id, msg.epoch), ([], [], ""))
-                if outcome == "unknown_device":
+                if outcome in ("unknown_device", "rate_limited"):  # counted by the Fleet
                     entry[1].append(msg.seq)
-                    reasons.setdefault((msg.device_id, msg.epoch), "unknown_device")
+                    reasons.setdefault((msg.device_id, msg.epoch), outcome)
                     self.counters["refused_messages"] += 1
                 else:
                     entry[0].append(msg.seq)
@@ -447,7 +447,7 @@ class MqttBridge:
             return checked.outcome
         try:
             if checked.channel == "telemetry":
-                if self.fleet.record_telemetry_many([checked.msg])[0] == "unknown_device":
+                if self.fleet.record_telemetry_many([checked.msg])[0] in ("unknown_device", "rate_limited"):
                     self.counters["refused_messages"] += 1
                     return "refused"
             elif checked.channel == "reported":

@@ -1,13 +1,14 @@
 """The daemon's traffic with the cloud once enrolled: over the link when it acknowledges, over HTTP when it does not.
 
 Theory of operation: a reported state or a telemetry batch is first offered to the `CloudLink`, which returns True
-only once the cloud side acknowledged it within `link.ack_timeout_s`. A link that is down answers False at once, a
-link that is up but silent answers False after the timeout; either way the same message then goes over HTTP
-(`POST /api/v1/devices/{id}/reported`, `.../telemetry`). Duplicates are harmless (reported state is last writer
-wins, the cloud ignores a telemetry seq it already stored), a loss is not: a batch leaves the disk outbox only when
-one of the two paths acknowledged it, and the outbox drains oldest first and stops at the first batch neither path
-took, so the cloud sees batches in order. The desired state comes over HTTP after every (re)connect (the daemon
-asks), and every `link.desired_poll_s` (default `retry.retry_max_s`, on the monotonic clock) while the link is down.
+only once the cloud side acknowledged it within `link.ack_timeout_s` (telemetry: once the cloud confirmed it stored
+it). A link that is down answers False at once, a link that is up but silent answers False after the timeout;
+either way the same message then goes over HTTP (`POST /api/v1/devices/{id}/reported`, `.../telemetry`).
+Duplicates are harmless (reported state is last writer wins, the cloud stores a telemetry (epoch, seq) once), a
+loss is not: a batch leaves the disk outbox only when one of the two paths confirmed it, and the outbox drains
+oldest first and stops at the first batch neither path took, so the cloud sees batches in order. The desired state
+comes over HTTP after every (re)connect (the daemon asks), and every `link.desired_poll_s` (default
+`retry.retry_max_s`, on the monotonic clock) while the link is down.
 Every report is first fitted to MAX_MESSAGE_BYTES (`fit_report`), so neither path carries one the cloud would drop.
 """
 
@@ -94,12 +95,20 @@ class LinkOrHttp:
             raise AgentError(f"could not report state over the link or HTTP: {exc}") from None
 
     def send_outbox(self, outbox: Outbox) -> int:
-        """Send pending batches oldest first, acking each; stop at the first one neither path took. Returns how many."""
+        """Send pending batches oldest first, acking each; stop at the first one neither path took. Returns how many.
+
+        Confirmations that came late over the link (the cloud was away, then stored what the broker kept for it)
+        drain their batches first. A batch is marked attempted before it is handed to a transport: from then on the
+        cloud may hold it, so a full outbox never merges it into others (that would count its windows twice)."""
+        if self.link is not None:
+            for epoch, seq in self.link.take_acked():
+                outbox.ack(seq, epoch=epoch)
         sent = 0
         for batch in outbox.pending():
+            outbox.mark_attempted(batch.seq)
             if not self._send_batch(batch):
                 break  # keep order: this one and the newer ones go on a later tick
-            outbox.ack(batch.seq)
+            outbox.ack(batch.seq, epoch=batch.epoch)
             sent += 1
         return sent
 

@@ -5,8 +5,9 @@ a socket, a topic or a broker. On every (re)connect the link calls `on_connected
 that arrives goes to `on_desired(raw)` as the bytes received: the link never parses or trusts it, the daemon
 verifies it. Both callbacks run on the link's own thread and must only hand the work to the daemon's queue.
 
-A publish returns True only once the cloud side acknowledged it (MQTT: PUBACK at QoS 1) within `timeout_s`, and
-False when the link is down or the acknowledgement did not come in time; the daemon then sends the same message over
+A publish returns True only once the cloud side acknowledged it within `timeout_s` (reported state and status: the
+broker's PUBACK; telemetry: the cloud's own confirmation after its commit, a `TelemetryAck`), and False when the
+link is down or the acknowledgement did not come in time; the daemon then sends the same message over
 HTTP, and a telemetry batch leaves the disk outbox only after one of the two acknowledged it. Publishing a message
 twice is harmless: reported state is last-writer-wins and the cloud ignores a telemetry seq it already stored.
 
@@ -43,7 +44,12 @@ class CloudLink(Protocol):
         ...
 
     def publish_telemetry(self, batch: TelemetryBatch, timeout_s: float) -> bool:
-        """One outbox batch; True once acknowledged (only then may the outbox drop it)."""
+        """One outbox batch; True once the CLOUD confirmed it stored it (only then may the outbox drop it), not
+        merely once a broker or proxy has it."""
+        ...
+
+    def take_acked(self) -> list[tuple[int, int]]:
+        """(epoch, seq) of batches the cloud confirmed after `publish_telemetry` stopped waiting; each once."""
         ...
 
     def publish_status(self, status: DeviceStatus, timeout_s: float) -> bool:

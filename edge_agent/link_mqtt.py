@@ -11,9 +11,15 @@ re-subscribes to the device's desired topic, publishes `online` (retained), and 
 the full desired state over HTTP: the cloud's database, not the broker's retained copy, is the source of truth.
 Callbacks run on paho's thread and only hand bytes to the daemon; nothing heavy happens there.
 
-Everything is published at QoS 1 and acknowledged by PUBACK: `publish_reported` (retained), `publish_telemetry` and
-`publish_status` (retained) return True only when the broker has the message, so the outbox deletes a batch only then.
-The topics (`protos/topics.py`) stay in here; the daemon never names one.
+Everything is published at QoS 1. `publish_reported` (retained) and `publish_status` (retained) return True once the
+broker acknowledged (PUBACK): last writer wins, and the next report supersedes a lost one. Telemetry is confirmed end
+to end: `publish_telemetry` returns True only when the CLOUD says it stored the batch, a `TelemetryAck` on the
+device's own `ack` topic that the cloud sends after its database commit. The broker's PUBACK alone only means the
+broker has it (it may yet drop it from a full queue, or the cloud may fail to store it). An ack that comes after
+`publish_telemetry` gave up (the cloud was away and came back) is kept for `take_acked()`, and the outbox drops the
+batch then. A broker that refuses the ack subscription (a device role made before the topic existed, on a broker the
+cloud does not administer) makes `publish_telemetry` answer False at once, so the daemon's HTTP path, whose answer
+is the cloud's own, carries telemetry. The topics (`protos/topics.py`) stay in here; the daemon never names one.
 """
 
 from __future__ import annotations
@@ -30,7 +36,17 @@ from edgefleet.common.backoff import Backoff
 from edgefleet.common.mqtt_client import JitteredClient
 from edgefleet.edge_agent.clock import Clock, SystemClock
 from edgefleet.edge_agent.config import AgentConfig
-from edgefleet.protos.messages import BrokerInfo, DeviceStatus, EnrollResponse, Message, ReportedState, TelemetryBatch
+from edgefleet.protos.messages import (
+    BrokerInfo,
+    DeviceStatus,
+    EnrollResponse,
+    Message,
+    MessageError,
+    ReportedState,
+    TelemetryAck,
+    TelemetryBatch,
+    parse_message,
+)
 from edgefleet.protos.topics import device_client_id, device_topics
 
 log = logging.getLogger(__name__)
@@ -62,6 +78,14 @@ class MqttLink:
         self._on_connected = on_connected
         self._clock = clock or SystemClock()
         self._connected = threading.Event()
+        # Telemetry confirmations: (epoch, seq) -> the event publish_telemetry waits on; acks nobody waits for (late,
+        # or for a batch sent before a restart) go to _late until take_acked() collects them.
+        self._ack_lock = threading.Lock()
+        self._waiting: dict[tuple[int, int], threading.Event] = {}
+        self._late: set[tuple[int, int]] = set()
+        self._refused: dict[tuple[int, int], str] = {}
+        self._ack_mid: int | None = None
+        self._acks_ok: bool | None = None  # None: not known yet (no SUBACK); False: the broker refused the topic
         # A random suffix is not used: one client id per device lets the broker drop a stale session of ours, and the
         # broker binds the device's login to exactly this id.
         backoff = Backoff(retry_initial_s, max(retry_initial_s, retry_max_s), rand=(rand or random.Random()).random)
@@ -76,6 +100,7 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_subscribe = self._handle_subscribe
         self._client = client
         self._started = False
 
@@ -99,6 +124,7 @@ class MqttLink:
             log.warning("MQTT connect refused by %s:%s: %s", self._host, self._port, reason_code)
             return
         client.subscribe(self.topics.desired, qos=1)
+        _rc, self._ack_mid = client.subscribe(self.topics.ack, qos=1)
         # Not publish_status: waiting for a PUBACK here would block the very thread that reads it.
         online = DeviceStatus(device_id=self.device_id, online=True, at=self._clock.now())
         client.publish(self.topics.status, online.to_wire(), qos=1, retain=True)
@@ -113,13 +139,52 @@ class MqttLink:
         self._connected.clear()
         log.info("MQTT disconnected (%s); reconnecting with full-jitter backoff", reason_code)
 
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._ack_mid:
+            return
+        self._acks_ok = not any(rc.is_failure for rc in reason_codes)
+        if not self._acks_ok:
+            log.warning("the MQTT broker refused the telemetry ack topic %s (a device role from before it existed?); "
+                        "telemetry goes over HTTP until the cloud updates the broker's ACL", self.topics.ack)
+
     def _handle_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic == self.topics.ack:
+            self._handle_ack(bytes(msg.payload))
+            return
         if msg.topic != self.topics.desired or not msg.payload:
             return  # an empty retained payload is a clear, not a document
         try:
             self._on_desired(bytes(msg.payload))
         except Exception:
             log.exception("desired-state handler failed")
+
+    def _handle_ack(self, payload: bytes) -> None:
+        try:
+            ack = parse_message(payload, TelemetryAck)
+        except MessageError as exc:
+            log.warning("ignored a malformed telemetry ack: %s", exc)
+            return
+        if ack.device_id != self.device_id:
+            return
+        if ack.refused:
+            log.warning("the cloud refused telemetry batch(es) %s of epoch %d for good (%s); dropping them",
+                        ack.refused[:10], ack.epoch, ack.reason or "no reason given")
+        with self._ack_lock:
+            for seq in [*ack.seqs, *ack.refused]:
+                key = (ack.epoch, seq)
+                if seq in ack.refused:
+                    self._refused[key] = ack.reason
+                event = self._waiting.get(key)
+                if event is not None:
+                    event.set()
+                else:
+                    self._late.add(key)
+
+    def take_acked(self) -> list[tuple[int, int]]:
+        """(epoch, seq) of batches the cloud confirmed (or refused for good) while nobody waited; each once."""
+        with self._ack_lock:
+            out, self._late = sorted(self._late), set()
+            return out
 
     # daemon side -------------------------------------------------------------------------------------------------
 
@@ -143,7 +208,26 @@ class MqttLink:
         return self._publish_wait(self.topics.reported, report, retain=True, timeout_s=timeout_s)
 
     def publish_telemetry(self, batch: TelemetryBatch, timeout_s: float) -> bool:
-        return self._publish_wait(self.topics.telemetry, batch, timeout_s=timeout_s)
+        """True once the cloud confirmed it stored the batch (or refused it for good), within `timeout_s`."""
+        if not self.connected or self._acks_ok is False:
+            return False
+        key = (batch.epoch, batch.seq)
+        event = threading.Event()
+        with self._ack_lock:
+            if key in self._late:  # confirmed already (a copy sent earlier was stored)
+                self._late.discard(key)
+                return True
+            self._waiting[key] = event
+        try:
+            deadline = self._clock.monotonic() + timeout_s
+            if not self._publish_wait(self.topics.telemetry, batch, timeout_s=timeout_s):
+                return False
+            return event.wait(max(0.0, deadline - self._clock.monotonic()))
+        finally:
+            with self._ack_lock:
+                self._waiting.pop(key, None)
+                if event.is_set():
+                    self._late.discard(key)
 
     def publish_status(self, status: DeviceStatus, timeout_s: float) -> bool:
         return self._publish_wait(self.topics.status, status, retain=True, timeout_s=timeout_s)

@@ -17,7 +17,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from edgefleet.cloud.api.deps import AdminDep, DeviceOrAdminDep, EnrollDep, FleetDep, check_own_device
 from edgefleet.cloud.api.handlers import error_responses
-from edgefleet.cloud.errors import Invalid, Refused, TooLarge
+from edgefleet.cloud.errors import Invalid, RateLimited, Refused, TooLarge
 from edgefleet.protos.api import DeviceView
 from edgefleet.protos.messages import (
     EnrollRequest,
@@ -113,10 +113,14 @@ async def reported(device_id: str, request: Request, fleet: FleetDep, who: Devic
 
 @router.post("/devices/{device_id}/telemetry", status_code=204, openapi_extra=_json_body(TelemetryBatch))
 async def telemetry(device_id: str, request: Request, fleet: FleetDep, who: DeviceOrAdminDep) -> Response:
-    """HTTP fallback for a telemetry batch (the device's own token only); a seq already stored is ignored."""
+    """HTTP fallback for a telemetry batch (the device's own token only): 204 once stored (or stored before: an
+    (epoch, seq) is stored once); 429 past the device's rate, nothing stored."""
     check_own_device(who, _device_id(device_id), admin_allowed=False)
     msg = await _admit(request, fleet, "telemetry", TelemetryBatch, device_id)
-    await run_in_threadpool(fleet.record_telemetry, msg)
+    if await run_in_threadpool(fleet.record_telemetry, msg) == "rate_limited":
+        raise RateLimited(f"device {msg.device_id!r} sent more than its telemetry rate "
+                          f"(telemetry_device_windows_per_s = {fleet.settings.telemetry_device_windows_per_s:g}); "
+                          "nothing was stored: send the batch again later")
     return Response(status_code=204)
 
 

@@ -68,6 +68,7 @@ class MemoryLink:
         self.statuses: list[DeviceStatus] = []
         self.unacked: list[Any] = []  # published while up, never acknowledged
         self.timeouts: list[float] = []  # the timeout_s of every publish
+        self.late_acks: list[tuple[int, int]] = []  # (epoch, seq) the cloud confirmed after the publish gave up
         self._on_desired: Callable[[bytes], None] | None = None
         self._on_connected: Callable[[], None] | None = None
         self.enrollment: EnrollResponse | None = None
@@ -100,6 +101,10 @@ class MemoryLink:
 
     def publish_status(self, status: DeviceStatus, timeout_s: float) -> bool:
         return self._publish(self.statuses, status, timeout_s)
+
+    def take_acked(self) -> list[tuple[int, int]]:
+        out, self.late_acks = self.late_acks, []
+        return out
 
     def _publish(self, into: list, msg: Any, timeout_s: float) -> bool:
         self.timeouts.append(timeout_s)

@@ -10,7 +10,14 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.edge_agent.link_mqtt import MqttLink
-from edgefleet.protos.messages import BrokerInfo, DeviceStatus, ReportedState, TelemetryBatch, parse_message
+from edgefleet.protos.messages import (
+    BrokerInfo,
+    DeviceStatus,
+    ReportedState,
+    TelemetryAck,
+    TelemetryBatch,
+    parse_message,
+)
 from edgefleet.protos.topics import device_topics
 from tests.harness import Mosquitto, free_port, wait_for
 
@@ -37,6 +44,21 @@ class Watcher:
         self.client.loop_stop()
 
 
+class CloudStandIn(Watcher):
+    """Plays the cloud's part of the telemetry protocol: an ack for every batch it sees, while `answer`."""
+
+    def __init__(self, broker, topics):
+        self.answer = True
+        self.topics = topics
+        super().__init__(broker, topics.telemetry, client_id="cloud-stand-in")
+
+    def _on_message(self, client, userdata, msg):
+        batch = parse_message(bytes(msg.payload), TelemetryBatch)
+        if self.answer:
+            ack = TelemetryAck(device_id=batch.device_id, epoch=batch.epoch, seqs=[batch.seq])
+            client.publish(self.topics.ack, ack.to_wire(), qos=1)
+
+
 def _link(broker, received, connects, device="dev-1"):
     info = BrokerInfo(host=broker.host, port=broker.port, topic_prefix="t", keepalive_s=5)
     return MqttLink(info, device, on_desired=received.append, on_connected=lambda: connects.append(1),
@@ -57,8 +79,25 @@ def test_desired_delivery_status_and_puback(mosquitto):
         watcher.client.publish(topics.desired, b"", qos=1)  # a clear: not handed on
         wait_for(lambda: received == [b'{"kind":"x"}'], 5, what="desired payload")
         batch = TelemetryBatch(device_id="dev-1", seq=1, windows=[], sent_at=datetime.now(timezone.utc))
-        assert link.publish_telemetry(batch, 10) is True
+        wait_for(lambda: link._acks_ok, 5, what="the ack subscription")
+        # The broker has it (PUBACK) but no cloud confirmed storing it: not acknowledged, it stays in the outbox.
+        assert link.publish_telemetry(batch, 0.5) is False
         wait_for(lambda: any(t == topics.telemetry for t, _, _ in watcher.messages), 5, what="telemetry seen")
+        # The cloud stores it later (it was away) and says so: the confirmation is kept for the outbox.
+        ack = TelemetryAck(device_id="dev-1", epoch=0, seqs=[1])
+        watcher.client.publish(topics.ack, ack.to_wire(), qos=1)
+        wait_for(lambda: link.take_acked() == [(0, 1)], 5, what="the late ack")
+        assert link.take_acked() == []  # each once
+        # A cloud that answers: True only on its ack, and only for this (epoch, seq).
+        cloud = CloudStandIn(mosquitto, topics)
+        try:
+            assert link.publish_telemetry(batch.model_copy(update={"seq": 2}), 10) is True
+            other_device = TelemetryAck(device_id="dev-9", epoch=0, seqs=[3]).to_wire()
+            watcher.client.publish(topics.ack, other_device, qos=1)  # not ours (cannot happen through the ACL)
+            cloud.answer = False
+            assert link.publish_telemetry(batch.model_copy(update={"seq": 3}), 0.5) is False
+        finally:
+            cloud.stop()
         report = ReportedState(device_id="dev-1", generation=3, reported_at=datetime.now(timezone.utc))
         assert link.publish_reported(report, 10) is True  # the link picks the topic and retains it
         later = Watcher(mosquitto, topics.reported, client_id="late-watcher")

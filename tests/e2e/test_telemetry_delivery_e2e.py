@@ -1,0 +1,218 @@
+"""Telemetry is never lost and stored once, end to end, while the parts around it die.
+
+1. The cloud (a real `edgefleet-cloud serve` process) is SIGKILLed and restarted 30 times while agents send: every
+   batch is stored exactly once. The broker queues for the cloud's persistent session while it is away, and each
+   agent keeps a batch until the cloud itself confirmed it (its ack on the device's topic, or the HTTP answer).
+2. Chaos: 10,000 windows from many agent processes, 30% of batches sent twice, 50 agent SIGKILLs, the broker
+   restarted, and the database failing for a while (its telemetry table renamed away): exactly 10,000 windows
+   accounted for, every merge (a full outbox folds never-sent windows into coarser ones) counted, and the
+   requests inside them add up exactly.
+
+The senders are tests/e2e/telemetry_sender.py: the agent's real outbox, MQTT link and HTTP fallback in a process of
+their own, fed windows whose numbers the test knows.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+from tests.cloud_server import enroll_device, start_cloud_server
+from tests.e2e.telemetry_sender import requests_in
+from tests.harness import Mosquitto, free_port, wait_for
+
+SENDER = [sys.executable, "-m", "tests.e2e.telemetry_sender"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def expected_requests(n_windows: int) -> int:
+    return sum(requests_in(i) for i in range(n_windows))
+
+
+class Sender:
+    def __init__(self, root: Path, enrollment_json: bytes, device_id: str, args: list[str]) -> None:
+        self.dir = root / device_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.enrollment = self.dir / "enrollment.json"
+        self.enrollment.write_bytes(enrollment_json)
+        self.args = args
+        self.proc: subprocess.Popen | None = None
+        self.log = self.dir / "sender.log"
+
+    def start(self) -> Sender:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([*SENDER, str(self.enrollment), str(self.dir), *self.args], cwd=ROOT,
+                                         stdout=log, stderr=log)
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def done(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def check(self) -> None:
+        assert self.proc is not None and self.proc.returncode == 0, self.log.read_text()[-3000:]
+
+
+class CloudProcess:
+    """`edgefleet-cloud serve` on a fixed port and data dir, against an outside broker; killed by its PID."""
+
+    def __init__(self, data_dir: Path, mqtt_port: int) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "EDGEFLEET_MQTT_HOST": "127.0.0.1", "EDGEFLEET_MQTT_PORT": str(mqtt_port),
+                    "EDGEFLEET_EMBEDDED_BROKER": "never", "EDGEFLEET_MQTT_AUTH": "none",
+                    "EDGEFLEET_PUBLIC_URL": self.url, "EDGEFLEET_MQTT_RETRY_INITIAL_S": "0.1",
+                    "EDGEFLEET_MQTT_RETRY_MAX_S": "0.5"}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> CloudProcess:
+        with open(self.data_dir.parent / "cloud.log", "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgefleet.cloud.main", "serve", "--data-dir",
+                                          str(self.data_dir), "--port", str(self.port), "--log-level", "warning"],
+                                         env=self.env, cwd=ROOT, stdout=log, stderr=log)
+        wait_for(self._healthy, 30, what="the cloud to answer /healthz")
+        return self
+
+    def _healthy(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, "the cloud exited"
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def stored(db_url: str) -> dict[str, dict[str, int]]:
+    """Per device: batches, windows, the windows merges absorbed, and requests, as the database has them."""
+    engine = sa.create_engine(db_url)
+    try:
+        with engine.connect() as c:
+            batches = {r[0]: (int(r[1]), int(r[2] or 0), int(r[3] or 0)) for r in c.execute(sa.text(
+                "SELECT device_id, count(*), sum(CASE WHEN merged_windows = 0 THEN windows ELSE 0 END), "
+                "sum(merged_windows) FROM telemetry_batches GROUP BY device_id"))}
+            windows = {r[0]: (int(r[1]), int(r[2] or 0)) for r in c.execute(sa.text(
+                'SELECT device_id, count(*), sum("count") FROM telemetry_windows GROUP BY device_id'))}
+    finally:
+        engine.dispose()
+    return {d: {"batches": b[0], "original_windows": b[1] + b[2], "merged_away": b[2],
+                "windows": windows.get(d, (0, 0))[0], "requests": windows.get(d, (0, 0))[1]}
+            for d, b in batches.items()}
+
+
+def test_every_batch_is_stored_exactly_once_across_30_cloud_sigkills(tmp_path):
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    cloud = CloudProcess(tmp_path / "cloud", broker.port).start()
+    senders: list[Sender] = []
+    n_windows, per_batch = 200, 5
+    try:
+        admin_token = (cloud.data_dir / "admin.token").read_text().strip()
+        with httpx.Client(base_url=cloud.url, headers={"Authorization": f"Bearer {admin_token}"}) as admin:
+            for i in range(3):
+                enrollment = enroll_device(admin, f"sender-{i}")
+                senders.append(Sender(tmp_path / "senders", enrollment.to_wire(), enrollment.device_id,
+                                      ["--windows", str(n_windows), "--per-batch", str(per_batch),
+                                       "--interval-s", "0.1"]).start())
+        rand = random.Random(30)
+        for _ in range(30):
+            time.sleep(rand.uniform(0.2, 1.0))
+            cloud.kill()
+            time.sleep(rand.uniform(0.0, 0.5))  # away: the broker queues for the cloud's session
+            cloud.start()
+        wait_for(lambda: all(s.done() for s in senders), 180, what="every sender to have its batches confirmed")
+        for s in senders:
+            s.check()
+        got = stored(f"sqlite:///{cloud.data_dir / 'edgefleet.db'}")
+        for s in senders:
+            device = got[s.dir.name]
+            assert device["merged_away"] == 0  # the outbox never filled
+            assert device == {"batches": n_windows // per_batch, "original_windows": n_windows, "merged_away": 0,
+                              "windows": n_windows, "requests": expected_requests(n_windows)}, s.dir.name
+    finally:
+        for s in senders:
+            s.kill()
+        cloud.kill()
+        broker.stop()
+
+
+def test_chaos_10000_windows_resent_killed_broker_restarted_database_failing(tmp_path, pg_url):
+    broker = Mosquitto(tmp_path / "mosquitto").start()
+    cloud = start_cloud_server(tmp_path / "cloud", db_url=pg_url, mqtt=(broker.host, broker.port))
+    n_senders, n_windows, per_batch = 10, 1000, 10
+    senders: list[Sender] = []
+    rand = random.Random(10_000)
+    engine = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with cloud.client(cloud.admin_token) as admin:
+            for i in range(n_senders):
+                enrollment = enroll_device(admin, f"chaos-{i}")
+                # Half of them get an outbox of about three batches: outages fill it, and merges must be counted.
+                small = ["--max-bytes", "12000"] if i % 2 else []
+                senders.append(Sender(tmp_path / "senders", enrollment.to_wire(), enrollment.device_id,
+                                      ["--windows", str(n_windows), "--per-batch", str(per_batch), "--resend",
+                                       "0.3", "--interval-s", "0.05", *small]).start())
+        kills = 0
+        started = time.monotonic()
+        broker_restarted = database_failed = False
+        while kills < 50:
+            time.sleep(rand.uniform(0.05, 0.3))
+            victim = rand.choice([s for s in senders if not s.done()] or senders)
+            if not victim.done():
+                victim.kill()
+                victim.start()
+                kills += 1
+            elapsed = time.monotonic() - started
+            if not broker_restarted and elapsed > 2:
+                broker.stop()
+                time.sleep(1.5)
+                broker.start()
+                broker_restarted = True
+            if not database_failed and elapsed > 5:
+                with engine.connect() as c:
+                    c.execute(sa.text("ALTER TABLE telemetry_windows RENAME TO telemetry_windows_away"))
+                time.sleep(3)
+                with engine.connect() as c:
+                    c.execute(sa.text("ALTER TABLE telemetry_windows_away RENAME TO telemetry_windows"))
+                database_failed = True
+        assert broker_restarted and database_failed
+        for s in senders:  # a sender killed after it finished was restarted and exits at once
+            if s.done() and s.proc is not None and s.proc.returncode != 0:
+                s.start()
+        wait_for(lambda: all(s.done() for s in senders), 240, what="every sender to have its batches confirmed")
+        for s in senders:
+            s.check()
+        got = stored(pg_url)
+        total_windows = sum(d["original_windows"] for d in got.values())
+        assert total_windows == n_senders * n_windows  # exactly 10,000: none lost, none twice
+        for s in senders:
+            device = got[s.dir.name]
+            assert device["original_windows"] == n_windows, (s.dir.name, device)
+            assert device["requests"] == expected_requests(n_windows), (s.dir.name, device)
+        counters = cloud.fleet.stats().counters
+        merged = sum(d["merged_away"] for d in got.values())
+        assert merged > 0, "no outbox ever filled: the merge policy was not exercised"
+        assert counters.get("telemetry_merged_windows", 0) == merged
+        assert counters.get("ingest_errors", 0) > 0  # the database did fail, and was retried
+        assert counters.get("telemetry_replayed", 0) > 0  # resent batches were stored once
+    finally:
+        for s in senders:
+            s.kill()
+        engine.dispose()
+        cloud.stop()
+        broker.stop()
