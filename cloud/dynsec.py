@@ -37,7 +37,7 @@ from edgefleet.cloud.errors import CloudError, Conflict, Unavailable
 from edgefleet.cloud.mqtt_accounts import CloudLogin, device_publish_topics, device_subscribe_filters
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.mqtt_client import JitteredClient
-from edgefleet.protos.topics import cloud_subscriptions, device_client_id
+from edgefleet.protos.topics import BROKER_DROPPED_TOPIC, cloud_subscriptions, device_client_id
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ def cloud_role_acls(prefix: str) -> list[dict[str, Any]]:
     for topic in cloud_subscriptions(prefix):
         acls += [{"acltype": "subscribePattern", "topic": topic, "allow": True},
                  {"acltype": "publishClientReceive", "topic": topic, "allow": True}]
+    # The broker's drop counter (cloud/mqtt_bridge.py BROKER_DROPPED_TOPIC), read-only.
+    acls += [{"acltype": "subscribeLiteral", "topic": BROKER_DROPPED_TOPIC, "allow": True},
+             {"acltype": "publishClientReceive", "topic": BROKER_DROPPED_TOPIC, "allow": True}]
     return acls
 
 

@@ -67,7 +67,7 @@ from edgefleet.protos.messages import (
     parse_message,
 )
 from edgefleet.protos.telemetry import MAX_ACK_SEQS
-from edgefleet.protos.topics import cloud_subscriptions, device_topics, parse_topic
+from edgefleet.protos.topics import BROKER_DROPPED_TOPIC, cloud_subscriptions, device_topics, parse_topic
 
 if TYPE_CHECKING:
     from edgefleet.cloud.services import Fleet
@@ -264,6 +264,7 @@ class MqttBridge:
         self._connection += 1
         # A kept session keeps its subscriptions too; subscribing again is harmless and covers a new broker.
         _rc, self._subscribe_mid = client.subscribe([(topic, _QOS) for topic in cloud_subscriptions(self.prefix)])
+        client.subscribe(BROKER_DROPPED_TOPIC, 0)  # best effort: a broker without it, or an ACL, refuses; fine
         log.info("connected to MQTT broker %s:%d (session %s); subscribing", self.host, self.port,
                  "resumed" if getattr(flags, "session_present", False) else "new")
 
@@ -287,9 +288,27 @@ class MqttBridge:
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         # Nothing heavy here: this thread also answers pings. The workers check, store and acknowledge.
+        if msg.topic == BROKER_DROPPED_TOPIC:
+            self._broker_dropped(bytes(msg.payload))
+            return
         item = _Inbound(msg.topic, bytes(msg.payload), msg.mid, msg.qos, self._connection)
         where = parse_topic(self.prefix, msg.topic)
         (self._telemetry if where is not None and where[1] == "telemetry" else self._control).put(item)
+
+    def _broker_dropped(self, payload: bytes) -> None:
+        try:
+            value = int(payload.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            return
+        if value != self.counters.get("broker_dropped_messages", -1):
+            self.counters["broker_dropped_messages"] = value
+            if value > 0:
+                log.warning("the MQTT broker reports %d message(s) dropped since it started (a full queue?); "
+                            "agents resend what the cloud never confirmed", value)
+            try:
+                self.fleet.store.set_gauge("broker_dropped_messages", value)
+            except Exception:
+                log.warning("could not store the broker's drop count", exc_info=True)
 
     def _ack(self, item: _Inbound) -> None:
         if item.qos == 0 or item.connection != self._connection:

@@ -86,6 +86,13 @@ class Store(JobStoreMixin, MqttCredentialStoreMixin, TelemetryStoreMixin):
         with self._tx() as s:
             s.execute(stmt)
 
+    def set_gauge(self, name: str, value: int) -> None:
+        """A figure read from elsewhere (the broker's own drop count), kept beside the counters as it was read."""
+        stmt = self._insert(Counter).values(name=name, value=value)
+        stmt = stmt.on_conflict_do_update(index_elements=[Counter.name], set_={"value": value})
+        with self._tx() as s:
+            s.execute(stmt)
+
     def counters(self) -> dict[str, int]:
         with self._tx() as s:
             return {name: int(value) for name, value in s.execute(select(Counter.name, Counter.value))}

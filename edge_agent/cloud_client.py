@@ -18,7 +18,14 @@ from typing import Protocol
 
 import httpx
 
-from edgefleet.edge_agent.errors import AgentError, BundleError, CloudUnavailable, EnrollError, EnrollmentRefused
+from edgefleet.edge_agent.errors import (
+    AgentError,
+    BundleError,
+    CloudUnavailable,
+    EnrollError,
+    EnrollmentRefused,
+    MessageRefused,
+)
 from edgefleet.protos.messages import (
     EnrollRequest,
     EnrollResponse,
@@ -131,6 +138,8 @@ class CloudClient:
 
     def _post_json(self, path: str, body: bytes) -> None:
         resp = self._request("POST", path, content=body, headers={"Content-Type": "application/json"})
+        if resp.status_code == 422:
+            raise MessageRefused(f"POST {path} refused for good (422): {_server_message(resp)}")
         if resp.status_code >= 300:
             raise AgentError(f"POST {path} refused ({resp.status_code}): {_server_message(resp)}")
 

@@ -62,6 +62,13 @@ class EnrollmentRefused(EnrollError):
     reason = "enrollment_refused"
 
 
+class MessageRefused(AgentError):
+    """The cloud read the message and refused it for good (HTTP 422: outside the contract's limits, or garbage):
+    sending it again cannot succeed."""
+
+    reason = "message_refused"
+
+
 class CloudUnavailable(AgentError):
     reason = "cloud_unavailable"
 

@@ -19,7 +19,7 @@ import logging
 from edgefleet.edge_agent.clock import Clock
 from edgefleet.edge_agent.cloud_client import CloudApi
 from edgefleet.edge_agent.config import AgentConfig
-from edgefleet.edge_agent.errors import AgentError, CloudUnavailable
+from edgefleet.edge_agent.errors import AgentError, CloudUnavailable, MessageRefused
 from edgefleet.edge_agent.link import CloudLink
 from edgefleet.edge_agent.outbox import Outbox
 from edgefleet.protos.limits import MAX_ERROR_CHARS
@@ -75,6 +75,7 @@ class LinkOrHttp:
         self.desired_poll_s = desired_poll_s
         self.link: CloudLink | None = None  # set by the daemon once enrolled
         self._last_fetch: float | None = None  # monotonic time of the last desired-state fetch over HTTP
+        self.refused_batches = 0  # telemetry batches the cloud refused for good (422), dropped, since start
 
     @classmethod
     def from_config(cls, config: AgentConfig, client: CloudApi, clock: Clock) -> LinkOrHttp:
@@ -117,6 +118,12 @@ class LinkOrHttp:
             return True
         try:
             self.client.post_telemetry(batch)
+        except MessageRefused as exc:
+            # Sending it again cannot succeed, and keeping it would hold every newer batch behind it. The cloud
+            # counted the refusal (refused_telemetry_*); here it is counted and logged, never silent.
+            self.refused_batches += 1
+            log.error("the cloud refused telemetry batch %d for good; dropped it: %s", batch.seq, exc)
+            return True
         except AgentError as exc:
             log.debug("telemetry batch %d stays in the outbox: %s", batch.seq, exc)
             return False

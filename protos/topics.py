@@ -50,6 +50,11 @@ def device_client_id(device_id: str) -> str:
     return f"edgefleet-agent-{device_id}"
 
 
+# Mosquitto's count of messages it dropped since it started (a full queue for an absent client, among others),
+# published every sys_interval; the cloud reads it for `fleet stats`. Other brokers may lack it.
+BROKER_DROPPED_TOPIC = "$SYS/broker/publish/messages/dropped"
+
+
 def cloud_subscriptions(prefix: str) -> list[str]:
     """What the cloud subscribes to: every device's agent-to-cloud channels."""
     p = prefix.rstrip("/")

@@ -93,6 +93,7 @@ class Mosquitto:
     dynsec: bool = False
     admin_username: str = "edgefleet-cloud"
     admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    extra_config: str = ""  # more mosquitto.conf lines (e.g. "sys_interval 1\n")
 
     def cloud_settings(self) -> dict[str, Any]:
         """The `start_cloud_server` settings that make the cloud this broker's dynsec admin."""
@@ -126,6 +127,7 @@ class Mosquitto:
             "log_dest stderr\n"
             "log_type error\n"
             "log_type warning\n"
+            + self.extra_config
         )
         log = open(self.workdir / "mosquitto.log", "ab")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=log)

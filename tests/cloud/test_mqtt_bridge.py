@@ -332,3 +332,24 @@ def test_inside_the_real_cloud_desired_goes_out_and_garbage_shows_in_stats(tmp_p
                  what="the three malformed messages to be counted")
     finally:
         cloud.stop()
+
+
+def test_a_broker_that_drops_for_a_full_queue_shows_it_in_the_stats(tmp_path):
+    """Mosquitto drops what it queued for an absent client past max_queued_messages, after PUBACKing the sender.
+    The cloud reads the broker's own drop counter into `fleet stats` (agents resend what was never confirmed)."""
+    broker = Mosquitto(tmp_path / "small-queue", extra_config="sys_interval 1\nmax_queued_messages 20\n").start()
+    try:
+        cloud = start_cloud_server(tmp_path / "cloud", mqtt=(broker.host, broker.port))
+        try:
+            cloud.runtime.bridge.stop()  # away; its session stays on the broker
+            device = MqttProbe(broker.host, broker.port)
+            for seq in range(60):
+                device.publish(f"{PREFIX}/devices/dev-x/telemetry", batch("dev-x", seq))
+            device.stop()
+            cloud.runtime.bridge.start()
+            wait_for(lambda: cloud.fleet.stats().counters.get("broker_dropped_messages", 0) >= 40, 15,
+                     what="the broker's drop count in the stats")
+        finally:
+            cloud.stop()
+    finally:
+        broker.stop()

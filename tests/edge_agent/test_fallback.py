@@ -87,3 +87,49 @@ def test_a_report_that_fits_goes_out_unchanged():
     small = report([failed(1, "smoke test failed: output 'y' differs by 3.2")], last_error="x" * MAX_ERROR_CHARS)
     assert fit_report(small) is small
     assert sent_over(True, small) == small
+
+
+class TelemetryPosts:
+    """The HTTP side for telemetry: refuses for good (422) the seqs in `refuse`, is unreachable while `down`."""
+
+    def __init__(self, refuse: set[int], down: bool = False) -> None:
+        self.refuse, self.down, self.stored = refuse, down, []
+
+    def post_telemetry(self, msg) -> None:
+        from edgefleet.edge_agent.errors import CloudUnavailable, MessageRefused
+
+        if self.down:
+            raise CloudUnavailable("cannot reach the cloud")
+        if msg.seq in self.refuse:
+            raise MessageRefused("POST refused for good (422): out_of_range")
+        self.stored.append(msg.seq)
+
+
+def test_a_batch_refused_for_good_is_dropped_and_counted_not_left_to_block_the_outbox(tmp_path):
+    from edgefleet.edge_agent.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "outbox", 1 << 20)
+    for _ in range(3):
+        outbox.add("dev-1", [], NOW)
+    posts = TelemetryPosts(refuse={1})
+    path = LinkOrHttp(posts, SystemClock(), ack_timeout_s=0.01, desired_poll_s=60)  # type: ignore[arg-type]
+    assert path.send_outbox(outbox) == 3
+    assert posts.stored == [0, 2] and len(outbox) == 0 and path.refused_batches == 1
+
+
+def test_a_cloud_that_cannot_be_reached_keeps_every_batch_and_a_late_ack_drains_one(tmp_path):
+    from edgefleet.edge_agent.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "outbox", 1 << 20)
+    batches = [outbox.add("dev-1", [], NOW) for _ in range(3)]
+    path = LinkOrHttp(TelemetryPosts(set(), down=True), SystemClock(), ack_timeout_s=0.01,  # type: ignore[arg-type]
+                      desired_poll_s=60)
+    link = MemoryLink(ack=False)
+    link.start()
+    path.link = link
+    assert path.send_outbox(outbox) == 0 and len(outbox) == 3  # the broker took it, no one confirmed: kept
+    link.late_acks.append((batches[0].epoch, batches[0].seq))  # the cloud came back and stored the first
+    assert path.send_outbox(outbox) == 0 and [b.seq for b in outbox.pending()] == [1, 2]
+    link.late_acks.append((batches[0].epoch + 1, 1))  # an ack for another epoch names another batch: ignored
+    path.send_outbox(outbox)
+    assert [b.seq for b in outbox.pending()] == [1, 2]
