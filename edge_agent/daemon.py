@@ -177,10 +177,45 @@ class Agent:
     # -- enrollment ---------------------------------------------------------------------------------------------------
 
     def _set_meter(self, enrollment: EnrollResponse) -> None:
+        """Pick the energy meter once the device class is known (meters/detect.py: the configured one, or the first
+        that reads) and hand it to inference and telemetry. A meter that cannot read (no sensor, permission denied)
+        falls back with the reason and its fix logged, never a crash. The same class again keeps the meter."""
+        from edgefleet.edge_agent.meters import MeterPermissionDenied, choose_meter, is_window_meter
+        from edgefleet.edge_agent.meters.attribution import MIN_MEASURED_WINDOW_S
+
         cls = enrollment.device_class
-        active = self.config.energy.active_watts or cls.active_watts
-        idle = self.config.energy.idle_watts if self.config.energy.idle_watts is not None else cls.idle_watts
-        self.service.meter = ModelledMeter(active, idle)
+        energy = self.config.energy
+        key = (cls.name, cls.active_watts, cls.idle_watts, tuple(cls.execution_providers))
+        if getattr(self, "_meter_key", None) == key:
+            return
+        active = energy.active_watts or cls.active_watts
+        idle = energy.idle_watts if energy.idle_watts is not None else cls.idle_watts
+        choice = choose_meter(energy, active_watts=active, idle_watts=idle,
+                              execution_providers=cls.execution_providers)
+        meter = choice.meter
+        for name, why in choice.tried:
+            # Under "auto" a sensor this board lacks is expected; a named meter missing or a permission problem is
+            # something to fix.
+            loud = energy.meter != "auto" or isinstance(why, MeterPermissionDenied)
+            log.log(logging.WARNING if loud else logging.INFO, "energy meter %s not used: %s", name, why)
+        if isinstance(meter, ModelledMeter):
+            idle_w: float | None = meter.idle_watts
+        elif energy.idle_watts is not None:
+            idle_w = energy.idle_watts
+        else:  # the class's idle watts are a whole-device figure: subtracted only from a whole-board meter's energy
+            idle_w = cls.idle_watts if getattr(meter, "scope", "") == "board" else None
+        if is_window_meter(meter) and self.config.telemetry.window_s < MIN_MEASURED_WINDOW_S:
+            log.warning("telemetry.window_s = %g s is shorter than %g s: measured energy per window may be off by "
+                        "up to 2 x tick / window of its power swing; use windows of a few seconds or more",
+                        self.config.telemetry.window_s, MIN_MEASURED_WINDOW_S)
+        previous = self.service.meter
+        self.service.meter = meter
+        self.telemetry.attach_meter(meter, self.clock.now(), idle_w=idle_w)
+        if previous is not meter and hasattr(previous, "close"):
+            previous.close()  # a sampled meter's thread stops with it
+        self._meter_key = key
+        log.info("energy meter: %s (%s, %s)%s", meter.name, meter.source, getattr(meter, "method", "") or "-",
+                 f": {meter.label}" if getattr(meter, "label", "") else "")
 
     def connect(self) -> bool:
         """Enroll (with back-off) and start the link; False when stopped first."""
@@ -451,4 +486,9 @@ def status_summary(agent: Agent) -> dict[str, Any]:
         "installs": {k: v.phase for k, v in state.installs.items()},
         "failed": {k: v.error for k, v in state.failed.items()},
         "outbox_batches": len(agent.telemetry.outbox),
+        # Telemetry that did not go as sent, counted, never silent: windows a full outbox merged into coarser
+        # ones or (last resort) dropped, and batches the cloud refused for good.
+        "outbox_merged_windows": agent.telemetry.outbox.merged_total,
+        "outbox_dropped_windows": agent.telemetry.outbox.dropped_total,
+        "telemetry_refused_batches": agent.link_or_http.refused_batches,
     }

@@ -105,8 +105,11 @@ class LinkOrHttp:
             for epoch, seq in self.link.take_acked():
                 outbox.ack(seq, epoch=epoch)
         sent = 0
-        for batch in outbox.pending():
-            outbox.mark_attempted(batch.seq)
+        for pending in outbox.pending():
+            # What mark_attempted returns is what goes out: a merge may have replaced the listed copy meanwhile.
+            batch = outbox.mark_attempted(pending.seq, pending.epoch)
+            if batch is None:
+                continue  # merged into another or acked meanwhile
             if not self._send_batch(batch):
                 break  # keep order: this one and the newer ones go on a later tick
             outbox.ack(batch.seq, epoch=batch.epoch)

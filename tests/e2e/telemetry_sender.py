@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch = outbox.add(device_id, [window(i) for i in range(first, min(first + args.per_batch,
                                                                                    args.windows))], clock.now())
                 if args.resend and rand.random() < args.resend and link.connected:
-                    outbox.mark_attempted(batch.seq)  # from here the cloud may hold it: never merged
+                    outbox.mark_attempted(batch.seq, batch.epoch)  # from here the cloud may hold it: never merged
                     link._client.publish(link.topics.telemetry, batch.to_wire(), qos=1)  # a duplicate, raw
             sender.send_outbox(outbox)
             if produced >= args.windows and len(outbox) == 0:

@@ -59,47 +59,6 @@ def test_windows_close_on_time_with_stats(tmp_path):
     assert batch2.seq == batch.seq + 1 and batch2.windows[0].energy_source == "none"
 
 
-def test_outbox_survives_restart_and_drains_on_ack(tmp_path):
-    tel = make(tmp_path)
-    for n in range(3):
-        tel.record("m", 1, 1.0, T0 + timedelta(seconds=60 * n))
-    batches = tel.flush(T0 + timedelta(seconds=60 * 3))
-    assert [b.seq for b in batches] == [0]  # one flush, one batch of three windows
-    tel.record("m", 1, 1.0, T0 + timedelta(seconds=200))
-    tel.flush(T0 + timedelta(seconds=300))
-    outbox = Outbox(tmp_path / "outbox", 1 << 20)  # restart
-    pending = outbox.pending()
-    assert [b.seq for b in pending] == [0, 1] and len(pending[0].windows) == 3
-    assert parse_message(pending[0].to_wire(), TelemetryBatch) == pending[0]
-    assert outbox.ack(0) and not outbox.ack(0)
-    assert [b.seq for b in Outbox(tmp_path / "outbox", 1 << 20).pending()] == [1]
-    for seq in (1,):
-        outbox.ack(seq)
-    # seq keeps rising after everything was acknowledged and the process restarted
-    again = Outbox(tmp_path / "outbox", 1 << 20)
-    assert again.add("dev-1", [], T0).seq == 2
-
-
-def test_full_outbox_drops_oldest_and_counts(tmp_path):
-    tel = make(tmp_path, max_bytes=1500)
-    made = []
-    for n in range(8):
-        tel.record("m", 1, 1.0, T0 + timedelta(seconds=60 * n))
-        tel.record("m", 2, 1.0, T0 + timedelta(seconds=60 * n))
-        made += tel.flush(T0 + timedelta(seconds=60 * (n + 1)))
-    outbox = tel.outbox
-    pending = outbox.pending()
-    assert outbox.size_bytes() <= 1500 and 1 <= len(pending) < 8
-    assert [b.seq for b in pending] == [b.seq for b in made[-len(pending):]]  # the OLDEST went
-    # Nothing dropped silently: every window is pending or counted as dropped...
-    assert sum(len(b.windows) for b in pending) + outbox.dropped_total == 16
-    # ...and every drop is reported in some batch's dropped_windows, or waits for the next batch.
-    assert sum(b.dropped_windows for b in made) + outbox.dropped_pending == outbox.dropped_total
-    waiting = outbox.dropped_pending
-    assert waiting > 0 and outbox.add("dev-1", [], T0).dropped_windows == waiting
-    assert Outbox(tmp_path / "outbox", 1500).dropped_pending == 0  # persisted across a restart
-
-
 def test_wild_samples_are_clamped_into_the_contract_so_the_window_still_goes_out(tmp_path):
     # A clock step or a meter glitch once: the window must still be one the cloud accepts, not refused whole.
     tel = make(tmp_path)
@@ -164,3 +123,96 @@ def test_the_inference_service_records_the_leading_dimension_as_rows(tmp_path):
     assert batch_rows({"x": np.zeros((5, 3))}) == 5 and batch_rows({"x": np.float32(1.0)}) == 1
     assert batch_rows({"a": np.zeros((2, 1)), "b": np.zeros((9, 1))}, ["b", "a"]) == 9  # the model's first input
     assert batch_rows({"x": np.zeros((0, 3))}) == 1 and batch_rows({}) == 1
+
+
+# -- measured energy: window meters read at the edges, shared by busy time ----------------------------------------
+
+
+def _rapl_tree(tmp_path):
+    import shutil
+
+    from tests.edge_agent.meters.conftest import FIXTURES
+
+    shutil.copytree(FIXTURES / "intel-x86-rapl", tmp_path / "rapl", symlinks=True)
+    return tmp_path / "rapl" / "sys", tmp_path / "rapl" / "sys" / "class" / "powercap" / "intel-rapl:0" / "energy_uj"
+
+
+def test_a_counter_meter_gives_windows_gross_and_net_energy_shared_by_busy_time(tmp_path):
+    from edgefleet.edge_agent.meters.rapl import RaplMeter
+
+    root, energy_uj = _rapl_tree(tmp_path)
+    base = int(energy_uj.read_text())
+    meter = RaplMeter(root, "package")
+    tel = make(tmp_path)
+    tel.attach_meter(meter, T0 - timedelta(seconds=1), idle_w=0.5)  # read at attach: the window is covered from here
+    energy_uj.write_text(str(base + 1_000_000))  # 1 J by T0 (the edge is interpolated: 1 s before, 1 J)
+    tel.flush(T0)
+    # Window [T0, T0+60): model a 300 ms busy over 30 rows in 3 requests, model b 100 ms over 10 single rows.
+    for _ in range(3):
+        tel.record("a", 1, 100.0, T0 + timedelta(seconds=5), energy_source="measured", energy_meter="rapl", rows=10)
+    for _ in range(10):
+        tel.record("b", 2, 10.0, T0 + timedelta(seconds=6), energy_source="measured", energy_meter="rapl")
+    tel.record("b", 2, 5.0, T0 + timedelta(seconds=7), ok=False)  # failed: no share
+    energy_uj.write_text(str(base + 1_000_000 + 40_000_000))  # 40 J over the 60 s window
+    assert tel.flush(T0 + timedelta(seconds=59)) == []
+    [batch] = tel.flush(T0 + timedelta(seconds=60))
+    a, b = parse_message(batch.to_wire(), TelemetryBatch).windows  # the contract accepts them
+    # 40 J: a has 0.3 / 0.4 of the busy time (30 J), b 0.1 / 0.4 (10 J). Net: 40 - 0.5 W x 60 s = 10 J.
+    assert a.row_mj == pytest.approx(30_000 / 30) and a.mean_mj == pytest.approx(30_000 / 3)
+    assert b.row_mj == pytest.approx(10_000 / 10) and b.mean_mj == pytest.approx(10_000 / 10)
+    assert a.row_net_mj == pytest.approx(7_500 / 30) and b.row_net_mj == pytest.approx(2_500 / 10)
+    for w in (a, b):
+        assert (w.energy_source, w.energy_meter, w.energy_method, w.energy_hz, w.idle_w) == (
+            "measured", "rapl", "counter", None, 0.5)
+
+
+def test_a_sampled_meter_labels_its_rate_and_a_failed_read_costs_only_those_windows(tmp_path):
+    from edgefleet.edge_agent.meters import CumulativeMeter, MeterReadError
+
+    class Scripted(CumulativeMeter):
+        """A window meter whose cumulative joules a test sets; `None` fails the next read."""
+
+        name, method, scope, hz = "ina3221", "sampled", "board", 10.0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.joules: float | None = 0.0
+
+        def _read_j(self) -> float:
+            if self.joules is None:
+                raise MeterReadError("ina3221: sensor gone")
+            return self.joules
+
+    meter = Scripted()
+    tel = make(tmp_path)
+    tel.attach_meter(meter, T0)  # no idle watts known: no net figure
+    tel.record("m", 1, 20.0, T0 + timedelta(seconds=1), energy_source="measured", energy_meter="ina3221", rows=4)
+    meter.joules = 12.0
+    [batch] = tel.flush(T0 + timedelta(seconds=60))
+    [w] = parse_message(batch.to_wire(), TelemetryBatch).windows
+    assert (w.energy_method, w.energy_hz, w.row_mj, w.mean_mj, w.row_net_mj, w.idle_w) == (
+        "sampled", 10.0, pytest.approx(3_000.0), pytest.approx(12_000.0), None, None)
+    tel.record("m", 1, 20.0, T0 + timedelta(seconds=61), energy_source="measured", energy_meter="ina3221")
+    meter.joules = None  # the closing read fails: that window has no figure, labelled "none", and still goes out
+    [batch] = tel.flush(T0 + timedelta(seconds=120))
+    [w] = parse_message(batch.to_wire(), TelemetryBatch).windows
+    assert (w.count, w.energy_source, w.mean_mj, w.row_mj, w.energy_method) == (1, "none", None, None, "")
+    assert tel.meter_read_errors == 1
+
+
+def test_the_modelled_meter_keeps_its_per_request_meaning_with_a_net_figure(tmp_path):
+    installer = kit.install_direct(tmp_path / "models", version=1, tmp=tmp_path)
+    tel = make(tmp_path)
+    meter = ModelledMeter(active_watts=4.0, idle_watts=1.0)
+    tel.attach_meter(meter, T0, idle_w=meter.idle_watts)
+    service = InferenceService(installer, meter=meter, telemetry=tel, clock=lambda: T0)
+    service.load_active()
+    body = {"inputs": [{"name": "x", "shape": [8, 3], "datatype": "FP32", "data": [0.5] * 24}]}
+    latencies = [service.infer("digits", InferRequest.model_validate(body)).parameters["latency_ms"]
+                 for _ in range(3)]
+    [batch] = tel.flush(T0 + timedelta(seconds=60))
+    [w] = parse_message(batch.to_wire(), TelemetryBatch).windows
+    busy_ms = sum(latencies)
+    assert (w.energy_source, w.energy_meter, w.energy_method, w.idle_w) == ("estimated", "modelled", "modelled", 1.0)
+    assert w.row_mj == pytest.approx(4.0 * busy_ms / 24, rel=1e-3)  # W x ms = mJ, over 24 rows
+    assert w.row_net_mj == pytest.approx((4.0 - 1.0) * busy_ms / 24, rel=1e-3)  # (active - idle) x busy
