@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 
 from pydantic import ValidationError
@@ -20,10 +21,13 @@ from pydantic import ValidationError
 from edgefleet.cloud.blobs import BlobStore, LocalBlobStore
 from edgefleet.cloud.catalog import load_catalog, parse_class
 from edgefleet.cloud.db.models import Device
+from edgefleet.cloud.efficiency import energy_cost_per_million, inferences_per_kwh
 from edgefleet.cloud.errors import Conflict, NotFound, Refused, UnknownClass
+from edgefleet.cloud.ratelimit import TokenBuckets
 from edgefleet.cloud.services_broker import BrokerLoginFacade
 from edgefleet.cloud.services_deploy import DeployFacade, Publish
 from edgefleet.cloud.services_distill import DistillFacade
+from edgefleet.cloud.services_efficiency import efficiency
 from edgefleet.cloud.services_identity import IdentityFacade
 from edgefleet.cloud.services_models import ModelsFacade
 from edgefleet.cloud.services_provenance import ProvenanceFacade
@@ -58,6 +62,9 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
         self.publish = publish
         # Serialises commit + publish in this process, so retained MQTT messages go out in generation order.
         self._publish_lock = threading.Lock()
+        # A flood from one device is refused past its bucket, so it cannot take the ingest from the others.
+        self._limiter = TokenBuckets(settings.telemetry_device_windows_per_s,
+                                     settings.telemetry_device_windows_per_s * settings.telemetry_device_burst_s)
         # The desired-state keys the stored documents were last checked against (refresh_expiring re-signs on change).
         self._signed_with: frozenset[str] | None = None
 
@@ -146,22 +153,29 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
                           f"{msg.device_id} ({issued}); report the generation of a desired state it signed",
                           detail={"fields": [{"field": "body.generation", "reason": "above the issued generation"}]})
 
-    def count_refused(self, channel: str, reason: str) -> None:
+    def count_refused(self, channel: str, reason: str, by: int = 1) -> None:
         """A device message refused whole: counted in all (`refused_messages`) and by channel and reason
         (`refused_telemetry_not_finite`, `refused_reported_generation_ahead`, ...), shown by `fleet stats`."""
-        self.count("refused_messages")
-        self.count(f"refused_{channel}_{reason}")
+        self.count("refused_messages", by)
+        self.count(f"refused_{channel}_{reason}", by)
 
     def record_telemetry(self, msg: TelemetryBatch) -> str:
-        """Store one batch once (HTTP path); returns "stored", "replayed" or "unknown_device" (counted)."""
+        """Store one batch once (HTTP path); returns "stored", "replayed", "unknown_device" or "rate_limited"."""
         return self.record_telemetry_many([msg])[0]
 
     def record_telemetry_many(self, msgs: list[TelemetryBatch]) -> list[str]:
-        """Store many batches in one transaction (the MQTT bridge's ingest); per batch what happened. Raises when
-        the database fails: then nothing was stored and nothing may be acknowledged."""
+        """Store many batches in one transaction (the MQTT bridge's ingest); per batch "stored", "replayed",
+        "unknown_device" or "rate_limited" (past the device's token bucket: not stored, counted). Raises when the
+        database fails: then nothing was stored and nothing may be acknowledged."""
+        now = time.monotonic()
+        admitted = [self._limiter.take(m.device_id, max(1, len(m.windows)), now) for m in msgs]
         batches = [BatchIn(m.device_id, m.epoch, m.seq, [w.model_dump() for w in m.windows], m.dropped_windows,
-                           m.merged_windows) for m in msgs]
-        return self.store.add_telemetry_many(batches, _now())
+                           m.merged_windows) for m, ok in zip(msgs, admitted, strict=True) if ok]
+        stored = iter(self.store.add_telemetry_many(batches, _now()) if batches else [])
+        outcomes = [next(stored) if ok else "rate_limited" for ok in admitted]
+        if limited := outcomes.count("rate_limited"):
+            self.count_refused("telemetry", "rate_limited", limited)
+        return outcomes
 
     def record_status(self, msg: DeviceStatus) -> None:
         if not self.store.set_online(msg.device_id, msg.online, _now()):
@@ -172,9 +186,10 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
 
     def status(self) -> list[DeviceStatusRow]:
         telemetry = self.store.telemetry_summary(self._summary_since())
+        price = self.settings.energy_price_per_kwh
         rows: list[DeviceStatusRow] = []
         for device in self.store.list_devices():
-            rows.extend(_status_rows(device, telemetry.get(device.device_id, [])))
+            rows.extend(_status_rows(device, telemetry.get(device.device_id, []), price))
         return rows
 
     def count(self, name: str, by: int = 1) -> None:
@@ -183,7 +198,8 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
     def stats(self) -> StatsView:
         counters = self.store.counters()
         counters.pop(ADMIN_MARKER, None)  # a marker, not a statistic
-        return StatsView(counters=counters)
+        view = efficiency(self)  # fleet-wide totals over the look-back: inferences, energy, cost
+        return StatsView(counters=counters, efficiency=view.total, prices=view.prices, window_s=view.window_s)
 
 
 # ---------------------------------------------------------------------------------------------------- views
@@ -244,7 +260,7 @@ def _model_state(desired: int, reported: ModelStatus | None) -> str:
     return "pending"
 
 
-def _status_rows(device: Device, telemetry: list) -> list[DeviceStatusRow]:
+def _status_rows(device: Device, telemetry: list, price_per_kwh: float = 0.0) -> list[DeviceStatusRow]:
     base = dict(device_id=device.device_id, device_class=device.device_class, online=device.online,
                 last_seen=device.last_seen)
     desired = _desired_models_of(device)
@@ -265,5 +281,7 @@ def _status_rows(device: Device, telemetry: list) -> list[DeviceStatusRow]:
             requests=w.count if w else None, rows=w.rows if w else None, row_ms=w.row_ms if w else None,
             row_mj=w.row_mj if w else None,
             energy_source=w.energy_source if w else None,
+            inferences_per_kwh=inferences_per_kwh(w.row_mj) if w else None,
+            cost_per_million=energy_cost_per_million(w.row_mj, price_per_kwh) if w else None,
         ))
     return rows

@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     # Telemetry ingest: up to this many messages, or what came within mqtt_ingest_wait_s, per database transaction.
     mqtt_ingest_batch: int = Field(default=500, ge=1, le=10_000)
     mqtt_ingest_wait_s: float = Field(default=0.05, ge=0, le=10)
+    # Per-device telemetry rate limit (cloud/ratelimit.py), in windows: what goes past it is refused and counted as
+    # refused_telemetry_rate_limited (MQTT: named in the ack's refused list; HTTP: 429, and the agent retries).
+    telemetry_device_windows_per_s: float = Field(default=20_000.0, gt=0)
+    telemetry_device_burst_s: float = Field(default=5.0, gt=0)
     # None: looked up where Debian, Alpine and the Mosquitto tarball install mosquitto_dynamic_security.so.
     mosquitto_dynsec_plugin: Path | None = None
 
@@ -125,6 +129,25 @@ class Settings(BaseSettings):
     refresh_interval_s: float = Field(default=60.0, gt=0)
     # Status and device views roll telemetry up over this look-back (count-weighted; see Store.telemetry_summary).
     telemetry_summary_s: int = Field(default=3600, gt=0)
+    # Telemetry roll-up and retention (cloud/telemetry_rollup.py, run every telemetry_maintenance_interval_s by the
+    # serve loop). Raw windows roll up to hourly sums and are kept 48 h (two days: a summary look-back and a day of
+    # questions about single windows), hourly sums 400 days (a year and its seasons). Batch claims (the dedup keys)
+    # are kept 8 days, past the cloud's MQTT session expiry (7 days): the broker cannot redeliver a batch after that,
+    # so a claim older than it guards nothing. On PostgreSQL, daily partitions are made this many days ahead.
+    telemetry_raw_retention_h: int = Field(default=48, ge=1)
+    telemetry_hourly_retention_d: int = Field(default=400, ge=1)
+    telemetry_dedup_retention_h: int = Field(default=8 * 24, ge=1)
+    telemetry_partition_days_ahead: int = Field(default=7, ge=1, le=366)
+    telemetry_maintenance_interval_s: float = Field(default=300.0, gt=0)
+    # Efficiency figures (cloud/efficiency.py). Prices are currency-agnostic: costs come out in whatever currency
+    # these are in. 0.30 per kWh: a European household tariff; 1.0 per million offloaded inferences: the order of a
+    # hosted small-model endpoint. Set both to what this fleet really pays.
+    energy_price_per_kwh: float = Field(default=0.30, ge=0, allow_inf_nan=False)
+    offload_price_per_million: float = Field(default=1.0, ge=0, allow_inf_nan=False)
+    # /metrics (Prometheus) answers without a token when True, as exporters do; it serves per class and model
+    # aggregates and counters, no device ids and nothing secret. False: it needs the admin token (Prometheus:
+    # `authorization: {credentials_file: ...}` in the scrape config).
+    metrics_public: bool = True
 
     # Background jobs (distillation), run by `edgefleet-cloud worker`. 60 s lease, renewed every third of it: a
     # killed worker's job is claimed again within a minute, and a GC pause or a slow database round trip does not

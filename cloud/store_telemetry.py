@@ -11,14 +11,37 @@ learn from (the calibration refit's minimum, cloud/services_distill.py).
 
 from __future__ import annotations
 
+import re
 from collections import Counter as CounterDict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Float, case, cast, func, or_, select
+from sqlalchemy import (
+    BigInteger,
+    Float,
+    Integer,
+    String,
+    case,
+    cast,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    union_all,
+)
 
-from edgefleet.cloud.db.models import Counter, Device, TelemetryBatchRow, TelemetryWindowRow
+from edgefleet.cloud.db.models import (
+    Counter,
+    Device,
+    TelemetryBatchRow,
+    TelemetryHourlyRow,
+    TelemetryWindowRow,
+    UTCDateTime,
+)
+from edgefleet.cloud.errors import Conflict, Unavailable
 from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS
 
 if TYPE_CHECKING:
@@ -29,6 +52,53 @@ if TYPE_CHECKING:
 
 # What `add_telemetry_many` did with each batch.
 STORED, REPLAYED, UNKNOWN_DEVICE = "stored", "replayed", "unknown_device"
+
+
+# The roll-up's watermarks, kept as counters: windows with ids up to THROUGH are in telemetry_hourly; SEEN is the
+# highest id the previous roll-up saw, how far the next one may go (`telemetry_rollup`).
+ROLLUP_THROUGH, ROLLUP_SEEN = "telemetry_rollup_through_id", "telemetry_rollup_seen_id"
+# Day partitions of telemetry_windows on PostgreSQL (migration 0008), outside the main schema.
+PARTITION_SCHEMA = "telemetry_partitions"
+_PARTITION_RE = re.compile(r"telemetry_windows_p(\d{8})")
+_ROLLUP_LOCK = 0x6564676566_6C74  # pg_advisory_xact_lock key of roll-up, retention and partition upkeep
+# The weighted figures and their weights: per request by requests, per row by rows.
+_WEIGHTED = ("p50_ms", "p95_ms", "mean_ms", "mean_mj", "row_ms", "row_mj")
+_BY_ROWS = frozenset({"row_ms", "row_mj"})
+
+# The columns of a stored window in COPY order: the batch's identity, then the window's own, with the defaults the
+# ORM gives a column a window dict leaves out (windows of tests and of older code paths omit the newer fields).
+_IDENTITY = ("device_id", "epoch", "seq")
+_WINDOW_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
+    (c.name, c.default.arg if c.default is not None else None)
+    for c in TelemetryWindowRow.__table__.columns if c.name not in ("id", *_IDENTITY))
+_WINDOW_KEYS = frozenset(name for name, _ in _WINDOW_DEFAULTS)
+_ROW_COLUMNS = (*_IDENTITY, *(name for name, _ in _WINDOW_DEFAULTS))
+
+
+def _pg_type(column: Any) -> str:
+    # Binary COPY needs each column's exact wire type (an int4 is 4 bytes, an int8 8).
+    kind = column.type
+    if isinstance(kind, UTCDateTime):
+        return "timestamptz"
+    if isinstance(kind, BigInteger):
+        return "int8"
+    if isinstance(kind, Integer):
+        return "int4"
+    if isinstance(kind, String):
+        return "text"
+    if isinstance(kind, Float):
+        return "float8"
+    raise TypeError(f"telemetry_windows.{column.name}: no COPY type for {kind!r}; add it to _pg_type")
+
+
+_COPY_TYPES = [_pg_type(TelemetryWindowRow.__table__.c[name]) for name in _ROW_COLUMNS]
+_QUOTED = ", ".join(f'"{c}"' for c in _ROW_COLUMNS)  # "end" and "where" are SQL keywords
+_COPY_PG = f"COPY telemetry_windows ({_QUOTED}) FROM STDIN (FORMAT BINARY)"
+_CLAIM_PG = (
+    "INSERT INTO telemetry_batches (device_id, epoch, seq, windows, dropped_windows, merged_windows, received_at) "
+    "SELECT d, e, q, w, dw, mw, %(now)s FROM unnest(%(d)s::varchar[], %(e)s::int8[], %(q)s::int8[], "
+    "%(w)s::int4[], %(dw)s::int4[], %(mw)s::int4[]) AS t(d, e, q, w, dw, mw) "
+    "ON CONFLICT (device_id, epoch, seq) DO NOTHING RETURNING device_id, epoch, seq")
 
 
 @dataclass(frozen=True)
@@ -44,9 +114,11 @@ class BatchIn:
 
 
 class TelemetryStoreMixin:
-    """Telemetry writes and roll-ups; needs `_tx()` and `_insert()` from `Store`."""
+    """Telemetry writes and roll-ups; needs `_tx()`, `_insert()` and `_dialect` from `Store`."""
 
     if TYPE_CHECKING:
+        _dialect: str
+
         def _tx(self) -> AbstractContextManager[Session]: ...
 
         def _insert(self, table: Any) -> Any: ...
@@ -58,46 +130,85 @@ class TelemetryStoreMixin:
         return self.add_telemetry_many([batch], now, known_only=False)[0] == STORED
 
     def add_telemetry_many(self, batches: list[BatchIn], now: datetime, *, known_only: bool = True) -> list[str]:
-        """Store many batches in ONE transaction, each once; per batch STORED, REPLAYED (stored before) or
-        UNKNOWN_DEVICE (with `known_only`, a device the cloud does not have: nothing stored).
+        """Store many batches in ONE transaction, each once; per batch STORED, REPLAYED (stored before, or earlier
+        in this same call) or UNKNOWN_DEVICE (with `known_only`, a device the cloud does not have: nothing stored).
 
         The counters (`telemetry_batches`, `telemetry_windows`, `telemetry_replayed`, `telemetry_dropped_windows`,
         `telemetry_merged_windows`, `dropped_unknown_device`) move in the same transaction, so they are exact. All
         or nothing: when the transaction fails nothing is stored or counted and the caller must acknowledge none of
-        them (the MQTT bridge retries, and the broker redelivers what was never acknowledged)."""
-        outcomes: list[str] = []
+        them (the MQTT bridge retries, and the broker redelivers what was never acknowledged).
+
+        A fixed number of statements however many batches: one SELECT of the known devices, one multi-row claim
+        (`INSERT ... ON CONFLICT DO NOTHING RETURNING` the keys it inserted), the windows of the batches claimed
+        now in one binary `COPY` (PostgreSQL) or one executemany (SQLite), and one multi-row counter upsert."""
+        outcomes: list[str] = [REPLAYED] * len(batches)
         tally: CounterDict[str] = CounterDict()
+        first: dict[tuple[str, int, int], int] = {}  # a key -> the index of its first batch in this call
         with self._tx() as s:
             known: set[str] | None = None
             if known_only:
                 ids = sorted({b.device_id for b in batches})
                 known = set(s.scalars(select(Device.device_id).where(Device.device_id.in_(ids)))) if ids else set()
-            for b in batches:
+            for i, b in enumerate(batches):
                 if known is not None and b.device_id not in known:
-                    outcomes.append(UNKNOWN_DEVICE)
+                    outcomes[i] = UNKNOWN_DEVICE
                     tally["dropped_unknown_device"] += 1
-                    continue
-                claim = self._insert(TelemetryBatchRow).values(
-                    device_id=b.device_id, epoch=b.epoch, seq=b.seq, windows=len(b.windows),
-                    dropped_windows=b.dropped_windows, merged_windows=b.merged_windows, received_at=now,
-                ).on_conflict_do_nothing(index_elements=[TelemetryBatchRow.device_id, TelemetryBatchRow.epoch,
-                                                         TelemetryBatchRow.seq]).returning(TelemetryBatchRow.seq)
-                # RETURNING, not rowcount: rowcount of ON CONFLICT DO NOTHING differs between drivers.
-                if s.execute(claim).first() is None:
-                    outcomes.append(REPLAYED)
-                    tally["telemetry_replayed"] += 1
-                    continue
-                s.add_all(TelemetryWindowRow(device_id=b.device_id, epoch=b.epoch, seq=b.seq, **w) for w in b.windows)
-                outcomes.append(STORED)
-                tally["telemetry_batches"] += 1
-                tally["telemetry_windows"] += len(b.windows)
-                tally["telemetry_dropped_windows"] += b.dropped_windows
-                tally["telemetry_merged_windows"] += b.merged_windows
-            for name, by in sorted(tally.items()):
-                if by:
-                    s.execute(self._insert(Counter).values(name=name, value=by).on_conflict_do_update(
-                        index_elements=[Counter.name], set_={"value": Counter.value + by}))
+                else:
+                    first.setdefault((b.device_id, b.epoch, b.seq), i)
+            claimed = self._claim_batches(s, [batches[i] for i in first.values()], now) if first else set()
+            rows: list[tuple[Any, ...]] = []
+            for key, i in first.items():
+                if key in claimed:
+                    b = batches[i]
+                    outcomes[i] = STORED
+                    tally["telemetry_batches"] += 1
+                    tally["telemetry_windows"] += len(b.windows)
+                    tally["telemetry_dropped_windows"] += b.dropped_windows
+                    tally["telemetry_merged_windows"] += b.merged_windows
+                    rows.extend(_window_row(b, w) for w in b.windows)
+            # Everything not stored nor unknown is a replay: stored before, or a second copy within this call.
+            tally["telemetry_replayed"] += outcomes.count(REPLAYED)
+            if rows:
+                self._insert_windows(s, rows)
+            counts = [{"name": name, "value": by} for name, by in sorted(tally.items()) if by]
+            if counts:
+                upsert = self._insert(Counter).values(counts)
+                s.execute(upsert.on_conflict_do_update(index_elements=[Counter.name],
+                                                       set_={"value": Counter.value + upsert.excluded.value}))
         return outcomes
+
+    def _claim_batches(self, s: Session, batches: list[BatchIn], now: datetime) -> set[tuple[str, int, int]]:
+        """Insert the batches' rows, skipping keys stored before; the keys this statement inserted."""
+        t = TelemetryBatchRow
+        if self._dialect == "postgresql":
+            # One statement over arrays: no per-row bind parameters to render, and a plan PostgreSQL can cache.
+            params = {"d": [b.device_id for b in batches], "e": [b.epoch for b in batches],
+                      "q": [b.seq for b in batches], "w": [len(b.windows) for b in batches],
+                      "dw": [b.dropped_windows for b in batches], "mw": [b.merged_windows for b in batches],
+                      "now": now}
+            raw = _raw(s)
+            return {(d, int(e), int(q)) for d, e, q in _guard(lambda: raw.execute(_CLAIM_PG, params).fetchall())}
+        claim = (self._insert(t).on_conflict_do_nothing(index_elements=[t.device_id, t.epoch, t.seq])
+                 .returning(t.device_id, t.epoch, t.seq))
+        # RETURNING, not rowcount: rowcount of ON CONFLICT DO NOTHING differs between drivers.
+        params = [{"device_id": b.device_id, "epoch": b.epoch, "seq": b.seq, "windows": len(b.windows),
+                   "dropped_windows": b.dropped_windows, "merged_windows": b.merged_windows, "received_at": now}
+                  for b in batches]
+        return {(d, int(e), int(q)) for d, e, q in s.execute(claim, params)}
+
+    def _insert_windows(self, s: Session, rows: list[tuple[Any, ...]]) -> None:
+        if self._dialect == "postgresql":
+            raw = _raw(s)
+
+            def copy() -> None:
+                with raw.cursor() as cur, cur.copy(_COPY_PG) as out:
+                    out.set_types(_COPY_TYPES)
+                    for row in rows:
+                        out.write_row(row)
+
+            _guard(copy)
+            return
+        s.execute(insert(TelemetryWindowRow), [dict(zip(_ROW_COLUMNS, row, strict=True)) for row in rows])
 
     def telemetry_summary(self, since: datetime, device_id: str | None = None, *,
                           min_rows: int = 0) -> dict[str, list[TelemetryAggregate]]:
@@ -110,52 +221,167 @@ class TelemetryStoreMixin:
         p99 is the worst window's. Good enough to see a device drift; the windows stay in the table for exact
         questions.
 
+        Hours the roll-up has summed (`telemetry_hourly`, `telemetry_rollup`) are read from there for the whole
+        hours of the look-back, the raw windows for the rest: the first, partial hour and every window not rolled
+        up yet (id above the roll-up's watermark). The two sets are disjoint and together every admitted window
+        that ended after `since`, so the figures are the raw windows' (integers exactly, means up to the order of
+        float additions), and older than the raw retention only whole hours remain. `min_rows` is a rule on single
+        windows: it reads raw windows only, so it sees back as far as their retention.
+
         Safe at the contract's extremes: weighted sums are computed in double precision, where weight x figure is
         at most INT32_MAX x MAX_ENERGY_MJ (about 8e19) per window for requests and a day of rows at MAX_ROWS_PER_S x
         MAX_ENERGY_MJ (about 3e24) for rows, nowhere near an overflow for any number of windows. Rows outside the
         contract (stored before it had limits: a p95 of 1e308, NaN, a negative figure, fewer rows than requests)
         are left out, so one of them cannot make PostgreSQL raise on overflow and every listing answer 503.
         """
-        w = TelemetryWindowRow
-        count, rows = cast(w.count, Float), cast(w.rows, Float)
-
-        def weighted(figure: Any, weight: Any = count) -> Any:
-            given = func.sum(case((figure.is_not(None), weight), else_=0.0))
-            return (func.sum(figure * weight) / func.nullif(given, 0)).label(figure.key)
-
-        def admitted(figure: Any, ceiling: float) -> Any:
-            # NaN sorts above every number on PostgreSQL and is NULL on SQLite, so BETWEEN leaves it out too.
-            return or_(figure.is_(None), figure.between(0, ceiling))
-
-        query = (
-            select(w.device_id, w.model, w.version, func.sum(w.count).label("count"),
-                   func.sum(w.errors).label("errors"), func.sum(w.rows).label("rows"),
-                   func.count().label("windows"), weighted(w.p50_ms), weighted(w.p95_ms),
-                   func.max(w.p99_ms).label("p99_ms"), weighted(w.mean_ms), weighted(w.mean_mj),
-                   weighted(w.row_ms, rows), weighted(w.row_mj, rows),
-                   func.max(w.energy_source).label("energy_source"), func.max(w.end).label("window_end"))
-            .where(w.end >= since, w.count >= 0, w.errors.between(0, w.count), w.rows >= w.count,
-                   admitted(w.p50_ms, MAX_LATENCY_MS), admitted(w.p95_ms, MAX_LATENCY_MS),
-                   admitted(w.p99_ms, MAX_LATENCY_MS), admitted(w.mean_ms, MAX_LATENCY_MS),
-                   admitted(w.row_ms, MAX_LATENCY_MS), admitted(w.mean_mj, MAX_ENERGY_MJ),
-                   admitted(w.row_mj, MAX_ENERGY_MJ))
-            .group_by(w.device_id, w.model, w.version)
-            .order_by(w.device_id, w.model, w.version)
-        )
-        if device_id is not None:
-            query = query.where(w.device_id == device_id)
-        if min_rows > 0:
-            query = query.where(w.rows >= min_rows)
-        out: dict[str, list[TelemetryAggregate]] = {}
+        w, h = TelemetryWindowRow, TelemetryHourlyRow
+        whole_hours = _hour_ceiling(since)
         with self._tx() as s:
+            raw = _window_sums(w.end >= since, *_admitted(w))
+            parts = [raw]
+            if min_rows > 0:
+                parts = [raw.where(w.rows >= min_rows)]
+            else:
+                watermark = _counter(s, ROLLUP_THROUGH)
+                parts = [raw.where(or_(w.end < whole_hours, w.id > watermark)),
+                         select(h.device_id, h.model, h.version, h.windows, h.count, h.errors, h.rows,
+                                *(c for f in _WEIGHTED for c in (getattr(h, f"{f}_sum"), getattr(h, f"{f}_weight"))),
+                                h.p99_ms, h.energy_source, h.end).where(h.hour >= whole_hours)]
+            if device_id is not None:
+                parts = [parts[0].where(w.device_id == device_id),
+                         *(q.where(h.device_id == device_id) for q in parts[1:])]
+            u = union_all(*parts).subquery()
+            query = (
+                select(u.c.device_id, u.c.model, u.c.version, func.sum(u.c.count).label("count"),
+                       func.sum(u.c.errors).label("errors"), func.sum(u.c.rows).label("rows"),
+                       func.sum(u.c.windows).label("windows"),
+                       *((func.sum(u.c[f"{f}_sum"]) / func.nullif(func.sum(u.c[f"{f}_weight"]), 0)).label(f)
+                         for f in _WEIGHTED),
+                       func.max(u.c.p99_ms).label("p99_ms"), func.max(u.c.energy_source).label("energy_source"),
+                       func.max(u.c.end).label("window_end"))
+                .group_by(u.c.device_id, u.c.model, u.c.version)
+                .order_by(u.c.device_id, u.c.model, u.c.version)
+            )
+            out: dict[str, list[TelemetryAggregate]] = {}
             for row in s.execute(query):
                 out.setdefault(row.device_id, []).append(TelemetryAggregate(
                     model=row.model, version=row.version, count=int(row.count or 0), errors=int(row.errors or 0),
                     p50_ms=_float(row.p50_ms), p95_ms=_float(row.p95_ms), p99_ms=_float(row.p99_ms),
-                    mean_mj=_float(row.mean_mj), energy_source=row.energy_source, end=row.window_end,
+                    mean_mj=_float(row.mean_mj), energy_source=row.energy_source, end=_aware(row.window_end),
                     rows=int(row.rows or 0), windows=int(row.windows or 0), mean_ms=_float(row.mean_ms),
                     row_ms=_float(row.row_ms), row_mj=_float(row.row_mj)))
         return out
+
+    # ------------------------------------------------------------------------------------- roll-up and retention
+
+    def telemetry_rollup(self) -> int:
+        """Add the windows stored since the last call but one to `telemetry_hourly`; how many were added.
+
+        Each window is summed once: by id, from the watermark `telemetry_rollup_through_id` up to the highest id
+        the previous call saw (`telemetry_rollup_seen_id`), in one transaction that moves the watermark. Reaching
+        only as far as the previous call's view, not the newest id, is what keeps a window whose transaction was
+        still open (its id taken, its commit to come) from being stepped over: ids are handed out at insert, not at
+        commit. That holds while no ingest transaction outlives the interval between two calls (ingest commits in
+        well under a second; the serve loop calls this every few minutes). Late windows (an hour already summed)
+        are added to their hour. Two callers at once are serialised (an advisory lock on PostgreSQL; SQLite has a
+        single writer)."""
+        w, h = TelemetryWindowRow, TelemetryHourlyRow
+        with self._tx() as s:
+            if self._dialect == "postgresql":
+                s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ROLLUP_LOCK})
+            through, seen = _counter(s, ROLLUP_THROUGH), _counter(s, ROLLUP_SEEN)
+            newest = s.scalar(select(func.max(w.id))) or 0
+            rolled = 0
+            if seen > through:
+                hour = (func.date_trunc("hour", w.end, "UTC") if self._dialect == "postgresql"
+                        else func.substr(w.end, 1, 13).concat(":00:00.000000"))
+                sums = _window_sums(w.id > through, w.id <= seen, *_admitted(w), hour=hour)
+                rolled = int(s.scalar(select(func.count()).where(w.id > through, w.id <= seen, *_admitted(w)))
+                             or 0)
+                columns = ["device_id", "model", "version", "hour", "windows", "count", "errors", "rows",
+                           *(f"{f}_{part}" for f in _WEIGHTED for part in ("sum", "weight")), "p99_ms",
+                           "energy_source", "end"]
+                add = self._insert(h).from_select(columns, sums)
+                x = add.excluded
+                greatest = self._greatest
+                update: dict[str, Any] = {
+                    "windows": h.windows + x["windows"], "count": h.count + x["count"],
+                    "errors": h.errors + x["errors"], "rows": h.rows + x["rows"],
+                    "p99_ms": greatest(h.p99_ms, x["p99_ms"]),
+                    "energy_source": greatest(h.energy_source, x["energy_source"]), "end": greatest(h.end, x["end"])}
+                for f in _WEIGHTED:
+                    total, more = getattr(h, f"{f}_sum"), x[f"{f}_sum"]
+                    update[f"{f}_sum"] = func.coalesce(total + more, total, more)  # NULL: no window had it
+                    update[f"{f}_weight"] = getattr(h, f"{f}_weight") + x[f"{f}_weight"]
+                add = add.on_conflict_do_update(index_elements=[h.device_id, h.model, h.version, h.hour], set_=update)
+                s.execute(add)
+                _set_counter(self, s, ROLLUP_THROUGH, seen)
+            _set_counter(self, s, ROLLUP_SEEN, max(newest, seen))
+        return rolled
+
+    def _greatest(self, a: Any, b: Any) -> Any:
+        # NULL-ignoring greatest: PostgreSQL's GREATEST is; SQLite's two-argument max() is NULL if either is.
+        if self._dialect == "postgresql":
+            return func.greatest(a, b)
+        return func.max(func.coalesce(a, b), func.coalesce(b, a))
+
+    def telemetry_retention(self, raw_before: datetime, hourly_before: datetime,
+                            claims_before: datetime) -> dict[str, int]:
+        """Drop what is past its retention: raw windows that ended before `raw_before` (rolled up ones only: a
+        window the roll-up has not summed yet stays until it has), hours before `hourly_before`, batch claims
+        received before `claims_before`. On PostgreSQL a day partition wholly before `raw_before` and wholly
+        rolled up goes with one DROP TABLE; the rest (the default partition, SQLite) is deleted by time."""
+        w, h, b = TelemetryWindowRow, TelemetryHourlyRow, TelemetryBatchRow
+        out = {"partitions_dropped": 0, "raw_deleted": 0, "hourly_deleted": 0, "claims_deleted": 0}
+        with self._tx() as s:
+            if self._dialect == "postgresql":
+                s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ROLLUP_LOCK})
+            through = _counter(s, ROLLUP_THROUGH)
+            if self._dialect == "postgresql":
+                for name, day in _day_partitions(s):
+                    if day + timedelta(days=1) > raw_before:
+                        continue
+                    newest = s.scalar(text(f'SELECT max(id) FROM {PARTITION_SCHEMA}."{name}"'))
+                    if newest is None or newest <= through:
+                        s.execute(text(f'DROP TABLE {PARTITION_SCHEMA}."{name}"'))
+                        out["partitions_dropped"] += 1
+            out["raw_deleted"] = s.execute(delete(w).where(w.end < raw_before, w.id <= through)).rowcount or 0
+            out["hourly_deleted"] = s.execute(delete(h).where(h.hour < hourly_before)).rowcount or 0
+            out["claims_deleted"] = s.execute(delete(b).where(b.received_at < claims_before)).rowcount or 0
+        return out
+
+    def telemetry_partitions_ensure(self, first_day: datetime, days: int) -> list[str]:
+        """PostgreSQL: make the day partitions of `telemetry_windows` from `first_day` (UTC midnight) for `days`
+        days that do not exist yet; the names made. Windows the default partition holds for such a day are moved
+        into it first (a day may not be attached while the default partition has rows of it). SQLite: nothing."""
+        if self._dialect != "postgresql":
+            return []
+        made: list[str] = []
+        with self._tx() as s:
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ROLLUP_LOCK})
+            have = {name for name, _ in _day_partitions(s)}
+            for n in range(days):
+                day = first_day + timedelta(days=n)
+                name = f"telemetry_windows_p{day:%Y%m%d}"
+                if name in have:
+                    continue
+                bounds = {"lo": day, "hi": day + timedelta(days=1)}
+                table = f'{PARTITION_SCHEMA}."{name}"'
+                s.execute(text(f"CREATE TABLE {table} (LIKE telemetry_windows INCLUDING DEFAULTS)"))
+                s.execute(text(f"WITH moved AS (DELETE FROM {PARTITION_SCHEMA}.telemetry_windows_default "
+                               f'WHERE "end" >= :lo AND "end" < :hi RETURNING *) INSERT INTO {table} '
+                               "SELECT * FROM moved"), bounds)
+                s.execute(text(f"ALTER TABLE telemetry_windows ATTACH PARTITION {table} FOR VALUES FROM "
+                               f"('{day.isoformat()}') TO ('{(day + timedelta(days=1)).isoformat()}')"))
+                made.append(name)
+        return made
+
+    def telemetry_partitions(self) -> list[tuple[str, datetime]]:
+        """PostgreSQL: the day partitions of `telemetry_windows`, (name, UTC day) in order; SQLite: none."""
+        if self._dialect != "postgresql":
+            return []
+        with self._tx() as s:
+            return _day_partitions(s)
 
 
 @dataclass(frozen=True)
@@ -183,6 +409,99 @@ class TelemetryAggregate:
     def batch(self) -> float | None:
         """Mean rows per request, or None with no request."""
         return self.rows / self.count if self.count > 0 else None
+
+
+def _admitted(w: Any) -> list[Any]:
+    """The windows inside the contract (see `telemetry_summary`): what summaries and roll-ups count."""
+    def inside(figure: Any, ceiling: float) -> Any:
+        # NaN sorts above every number on PostgreSQL and is NULL on SQLite, so BETWEEN leaves it out too.
+        return or_(figure.is_(None), figure.between(0, ceiling))
+
+    return [w.count >= 0, w.errors.between(0, w.count), w.rows >= w.count,
+            inside(w.p50_ms, MAX_LATENCY_MS), inside(w.p95_ms, MAX_LATENCY_MS), inside(w.p99_ms, MAX_LATENCY_MS),
+            inside(w.mean_ms, MAX_LATENCY_MS), inside(w.row_ms, MAX_LATENCY_MS), inside(w.mean_mj, MAX_ENERGY_MJ),
+            inside(w.row_mj, MAX_ENERGY_MJ)]
+
+
+def _window_sums(*where: Any, hour: Any = None) -> Any:
+    """Raw windows as additive sums per device and (model, version) (and hour): the columns of telemetry_hourly."""
+    w = TelemetryWindowRow
+    count, rows = cast(w.count, Float), cast(w.rows, Float)
+    sums = []
+    for name in _WEIGHTED:
+        figure, weight = getattr(w, name), rows if name in _BY_ROWS else count
+        sums += [func.sum(figure * weight).label(f"{name}_sum"),
+                 func.sum(case((figure.is_not(None), weight), else_=0.0)).label(f"{name}_weight")]
+    keys = [w.device_id, w.model, w.version, *([hour.label("hour")] if hour is not None else [])]
+    return (select(*keys, func.count().label("windows"), func.sum(w.count).label("count"),
+                   func.sum(w.errors).label("errors"), func.sum(w.rows).label("rows"), *sums,
+                   func.max(w.p99_ms).label("p99_ms"), func.max(w.energy_source).label("energy_source"),
+                   func.max(w.end).label("end"))
+            .where(*where).group_by(*([w.device_id, w.model, w.version] + ([hour] if hour is not None else []))))
+
+
+def _hour_ceiling(t: datetime) -> datetime:
+    floor = t.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    return floor if floor == t else floor + timedelta(hours=1)
+
+
+def _counter(s: Session, name: str) -> int:
+    return int(s.scalar(select(Counter.value).where(Counter.name == name)) or 0)
+
+
+def _set_counter(store: Any, s: Session, name: str, value: int) -> None:
+    s.execute(store._insert(Counter).values(name=name, value=value).on_conflict_do_update(
+        index_elements=[Counter.name], set_={"value": value}))
+
+
+def _day_partitions(s: Session) -> list[tuple[str, datetime]]:
+    names = s.scalars(text(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE i.inhparent = 'telemetry_windows'::regclass AND n.nspname = :schema"), {"schema": PARTITION_SCHEMA})
+    out = []
+    for name in names:
+        if match := _PARTITION_RE.fullmatch(name):
+            out.append((name, datetime.strptime(match[1], "%Y%m%d").replace(tzinfo=timezone.utc)))
+    return sorted(out, key=lambda item: item[1])
+
+
+def _aware(value: Any) -> Any:
+    if isinstance(value, str):  # SQLite, through a UNION: the stored text
+        value = datetime.fromisoformat(value)
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value
+
+
+def _window_row(b: BatchIn, w: dict[str, Any]) -> tuple[Any, ...]:
+    """One window as a row in `_ROW_COLUMNS` order."""
+    if not _WINDOW_KEYS.issuperset(w):
+        raise ValueError(f"window of {b.device_id} seq {b.seq} has field(s) {sorted(set(w) - _WINDOW_KEYS)} that "
+                         "telemetry_windows has no column for; add a column (and a migration) first")
+    for name in ("start", "end"):
+        value = w.get(name)
+        if value is not None and getattr(value, "tzinfo", None) is None:
+            raise ValueError("naive datetime given to the database; use datetime.now(timezone.utc)")
+    return (b.device_id, b.epoch, b.seq, *[w.get(name, default) for name, default in _WINDOW_DEFAULTS])
+
+
+def _raw(s: Session) -> Any:
+    """The psycopg 3 connection under the session, inside the session's transaction."""
+    return s.connection().connection.driver_connection
+
+
+def _guard(call: Any) -> Any:
+    """`call()` on the raw driver, its errors mapped as `Store._tx` maps SQLAlchemy's."""
+    import psycopg
+
+    try:
+        return call()
+    except psycopg.IntegrityError as exc:
+        raise Conflict(f"conflicting write: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    except psycopg.Error as exc:
+        raise Unavailable(f"database error ({exc.__class__.__name__}): {str(exc).splitlines()[0] if str(exc) else ''}"
+                          "; check the database is up") from None
 
 
 def _float(value: Any) -> float | None:

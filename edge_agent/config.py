@@ -89,11 +89,51 @@ class RuntimeConfig:
     inter_op_threads: int = 0
 
 
+ENERGY_METERS = ("auto", "rapl", "ina3221", "pi5-pmic", "nvml", "modelled", "none")
+RAPL_DOMAINS = ("package", "package+dram", "psys")
+# 10 Hz: the issue's floor for a sampled meter (an inference burst of 100 ms is still seen); 1 kHz: past what an
+# INA3221's own conversion (about 1 ms per channel at its fastest) can give.
+MIN_SAMPLE_HZ, MAX_SAMPLE_HZ = 10.0, 1000.0
+
+
 @dataclass(frozen=True)
 class EnergyConfig:
-    # None: take the figures from the device class the cloud returns at enrollment.
+    # None: take the figures from the device class the cloud returns at enrollment. idle_watts set here is
+    # subtracted from any meter's energy (the net figure); the class's only from a whole-board meter's.
     active_watts: float | None = None
     idle_watts: float | None = None
+    # Which meter (docs/energy.md): "auto" takes the first that reads of ina3221, pi5-pmic, rapl, nvml, then the
+    # modelled estimate; a named one that cannot read falls back to "modelled" with the reason logged.
+    meter: str = "auto"
+    sample_hz: float = 10.0  # power sensors (ina3221, pi5-pmic): samples per second of the one sampler thread
+    rapl_domain: str = "package+dram"  # "package" | "package+dram" | "psys"
+    ina3221_rail: str = "auto"  # "auto" (the input rail, VDD_IN or POM_5V_IN), "sum", or one rail's name
+    sysfs_root: str = "/sys"  # where sysfs is mounted: "/host/sys" in a container that mounts the host's
+
+
+def _check_energy(source: str, energy: dict[str, Any]) -> None:
+    """The [energy] section's values beyond their types; one ConfigError line naming the key and the fix."""
+    meter = energy.get("meter", EnergyConfig.meter)
+    if meter not in ENERGY_METERS:
+        close = difflib.get_close_matches(meter, ENERGY_METERS, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: 'energy.meter' is {meter!r}{hint}; use one of {', '.join(ENERGY_METERS)}")
+    hz = energy.get("sample_hz", EnergyConfig.sample_hz)
+    if not MIN_SAMPLE_HZ <= hz <= MAX_SAMPLE_HZ:
+        raise ConfigError(f"{source}: 'energy.sample_hz' must be between {MIN_SAMPLE_HZ:g} and {MAX_SAMPLE_HZ:g} "
+                          f"samples per second, got {hz!r}")
+    domain = energy.get("rapl_domain", EnergyConfig.rapl_domain)
+    if domain not in RAPL_DOMAINS:
+        raise ConfigError(f"{source}: 'energy.rapl_domain' is {domain!r}; use one of {', '.join(RAPL_DOMAINS)}")
+    if not energy.get("ina3221_rail", EnergyConfig.ina3221_rail).strip():
+        raise ConfigError(f"{source}: 'energy.ina3221_rail' is empty; use \"auto\", \"sum\" or a rail name such "
+                          "as \"VDD_IN\"")
+    if "active_watts" in energy and energy["active_watts"] <= 0:
+        raise ConfigError(f"{source}: 'energy.active_watts' must be > 0 (watts while inferring), "
+                          f"got {energy['active_watts']!r}; leave it out to use the device class's")
+    root = energy.get("sysfs_root", EnergyConfig.sysfs_root)
+    if not root.startswith("/"):
+        raise ConfigError(f"{source}: 'energy.sysfs_root' must be an absolute path such as \"/sys\", got {root!r}")
 
 
 @dataclass(frozen=True)
@@ -292,6 +332,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config", base_dir: 
         value = sections.get(section, {}).get(key)
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: '{section}.{key}' must be > 0, got {value!r}")
+    _check_energy(source, sections.get("energy", {}))
     # The cloud refuses a telemetry window longer than the contract's MAX_WINDOW_S (protos/limits.py).
     window_s = sections.get("telemetry", {}).get("window_s", TelemetryConfig.window_s)
     if not 0 < window_s <= MAX_WINDOW_S:

@@ -62,7 +62,8 @@ from edgefleet.edge_agent.keyring import advance, load_ring, save_ring
 from edgefleet.edge_agent.link import CloudLink, LinkFactory
 from edgefleet.edge_agent.link_mqtt import MqttLink
 from edgefleet.edge_agent.local_api import LocalApi
-from edgefleet.edge_agent.meters import ModelledMeter, NullMeter
+from edgefleet.edge_agent.meters import MeterPermissionDenied, ModelledMeter, NullMeter, choose_meter, is_window_meter
+from edgefleet.edge_agent.meters.attribution import MIN_MEASURED_WINDOW_S
 from edgefleet.edge_agent.reconcile import next_wakeup
 from edgefleet.edge_agent.state import StateStore
 from edgefleet.edge_agent.telemetry import Telemetry
@@ -113,6 +114,7 @@ class Agent:
         self.clock = clock or SystemClock()
         self.client = client if client is not None else CloudClient(config.cloud_url)
         self.link_factory = link_factory or partial(MqttLink.from_config, config, clock=self.clock)
+        self._meter_key: tuple | None = None  # the device class the meter was picked for (_set_meter)
         self.trust_factory = trust_factory or (lambda enrollment: BundleTrust(
             config.tuf_dir, enrollment.tuf_metadata_url, trusted_root=enrollment.tuf_root))
         if private_dir(config.data_dir):  # state.json holds the device token, device_key.pem the device's key
@@ -171,6 +173,8 @@ class Agent:
         self.api.stop()
         # Open windows go to the outbox on disk: the next start sends them.
         self.telemetry.flush(self.clock.now(), force=True)
+        if hasattr(self.service.meter, "close"):
+            self.service.meter.close()  # a sampled meter's thread stops with it
         self.client.close()
         log.info("agent stopped")
 
@@ -180,13 +184,10 @@ class Agent:
         """Pick the energy meter once the device class is known (meters/detect.py: the configured one, or the first
         that reads) and hand it to inference and telemetry. A meter that cannot read (no sensor, permission denied)
         falls back with the reason and its fix logged, never a crash. The same class again keeps the meter."""
-        from edgefleet.edge_agent.meters import MeterPermissionDenied, choose_meter, is_window_meter
-        from edgefleet.edge_agent.meters.attribution import MIN_MEASURED_WINDOW_S
-
         cls = enrollment.device_class
         energy = self.config.energy
         key = (cls.name, cls.active_watts, cls.idle_watts, tuple(cls.execution_providers))
-        if getattr(self, "_meter_key", None) == key:
+        if self._meter_key == key:
             return
         active = energy.active_watts or cls.active_watts
         idle = energy.idle_watts if energy.idle_watts is not None else cls.idle_watts

@@ -7,7 +7,9 @@ under a lock, so a request sees either the old model or the new one. The old run
 may still hold it; dropping the last reference frees it.
 
 `run` times the call with `time.perf_counter`, brackets it with the energy meter and records the result in
-telemetry, errors included, with the request's rows (`batch_rows`: the leading dimension of its first input), so
+telemetry, errors included (a window meter, RAPL or a sampled sensor, answers the bracket with None: its energy
+is taken per telemetry window, so the hot path reads no sensor and the app sees `energy_mj` null with its source),
+with the request's rows (`batch_rows`: the leading dimension of its first input), so
 a batched request counts as that many inferences. `infer` checks an OIP `InferRequest` against the model's input
 specs (names, datatype, shape, element count) and raises `InferenceError` with a message an app developer can act
 on; no bad request can reach the runtime as a crash.

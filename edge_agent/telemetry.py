@@ -7,22 +7,34 @@ Theory of operation:
   the epoch, so every device's windows line up in the cloud. No clock is read here: the caller passes `now`.
 - `Telemetry.flush(now)` closes every window whose end is at or before `now` into `TelemetryWindow`s (requests,
   errors, rows; per request p50/p95/p99 latency by nearest rank and the means of latency and energy; per row the
-  busy time and energy over the rows; energy source and meter) and hands them to the outbox as one or more
-  `TelemetryBatch`es.
+  busy time and energy over the rows; energy source, meter, method and sample rate) and hands them to the outbox
+  as one or more `TelemetryBatch`es.
+- Energy comes one of two ways (edge_agent/meters). A per-request meter (modelled) gives each request's joules to
+  `record`; the window sums them, and its net figure is the sum less idle watts x the same busy time. A window
+  meter (RAPL, NVML, INA3221, the Pi 5 PMIC; `attach_meter`) is read once per flush, never per request: its
+  cumulative joules go into an `EnergyLedger`, and a closed window's energy is the difference at its edges, shared
+  among the local windows of the same period by busy time (`meters.attribution.attribute`), gross and net of the
+  idle watts. A failed read costs the figure of the windows it would have bounded, labelled "none", never a crash.
 - The batches wait on disk in the `Outbox` (edge_agent/outbox.py) until the cloud confirms it stored them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
+from edgefleet.edge_agent.meters.attribution import Attributed, EnergyLedger, Share, attribute
+from edgefleet.edge_agent.meters.base import MeterReadError, is_window_meter
 from edgefleet.edge_agent.outbox import Outbox
 from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS, MAX_ROWS_PER_S, MAX_WINDOWS_PER_BATCH
 from edgefleet.protos.messages import TelemetryBatch, TelemetryWindow
+
+log = logging.getLogger(__name__)
 
 # Latency samples kept per window for percentiles; beyond this a reservoir keeps a uniform sample.
 MAX_SAMPLES_PER_WINDOW = 10_000
@@ -59,6 +71,7 @@ class _Window:
     energy_mj_sum: float = 0.0
     energy_n: int = 0  # requests with an energy figure
     energy_rows: int = 0  # their rows
+    energy_busy_ms: float = 0.0  # busy time of the metered requests: the modelled net figure subtracts idle over it
     energy_source: str = "none"
     energy_meter: str = ""
     _seen: int = 0
@@ -85,12 +98,42 @@ class _Window:
             self.energy_mj_sum += _within(energy_mj, MAX_ENERGY_MJ)
             self.energy_n += 1
             self.energy_rows += rows
+            self.energy_busy_ms += latency_ms
             self.energy_source, self.energy_meter = source, meter
 
-    def close(self) -> TelemetryWindow:
+    def share(self) -> Share:
+        """This window's work, for sharing a window meter's energy by busy time."""
+        return Share(busy_s=self.busy_ms / 1000.0, requests=self.count - self.errors, rows=self.ok_rows)
+
+    def close(self, measured: Attributed | None = None, labels: _Labels | None = None) -> TelemetryWindow:
+        """The contract window. `measured`: this window's share of a window meter's energy (with its `labels`);
+        None: the per-request figures recorded, if any."""
         lat = sorted(self.latencies_ms)
         ok = self.count - self.errors
         energy = self.energy_mj_sum
+        if measured is not None and labels is not None and ok:
+            mean_mj, row_mj = min(measured.mean_mj, MAX_ENERGY_MJ), min(measured.row_mj, MAX_ENERGY_MJ)
+            net = None if measured.row_net_mj is None else min(measured.row_net_mj, row_mj)
+            return self._window(lat, ok, mean_mj=mean_mj, row_mj=min(row_mj, mean_mj), row_net_mj=net,
+                                source=labels.source, meter=labels.meter, method=labels.method, hz=labels.hz,
+                                idle_w=labels.idle_w if net is not None else None)
+        metered = self.energy_n > 0
+        mean_mj = min(energy / self.energy_n, MAX_ENERGY_MJ) if metered else None
+        row_mj = min(energy / self.energy_rows, MAX_ENERGY_MJ) if metered else None
+        idle_w = labels.idle_w if labels is not None and labels.meter == self.energy_meter else None
+        net = None
+        if metered and idle_w is not None and row_mj is not None:
+            # W x ms = mJ: the modelled meter's (active - idle) x busy, over the same requests' rows.
+            net = min(max(0.0, energy - idle_w * self.energy_busy_ms) / self.energy_rows, row_mj)
+        method = labels.method if labels is not None and labels.meter == self.energy_meter else (
+            "modelled" if self.energy_meter == "modelled" else "")
+        return self._window(lat, ok, mean_mj=mean_mj, row_mj=row_mj, row_net_mj=net,
+                            source=self.energy_source if metered else "none", meter=self.energy_meter,
+                            method=method if metered else "", hz=None, idle_w=idle_w if net is not None else None)
+
+    def _window(self, lat: list[float], ok: int, *, mean_mj: float | None, row_mj: float | None,
+                row_net_mj: float | None, source: str, meter: str, method: str, hz: float | None,
+                idle_w: float | None) -> TelemetryWindow:
         # Per row <= per request by construction: the same sum over at least as many rows (IEEE division is
         # monotonic). Rows are capped at what the contract admits for the window (a hostile [2**40, 0] input
         # has that many "rows" of nothing), so the window stays sendable.
@@ -101,11 +144,20 @@ class _Window:
             p95_ms=percentile(lat, 95), p99_ms=percentile(lat, 99),
             mean_ms=min(self.busy_ms / ok, MAX_LATENCY_MS) if ok else None,
             row_ms=min(self.busy_ms / self.ok_rows, MAX_LATENCY_MS) if ok else None,
-            mean_mj=min(energy / self.energy_n, MAX_ENERGY_MJ) if self.energy_n else None,
-            row_mj=min(energy / self.energy_rows, MAX_ENERGY_MJ) if self.energy_n else None,
-            energy_source=self.energy_source if self.energy_n else "none", energy_meter=self.energy_meter,
-            where=self.where,
+            mean_mj=mean_mj, row_mj=row_mj, row_net_mj=row_net_mj, energy_source=source, energy_meter=meter,
+            energy_method=method, energy_hz=hz if method == "sampled" else None, idle_w=idle_w, where=self.where,
         )
+
+
+@dataclass(frozen=True)
+class _Labels:
+    """What a window says about its energy figure: which meter, how, at what rate, less which idle watts."""
+
+    source: str
+    meter: str
+    method: str
+    hz: float | None
+    idle_w: float | None
 
 
 class Telemetry:
@@ -119,6 +171,53 @@ class Telemetry:
         self.outbox = outbox
         self._open: dict[tuple[str, int, str, datetime], _Window] = {}
         self._lock = threading.Lock()
+        self._meter: Any = None
+        self._labels: _Labels | None = None
+        self._ledger = EnergyLedger()
+        self.meter_read_errors = 0
+
+    def attach_meter(self, meter: Any, now: datetime, *, idle_w: float | None = None) -> None:
+        """Use `meter`'s labels (and, for a window meter, its energy at every flush) from now on; `idle_w` is the
+        idle power subtracted for the net figure (None: none given). A window meter is read now, so the window
+        in progress is measured from here."""
+        labels = _Labels(source=meter.source, meter=meter.name, method=getattr(meter, "method", ""),
+                         hz=None, idle_w=idle_w)
+        with self._lock:
+            self._meter, self._labels, self._ledger = meter, labels, EnergyLedger()
+        self._read_meter(now)
+
+    def _read_meter(self, now: datetime) -> None:
+        meter = self._meter
+        if meter is None or not is_window_meter(meter):
+            return
+        try:
+            joules = meter.read_j()
+        except MeterReadError as exc:
+            self.meter_read_errors += 1
+            if self.meter_read_errors in (1, 10, 100) or self.meter_read_errors % 1000 == 0:
+                log.warning("%s (%d failed reads so far)", exc, self.meter_read_errors)
+            return
+        with self._lock:
+            if meter is self._meter:
+                self._ledger.add(now, joules)
+
+    def _measured(self, closed: list[_Window]) -> dict[int, Attributed]:
+        """A window meter's energy per closed local window (by id), shared per period by busy time."""
+        by_period: dict[tuple[datetime, datetime], list[_Window]] = {}
+        for w in closed:
+            if w.where == "local":
+                by_period.setdefault((w.start, w.end), []).append(w)
+        out: dict[int, Attributed] = {}
+        idle_w = self._labels.idle_w if self._labels is not None else None
+        for (start, end), windows in by_period.items():
+            span = self._ledger.between(start, end)
+            if span is None:
+                continue
+            joules, seconds = span
+            for w, got in zip(windows, attribute(joules, seconds, idle_w, [w.share() for w in windows])):
+                if got is not None:
+                    out[id(w)] = got
+        return out
 
     @classmethod
     def from_config(cls, config) -> Telemetry:
@@ -143,10 +242,21 @@ class Telemetry:
             window.add(latency_ms, ok, energy_mj, energy_source, energy_meter, rows)
 
     def flush(self, now: datetime, *, force: bool = False) -> list[TelemetryBatch]:
-        """Close windows that ended by `now` (all of them with `force`, e.g. at shutdown) into outbox batches."""
+        """Close windows that ended by `now` (all of them with `force`, e.g. at shutdown) into outbox batches.
+        A window meter is read first, so `now` is an edge reading whether or not a window closes."""
+        self._read_meter(now)
         with self._lock:
             done = [k for k, w in self._open.items() if force or w.end <= now]
-            windows = [self._open.pop(k).close() for k in sorted(done, key=lambda k: (k[3], k[0], k[1], k[2]))]
+            closed = [self._open.pop(k) for k in sorted(done, key=lambda k: (k[3], k[0], k[1], k[2]))]
+            measured: dict[int, Attributed] = {}
+            labels = self._labels
+            if self._meter is not None and is_window_meter(self._meter) and labels is not None:
+                measured = self._measured(closed)
+                labels = _Labels(labels.source, labels.meter, labels.method, self._meter.hz, labels.idle_w)
+                # Keep readings back to the oldest open window's start, or the current period's.
+                starts = [w.start for w in self._open.values()] + [self._bounds(now)[0]]
+                self._ledger.prune(min(starts))
+            windows = [w.close(measured.get(id(w)), labels) for w in closed]
         batches = []
         for i in range(0, len(windows), MAX_WINDOWS_PER_BATCH):
             batches.append(self.outbox.add(self.device_id, windows[i:i + MAX_WINDOWS_PER_BATCH], now))

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from typer.core import TyperGroup
 
-from edgefleet.fleet import commands_distill, commands_provenance, render
+from edgefleet.fleet import commands_distill, commands_efficiency, commands_provenance, render
 from edgefleet.fleet import config as cfg
 from edgefleet.fleet.client import FleetClient
 from edgefleet.fleet.errors import CloudUnreachable, ConfigError, FleetError
@@ -344,14 +344,15 @@ def deployments_list(ctx: typer.Context, as_json: JsonOpt = False) -> None:
 @app.command(epilog=_examples("fleet status", "fleet status --json | jq '.[] | select(.state==\"failed\")'"))
 def status(ctx: typer.Context, as_json: JsonOpt = False) -> None:
     """Per device and model: class, desired against active version, state, last seen, p50/p95 ms per request, ms and
-    mJ per inference (a batched request is one inference per row)."""
+    mJ per inference and inferences per kWh (a batched request is one inference per row)."""
     rows = _client(ctx).status()
     _emit(as_json, rows, render.status_table(rows))
 
 
 @app.command(epilog=_examples("fleet stats", "fleet stats --json"))
 def stats(ctx: typer.Context, as_json: JsonOpt = False) -> None:
-    """The cloud's counters: malformed messages, refused documents and the like."""
+    """The cloud's counters (malformed messages, refused documents and the like) and the fleet's efficiency over
+    the look-back: inferences, offloaded, energy, cost."""
     view = _client(ctx).stats()
     _emit(as_json, view, render.stats_table(view))
 
@@ -438,6 +439,8 @@ _list_by_default(deployments_app, deployments_list)
 commands_distill.register(app, classes_app)
 # `fleet models provenance` (fleet/commands_provenance.py).
 commands_provenance.register(models_app)
+# `fleet efficiency MODEL` (fleet/commands_efficiency.py).
+commands_efficiency.register(app)
 
 
 def main() -> None:

@@ -217,7 +217,7 @@ def status_table(rows: Sequence[DeviceStatusRow]) -> Table:
     # An inference is a row: a request of 1,200 rows is 1,200 inferences, so ms/inf and mJ/inf are per row and
     # p50/p95 per request (of inf/req rows on average).
     for col in ("device", "class", "model", "desired", "active", "state", "last seen", "p50 ms/req", "p95 ms/req",
-                "ms/inf", "mJ/inf", "inf/req", "energy"):
+                "ms/inf", "mJ/inf", "inf/kWh", "inf/req", "energy"):
         t.add_column(col)
     for r in rows:
         state = Text(r.state, style=_STATE_STYLE.get(r.state, ""))
@@ -226,9 +226,19 @@ def status_table(rows: Sequence[DeviceStatusRow]) -> Table:
         seen = Text(ago(r.last_seen), style="" if r.online else "red")
         batch = r.rows / r.requests if r.rows is not None and r.requests else None
         t.add_row(r.device_id, r.device_class, _v(r.model), _v(r.desired_version), _v(r.active_version), state, seen,
-                  num(r.p50_ms, 2), num(r.p95_ms, 2), num(r.row_ms, 3), num(r.row_mj, 3), num(batch, 1),
-                  _v(r.energy_source))
+                  num(r.p50_ms, 2), num(r.p95_ms, 2), num(r.row_ms, 3), num(r.row_mj, 3),
+                  si(r.inferences_per_kwh), num(batch, 1), _v(r.energy_source))
     return t
+
+
+def si(value: float | None) -> str:
+    """3 significant digits with k/M/G/T: 6.1G inferences per kWh reads, 6101694915 does not."""
+    if value is None:
+        return DASH
+    for unit, size in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= size:
+            return f"{value / size:.3g}{unit}"
+    return f"{value:.3g}"
 
 
 def token_panel(tok: EnrollmentTokenView) -> Group:
@@ -253,13 +263,31 @@ def tokens_table(tokens: Sequence[TokenView]) -> Table:
     return t
 
 
-def stats_table(stats: StatsView) -> Table:
+def stats_table(stats: StatsView) -> Table | Group:
     t = Table(title="cloud counters", title_justify="left")
     t.add_column("counter")
     t.add_column("value", justify="right")
     for k, v in sorted(stats.counters.items()):
         t.add_row(k, str(v))
-    return t
+    e = stats.efficiency
+    if e is None:  # an older cloud
+        return t
+    totals = Table(title=f"fleet efficiency, last {_v(stats.window_s)} s", title_justify="left")
+    totals.add_column("figure")
+    totals.add_column("value", justify="right")
+    source = e.energy_source + (f" ({e.measured_share:.0%} measured)" if e.energy_source == "mixed"
+                                and e.measured_share is not None else "")
+    share = DASH if e.offload_share is None else f"{e.offload_share:.1%}"
+    for name, value in (("inferences", str(e.inferences)), ("offloaded", f"{e.offloaded} ({share})"),
+                        ("energy kWh", f"{e.energy_kwh:.6g}"), ("energy source", source),
+                        ("mJ/inference", num(e.mj_per_inference, 3)), ("inferences/kWh", si(e.inferences_per_kwh)),
+                        ("energy cost", f"{e.energy_cost:.6g}"), ("offload cost", f"{e.offload_cost:.6g}"),
+                        ("total cost", f"{e.total_cost:.6g}"), ("cost/1M inferences", si(e.cost_per_million))):
+        totals.add_row(name, value)
+    if stats.prices is not None:
+        totals.caption = (f"at {stats.prices.energy_price_per_kwh:g} per kWh and "
+                          f"{stats.prices.offload_price_per_million:g} per 1M offloaded (the cloud's currency)")
+    return Group(t, totals)
 
 
 def _size(n: int) -> str:
@@ -272,5 +300,5 @@ def _size(n: int) -> str:
 
 __all__ = [
     "ago", "classes_table", "deployment_summary", "deployments_table", "device_detail", "devices_table",
-    "model_detail", "models_table", "stats_table", "status_table", "to_json", "token_panel",
+    "model_detail", "models_table", "si", "stats_table", "status_table", "to_json", "token_panel",
 ]

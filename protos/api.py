@@ -152,6 +152,8 @@ class DeviceStatusRow(View):
     rows: int | None = None  # inferences: a batched request is one per row
     row_ms: float | None = None  # mean latency per inference
     row_mj: float | None = None  # energy per inference
+    inferences_per_kwh: float | None = None  # from row_mj (cloud/efficiency.py)
+    cost_per_million: float | None = None  # row_mj's energy at the kWh price (offload not included)
 
 
 class ClassesView(View):
@@ -188,25 +190,149 @@ class TokenExpiryRequest(View):
     ttl_s: int = Field(gt=0, le=MAX_TOKEN_TTL_S)
 
 
+# ---------------------------------------------------------------------------------------------------- efficiency
+# Efficiency figures (cloud/efficiency.py): energy per inference, inferences per kWh and cost per million inferences,
+# each labelled with where its energy came from. The label rule: "measured" when every inference with an energy
+# figure was metered, "estimated" when none was, "mixed" (with `measured_share`) otherwise, "none" without energy.
+EnergyLabel = Literal["measured", "estimated", "mixed", "none"]
+
+
+class PricesView(View):
+    """The prices the costs are computed with (cloud settings). Currency-agnostic: whatever the price is in."""
+
+    energy_price_per_kwh: float
+    offload_price_per_million: float
+
+
+class EfficiencyFigures(View):
+    """One slice of telemetry (a device, class, model version or the fleet) over the look-back.
+
+    `inferences` are rows (a batched request is one per row), local and offloaded (`where == "cloud"`). Energy is
+    the device's, gross, per inference, over the inferences that carry an energy figure (`metered_inferences`);
+    `cost_per_million` is that energy at the kWh price plus `offload_share` x the cloud's price per million."""
+
+    inferences: int = 0
+    offloaded: int = 0
+    offload_share: float | None = None
+    metered_inferences: int = 0
+    mj_per_inference: float | None = None  # gross
+    net_mj_per_inference: float | None = None  # idle-subtracted, where the agent sent it
+    inferences_per_kwh: float | None = None
+    cost_per_million: float | None = None
+    energy_kwh: float = 0.0  # of the metered inferences
+    energy_cost: float = 0.0
+    offload_cost: float = 0.0
+    total_cost: float = 0.0
+    ms_per_inference: float | None = None
+    p95_ms: float | None = None  # request-weighted mean of the windows' p95, local inferences only
+    energy_source: EnergyLabel = "none"
+    measured_share: float | None = None  # of the metered inferences
+
+
+class EfficiencyRow(View):
+    """Figures of one group; the keys that do not apply to the grouping are None."""
+
+    device_id: str | None = None
+    device_class: str | None = None
+    model: str | None = None
+    version: int | None = None
+    figures: EfficiencyFigures
+
+
+class EfficiencyView(View):
+    """`GET /api/v1/efficiency`: the same telemetry grouped per device, per class, per model version, and in all.
+    Per rollout comes with rollouts (issue #12)."""
+
+    since: datetime
+    window_s: int
+    prices: PricesView
+    label_rule: str
+    total: EfficiencyFigures
+    by_device: list[EfficiencyRow] = Field(default_factory=list)  # device, model, version
+    by_class: list[EfficiencyRow] = Field(default_factory=list)  # class, model, version
+    by_version: list[EfficiencyRow] = Field(default_factory=list)  # model, version
+
+
+class LabelledFigure(View):
+    value: float | None = None
+    source: EnergyLabel = "none"  # accuracy: "measured" (on held-out or test rows, see `evaluation`)
+
+
+class EfficiencySide(View):
+    """One column of `fleet efficiency MODEL`: the teacher as it would run on the class, or what edgefleet ships."""
+
+    mj_per_inference: LabelledFigure
+    inferences_per_kwh: LabelledFigure
+    cost_per_million: LabelledFigure
+    accuracy: LabelledFigure
+    p95_ms: LabelledFigure
+    offload_share: LabelledFigure = Field(default_factory=LabelledFigure)
+
+
+class ClassEfficiency(View):
+    """Per class: teacher against the student variant built for it plus offload, and how many times better."""
+
+    device_class: str
+    version: int | None = None  # the student variant's model version, None when no candidate fit the class
+    candidate: str | None = None
+    precision: str | None = None
+    runtime: str | None = None
+    teacher_is_best: bool = False
+    teacher: EfficiencySide
+    edgefleet: EfficiencySide
+    # Times better (teacher / edgefleet for mJ, cost and p95; edgefleet / teacher for inferences per kWh).
+    times_better: dict[str, float | None] = Field(default_factory=dict)
+    accuracy_delta_points: float | None = None  # edgefleet - teacher, in points
+    inferences: int = 0  # telemetry behind the edgefleet column
+    devices: int = 0
+    notes: list[str] = Field(default_factory=list)
+
+
+class ModelEfficiencyView(View):
+    """`GET /api/v1/models/{name}/efficiency`: the question the product exists for, per class."""
+
+    model: str
+    job_id: int | None = None
+    evaluation: str = ""  # where accuracy comes from: "heldout" or "test"
+    since: datetime
+    window_s: int
+    prices: PricesView
+    label_rule: str
+    classes: list[ClassEfficiency] = Field(default_factory=list)
+
+
 class StatsView(View):
-    """Counters a person checks when something looks wrong: malformed messages, refused documents."""
+    """Counters a person checks when something looks wrong: malformed messages, refused documents; and the fleet's
+    efficiency totals over the look-back (inferences, energy, cost), None from an older cloud."""
 
     counters: dict[str, int]
+    efficiency: EfficiencyFigures | None = None
+    prices: PricesView | None = None
+    window_s: int | None = None
 
 
 __all__ = [
     "Budgets",
     "BundleView",
+    "ClassEfficiency",
     "ClassesView",
     "DeployRequest",
     "DeploymentView",
     "DeviceClassInfo",
     "DeviceStatusRow",
     "DeviceView",
+    "EfficiencyFigures",
+    "EfficiencyRow",
+    "EfficiencySide",
+    "EfficiencyView",
+    "EnergyLabel",
     "EnrollmentTokenRequest",
     "EnrollmentTokenView",
     "ErrorBody",
+    "LabelledFigure",
+    "ModelEfficiencyView",
     "ModelVersionView",
+    "PricesView",
     "SignedDesiredState",
     "StatsView",
     "TelemetrySummary",

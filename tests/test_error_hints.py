@@ -186,7 +186,7 @@ def test_the_scan_reads_f_strings_and_examples():
 # -- grammar: "a" before a vowel sound, "an" before a consonant, and phrases like "has no any" -------------------
 
 # Words whose first letter misleads: "a user", "a unique", "a one-line"; "an hour", "an x86", "an MQTT", "an npz".
-_A_OK = re.compile(r"^(u(?:s|n(?:i|ary))|one|once|eu|ur[il])", re.I)
+_A_OK = re.compile(r"^(u(?:s|n(?:i|ary)|dev)|one|once|eu|ur[il])", re.I)
 _AN_OK = re.compile(r"^(h(?:our|onest)|x86|mqtt|rsa|sdk|svg|http|lru|mse|npz|fp\d|mib|mb|s3|ml|led|hmac|x|f|l|m|n|"
                     r"r|s|\d)", re.I)
 _A_VOWEL = re.compile(r"\b[Aa] ([aeiouAEIOU][\w-]*)")

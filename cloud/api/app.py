@@ -21,6 +21,7 @@ from edgefleet.cloud.api import (
     limits,
     routes_admin,
     routes_devices,
+    routes_efficiency,
     routes_identity,
     routes_jobs,
     routes_models,
@@ -46,8 +47,10 @@ def create_app(fleet: Fleet) -> FastAPI:
     handlers.install(app)
     # In front of every route: the token before a byte of the body, then the body under its cap.
     app.add_middleware(limits.RequestLimits, api=app)
-    for module in (routes_devices, routes_models, routes_admin, routes_identity, routes_jobs, routes_provenance):
+    for module in (routes_devices, routes_models, routes_admin, routes_identity, routes_jobs, routes_provenance,
+                   routes_efficiency):
         app.include_router(module.router, prefix="/api/v1")
+    app.include_router(routes_efficiency.metrics_router)  # /metrics, where Prometheus looks
     app.include_router(routes_tuf.router)
     build_openapi = app.openapi
 

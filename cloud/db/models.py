@@ -204,7 +204,12 @@ class TelemetryWindowRow(Base):
     __tablename__ = "telemetry_windows"
     __table_args__ = (Index("ix_telemetry_windows_device_model_end", "device_id", "model", "version", "end"),)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # 64-bit since migration 0008 (100,000 windows a second use up 32 bits in six hours). On PostgreSQL the table
+    # is partitioned by day on `end` (cloud/telemetry_rollup.py) and its primary key is (id, end), as a
+    # partitioned table's key must hold the partition key; ids come from one sequence, so id alone stays unique.
+    # SQLite keeps INTEGER PRIMARY KEY, its 64-bit rowid.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(128), nullable=False)
     epoch: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)  # with seq: the batch it came in
     seq: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -229,6 +234,39 @@ class TelemetryWindowRow(Base):
     row_net_mj: Mapped[float | None] = mapped_column(Float)  # idle-subtracted energy per row
     idle_w: Mapped[float | None] = mapped_column(Float)
     where: Mapped[str] = mapped_column(String(8), nullable=False, default="local")
+
+
+class TelemetryHourlyRow(Base):
+    """Windows rolled up per device, (model, version) and UTC hour of their `end` (cloud/telemetry_rollup.py,
+    migration 0008): additive sums, so hours and raw windows combine into the same figures
+    `Store.telemetry_summary` computes from windows alone. `*_sum` is the figure times its weight (requests for
+    per-request figures, rows for per-row ones) and `*_weight` the weight of the windows that had the figure."""
+
+    __tablename__ = "telemetry_hourly"
+
+    device_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    hour: Mapped[datetime] = mapped_column(UTCDateTime, primary_key=True)
+    windows: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    count: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    errors: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    rows: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    p50_ms_sum: Mapped[float | None] = mapped_column(Float)
+    p50_ms_weight: Mapped[float] = mapped_column(Float, nullable=False)
+    p95_ms_sum: Mapped[float | None] = mapped_column(Float)
+    p95_ms_weight: Mapped[float] = mapped_column(Float, nullable=False)
+    p99_ms: Mapped[float | None] = mapped_column(Float)  # the worst window's
+    mean_ms_sum: Mapped[float | None] = mapped_column(Float)
+    mean_ms_weight: Mapped[float] = mapped_column(Float, nullable=False)
+    mean_mj_sum: Mapped[float | None] = mapped_column(Float)
+    mean_mj_weight: Mapped[float] = mapped_column(Float, nullable=False)
+    row_ms_sum: Mapped[float | None] = mapped_column(Float)
+    row_ms_weight: Mapped[float] = mapped_column(Float, nullable=False)
+    row_mj_sum: Mapped[float | None] = mapped_column(Float)
+    row_mj_weight: Mapped[float] = mapped_column(Float, nullable=False)
+    energy_source: Mapped[str] = mapped_column(String(16), nullable=False)  # the greatest, as the summary's max
+    end: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)  # the latest window end in the hour
 
 
 class Token(Base):

@@ -4,20 +4,23 @@ Theory of operation: on hardware without an energy counter the best honest figur
 power (from the catalog, or the agent config) times the time the request kept the device busy (for a batched
 request, the whole batch: telemetry divides by its rows). It over-counts
 when other work shares the CPU and ignores idle power (spent whether or not we infer), so it is always reported as
-`estimated` with meter name "modelled"; fleet telemetry against measured devices recalibrates the catalog's watts.
-`idle_watts` is kept for window-level accounting (idle energy between inferences), not charged per inference.
+`estimated` with meter name "modelled" and method "modelled"; fleet telemetry against measured devices recalibrates
+the catalog's watts. `idle_watts` gives the idle-subtracted figure per request: (active - idle) x busy
+(telemetry's `row_net_mj`), never an idle charge between inferences.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from edgefleet.edge_agent.meters.base import EnergySource
+from edgefleet.edge_agent.meters.base import EnergyMethod, EnergySource
 
 
 class ModelledMeter:
     name = "modelled"
     source: EnergySource = "estimated"
+    method: EnergyMethod = "modelled"
+    hz: float | None = None
 
     def __init__(self, active_watts: float, idle_watts: float = 0.0) -> None:
         if active_watts <= 0 or idle_watts < 0:
@@ -33,3 +36,6 @@ class ModelledMeter:
 
     def stop(self, token: Any, busy_s: float) -> float:
         return self.joules_for(busy_s)
+
+    def close(self) -> None:
+        return None

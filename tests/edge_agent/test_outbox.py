@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 from edgefleet.cloud.store import Store
 from edgefleet.edge_agent import outbox as outbox_mod
-from edgefleet.edge_agent.outbox import Outbox, Tally, merge_windows
+from edgefleet.edge_agent.outbox import Outbox
+from edgefleet.edge_agent.outbox_merge import Tally, merge_windows
 from edgefleet.edge_agent.telemetry import Telemetry, _Window
 from edgefleet.protos.limits import MAX_WINDOW_S
 from edgefleet.protos.messages import TelemetryBatch, TelemetryWindow, parse_message

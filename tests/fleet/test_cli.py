@@ -125,7 +125,7 @@ def test_unreachable_cloud_is_one_line_exit_3(cli):
 def test_env_configures_and_option_overrides_env(cli, scripted):
     dead = f"http://127.0.0.1:{closed_port()}"
     out = cli.ok("stats", "--json", EDGEFLEET_URL=scripted, EDGEFLEET_TOKEN="good")
-    assert json.loads(out.stdout) == {"counters": {"malformed_messages": 3}}
+    assert json.loads(out.stdout)["counters"] == {"malformed_messages": 3}
     cli.fails(3, "--url", dead, "stats", EDGEFLEET_URL=scripted, EDGEFLEET_TOKEN="good")
     cli.fails(4, "--token", "bad", "stats", EDGEFLEET_URL=scripted, EDGEFLEET_TOKEN="good")
 
