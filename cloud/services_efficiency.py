@@ -120,7 +120,9 @@ def _edgefleet_side(chosen: CandidateFigures | None, row: ModelVersion | None, t
         notes.append(f"energy: {f.measured_share:.0%} of the metered inferences measured, the rest estimated")
     side = EfficiencySide(
         mj_per_inference=_figure(mj, mj_source), inferences_per_kwh=_figure(core.inferences_per_kwh(mj), mj_source),
-        cost_per_million=_figure(core.cost_per_million(mj, share, p), core.weaker(mj_source, share_source)),  # type: ignore[arg-type]
+        # Nothing offloaded: the cost is the energy's alone, and so is its label.
+        cost_per_million=_figure(core.cost_per_million(mj, share, p),
+                                 core.weaker(mj_source, share_source) if share else mj_source),  # type: ignore[arg-type]
         accuracy=_figure(_score(chosen), "measured"), p95_ms=_figure(p95, p95_source),
         offload_share=_figure(share, share_source))
     return side, notes

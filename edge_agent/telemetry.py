@@ -15,6 +15,9 @@ Theory of operation:
   cumulative joules go into an `EnergyLedger`, and a closed window's energy is the difference at its edges, shared
   among the local windows of the same period by busy time (`meters.attribution.attribute`), gross and net of the
   idle watts. A failed read costs the figure of the windows it would have bounded, labelled "none", never a crash.
+- Idle watts: configured (`energy.idle_watts`), else measured: a whole period with no local request is the device
+  idling, and its mean power over the window meter is one sample; the median of the last IDLE_SAMPLES is what the
+  net figure subtracts (`idle_w` on the window says which value). Until one idle period was seen, no net figure.
 - The batches wait on disk in the `Outbox` (edge_agent/outbox.py) until the cloud confirms it stored them.
 """
 
@@ -23,7 +26,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import statistics
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -38,6 +43,8 @@ log = logging.getLogger(__name__)
 
 # Latency samples kept per window for percentiles; beyond this a reservoir keeps a uniform sample.
 MAX_SAMPLES_PER_WINDOW = 10_000
+# Idle periods (a whole telemetry window with no local request) whose mean power makes the measured idle figure.
+IDLE_SAMPLES = 9
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
@@ -175,6 +182,11 @@ class Telemetry:
         self._labels: _Labels | None = None
         self._ledger = EnergyLedger()
         self.meter_read_errors = 0
+        # Measured idle power: a whole period with no local request, over a window meter, is the device idling.
+        # The median of the last IDLE_SAMPLES such periods is subtracted when no idle_w was configured.
+        self._busy_periods: set[datetime] = set()
+        self._idle_checked: datetime | None = None
+        self._idle_samples: deque[float] = deque(maxlen=IDLE_SAMPLES)
 
     def attach_meter(self, meter: Any, now: datetime, *, idle_w: float | None = None) -> None:
         """Use `meter`'s labels (and, for a window meter, its energy at every flush) from now on; `idle_w` is the
@@ -201,14 +213,32 @@ class Telemetry:
             if meter is self._meter:
                 self._ledger.add(now, joules)
 
-    def _measured(self, closed: list[_Window]) -> dict[int, Attributed]:
+    @property
+    def measured_idle_w(self) -> float | None:
+        """The device's idle power as the window meter saw it (the median of recent idle periods), or None."""
+        return statistics.median(self._idle_samples) if self._idle_samples else None
+
+    def _sample_idle(self, now: datetime) -> None:
+        """Under the lock, before pruning: the period that just ended, if no local request fell in it and the meter
+        covered at least 90% of it, gives one idle-power sample (joules / seconds)."""
+        current = self._bounds(now)[0]
+        previous = current - timedelta(seconds=self.window_s)
+        if self._idle_checked == previous:
+            return
+        self._idle_checked = previous
+        if previous not in self._busy_periods:
+            span = self._ledger.between(previous, current)
+            if span is not None and span[1] >= 0.9 * self.window_s:
+                self._idle_samples.append(span[0] / span[1])
+        self._busy_periods = {p for p in self._busy_periods if p >= previous}
+
+    def _measured(self, closed: list[_Window], idle_w: float | None) -> dict[int, Attributed]:
         """A window meter's energy per closed local window (by id), shared per period by busy time."""
         by_period: dict[tuple[datetime, datetime], list[_Window]] = {}
         for w in closed:
             if w.where == "local":
                 by_period.setdefault((w.start, w.end), []).append(w)
         out: dict[int, Attributed] = {}
-        idle_w = self._labels.idle_w if self._labels is not None else None
         for (start, end), windows in by_period.items():
             span = self._ledger.between(start, end)
             if span is None:
@@ -236,6 +266,8 @@ class Telemetry:
         start, end = self._bounds(now)
         key = (model, version, where, start)
         with self._lock:
+            if where == "local":
+                self._busy_periods.add(start)
             window = self._open.get(key)
             if window is None:
                 window = self._open[key] = _Window(model, version, where, start, end)
@@ -251,8 +283,10 @@ class Telemetry:
             measured: dict[int, Attributed] = {}
             labels = self._labels
             if self._meter is not None and is_window_meter(self._meter) and labels is not None:
-                measured = self._measured(closed)
-                labels = _Labels(labels.source, labels.meter, labels.method, self._meter.hz, labels.idle_w)
+                self._sample_idle(now)
+                idle_w = labels.idle_w if labels.idle_w is not None else self.measured_idle_w
+                labels = _Labels(labels.source, labels.meter, labels.method, self._meter.hz, idle_w)
+                measured = self._measured(closed, idle_w)
                 # Keep readings back to the oldest open window's start, or the current period's.
                 starts = [w.start for w in self._open.values()] + [self._bounds(now)[0]]
                 self._ledger.prune(min(starts))

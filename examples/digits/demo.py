@@ -317,6 +317,16 @@ def run(work: Path) -> None:
         console.print("Latency is measured on this machine's CPU for every class; energy is estimated as the class's "
                       "active watts x busy time (no power sensors here), and labelled so. Accuracy is the student's "
                       "on the device's own runtime and precision; the teacher's is torch on the same digits.")
+        # The question the product exists for, as an operator asks it: per class, the teacher as it would run there
+        # against what edgefleet ships (and offloads), each figure labelled measured or estimated.
+        step("the teacher against what edgefleet ships, per class: [bold]fleet efficiency digits[/]")
+        env = {**os.environ, "EDGEFLEET_URL": cloud_url, "EDGEFLEET_TOKEN": token_file.read_text().strip(),
+               "COLUMNS": "160"}
+        shown = subprocess.run([str(BIN / "fleet"), "efficiency", "digits"], env=env, capture_output=True,
+                               text=True, timeout=120)
+        if shown.returncode != 0:
+            raise RuntimeError(f"fleet efficiency digits failed ({shown.returncode}): {shown.stderr.strip()}")
+        print(shown.stdout.rstrip())
         console.print(f"demo finished in {time.monotonic() - t0:.1f} s")
         client.close()
     finally:

@@ -216,3 +216,39 @@ def test_the_modelled_meter_keeps_its_per_request_meaning_with_a_net_figure(tmp_
     assert (w.energy_source, w.energy_meter, w.energy_method, w.idle_w) == ("estimated", "modelled", "modelled", 1.0)
     assert w.row_mj == pytest.approx(4.0 * busy_ms / 24, rel=1e-3)  # W x ms = mJ, over 24 rows
     assert w.row_net_mj == pytest.approx((4.0 - 1.0) * busy_ms / 24, rel=1e-3)  # (active - idle) x busy
+
+
+def test_idle_power_is_measured_over_periods_without_requests_when_none_is_configured(tmp_path):
+    from edgefleet.edge_agent.meters import CumulativeMeter
+
+    class Counter(CumulativeMeter):
+        name, method, scope, hz = "rapl", "counter", "package", None
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.joules = 0.0
+
+        def _read_j(self) -> float:
+            return self.joules
+
+    meter, tel = Counter(), make(tmp_path)
+    tel.attach_meter(meter, T0)  # no idle watts configured
+    # Busy period [T0, T0+60): 30 J, and no idle figure known yet: gross only.
+    tel.record("m", 1, 100.0, T0 + timedelta(seconds=5), energy_source="measured", energy_meter="rapl", rows=10)
+    meter.joules = 30.0
+    [batch] = tel.flush(T0 + timedelta(seconds=60))
+    [w] = batch.windows
+    assert (w.row_mj, w.row_net_mj, w.idle_w) == (pytest.approx(3_000.0), None, None)
+    # Three idle periods at 0.2, 0.25 and 0.3 W (read every second, as the daemon's tick does): median 0.25 W.
+    for period, watts in enumerate((0.2, 0.25, 0.3), start=1):
+        for second in range(1, 61):
+            meter.joules += watts
+            assert tel.flush(T0 + timedelta(seconds=60 * period + second)) == []
+    assert tel.measured_idle_w == pytest.approx(0.25)
+    # The next busy period: 45 J gross, net of 0.25 W x 60 s = 15 J -> 30 J over 10 rows.
+    tel.record("m", 1, 100.0, T0 + timedelta(seconds=245), energy_source="measured", energy_meter="rapl", rows=10)
+    meter.joules += 45.0
+    [batch] = tel.flush(T0 + timedelta(seconds=300))
+    [w] = parse_message(batch.to_wire(), TelemetryBatch).windows
+    assert (w.row_mj, w.row_net_mj, w.idle_w) == (pytest.approx(4_500.0), pytest.approx(3_000.0),
+                                                  pytest.approx(0.25))
