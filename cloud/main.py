@@ -18,6 +18,7 @@ import shlex
 import signal
 import sys
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ class CloudRuntime:
         self.app: FastAPI | None = None
         self._stop_refresh = threading.Event()
         self._refresher: threading.Thread | None = None
+        self._maintainer: threading.Thread | None = None
 
     def start(self) -> CloudRuntime:
         from edgefleet.cloud.api import create_app
@@ -74,6 +76,9 @@ class CloudRuntime:
                 self.fleet.broker_accounts = self.mqtt_side.accounts
             self._refresher = threading.Thread(target=self._refresh_loop, name="edgefleet-refresh", daemon=True)
             self._refresher.start()
+            self._maintainer = threading.Thread(target=self._maintain_loop, name="edgefleet-telemetry-upkeep",
+                                                daemon=True)
+            self._maintainer.start()
             self.app = create_app(self.fleet)
         except BaseException:
             self.stop()
@@ -91,10 +96,28 @@ class CloudRuntime:
                 except Exception:
                     log.exception("refreshing %s failed; retrying in %ss", what, self.settings.refresh_interval_s)
 
+    def _maintain_loop(self) -> None:
+        """Telemetry upkeep (cloud/telemetry_rollup.py): raw windows rolled up hourly, partitions made ahead, old data
+        dropped by the retention settings. At start, then every telemetry_maintenance_interval_s; a failed run is
+        logged and the next one catches up (nothing is lost: the roll-up works from a watermark)."""
+        from edgefleet.cloud.telemetry_rollup import maintain_telemetry
+
+        assert self.fleet is not None
+        interval = self.settings.telemetry_maintenance_interval_s
+        while True:
+            try:
+                maintain_telemetry(self.fleet.store, self.settings, datetime.now(timezone.utc))
+            except Exception:
+                log.exception("telemetry upkeep failed; retrying in %ss", interval)
+            if self._stop_refresh.wait(interval):
+                return
+
     def stop(self) -> None:
         self._stop_refresh.set()
         if self._refresher is not None:
             self._refresher.join(5)
+        if self._maintainer is not None:
+            self._maintainer.join(5)
         if self.fleet is not None:
             self.fleet.publish = None
             self.fleet.broker_accounts = None

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 from edgefleet.cloud import efficiency as core
 from edgefleet.cloud.errors import Unavailable
 from edgefleet.cloud.services_efficiency import prices, since_of
-from edgefleet.cloud.store import ADMIN_MARKER
 from edgefleet.cloud.store_efficiency import efficiency_slices
 
 if TYPE_CHECKING:
@@ -72,9 +71,8 @@ class EfficiencyCollector:
                                 "offloaded inferences", value=p.offload_per_million)
         events = CounterMetricFamily("edgefleet_events", "The cloud's counters (those `fleet stats` shows)",
                                      labels=["name"])
-        for name, value in sorted(fleet.store.counters().items()):
-            if name != ADMIN_MARKER:  # a marker, not a statistic
-                events.add_metric([name], float(value))
+        for name, value in sorted(fleet.counters().items()):
+            events.add_metric([name], float(value))
         yield events
 
 

@@ -33,7 +33,7 @@ from edgefleet.cloud.services_models import ModelsFacade
 from edgefleet.cloud.services_provenance import ProvenanceFacade
 from edgefleet.cloud.settings import Settings
 from edgefleet.cloud.store import ADMIN_MARKER, Store
-from edgefleet.cloud.store_telemetry import BatchIn
+from edgefleet.cloud.store_telemetry import ROLLUP_SEEN, ROLLUP_THROUGH, BatchIn
 from edgefleet.cloud.trust import DesiredStateSigner, TufRepository
 from edgefleet.common.fsutil import private_dir
 from edgefleet.protos.api import DeviceStatusRow, DeviceView, StatsView, TelemetrySummary
@@ -195,9 +195,15 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
     def count(self, name: str, by: int = 1) -> None:
         self.store.incr(name, by)
 
-    def stats(self) -> StatsView:
+    def counters(self) -> dict[str, int]:
+        """The counters `fleet stats` and `/metrics` show: markers and watermarks kept in the same table left out."""
         counters = self.store.counters()
-        counters.pop(ADMIN_MARKER, None)  # a marker, not a statistic
+        for marker in (ADMIN_MARKER, ROLLUP_THROUGH, ROLLUP_SEEN):
+            counters.pop(marker, None)
+        return counters
+
+    def stats(self) -> StatsView:
+        counters = self.counters()
         view = efficiency(self)  # fleet-wide totals over the look-back: inferences, energy, cost
         return StatsView(counters=counters, efficiency=view.total, prices=view.prices, window_s=view.window_s)
 

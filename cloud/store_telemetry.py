@@ -7,6 +7,13 @@ RETURNING`, so an outbox replay stores nothing twice, on SQLite and PostgreSQL a
 (protos/telemetry.py); roll-ups are one SQL aggregate: per-request figures weighted by requests, per-row ones by
 rows, so a window of batched requests weighs as the inferences it served. `min_rows` leaves out windows too small to
 learn from (the calibration refit's minimum, cloud/services_distill.py).
+
+At fleet scale (issue 9) a call stores many batches with a fixed number of statements: one multi-row claim, then
+the windows of the batches claimed by binary `COPY` on PostgreSQL (psycopg 3, on the session's own connection, in
+its transaction) or one executemany on SQLite, then one counter upsert. Raw windows roll up to hourly sums
+(`telemetry_hourly`, by an id watermark), which summaries read for whole hours; retention drops rolled-up windows
+(on PostgreSQL whole day partitions of `telemetry_windows`, schema `telemetry_partitions`), old hours and old
+batch claims. cloud/telemetry_rollup.py decides when and how far.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import re
 from collections import Counter as CounterDict
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
@@ -72,6 +80,7 @@ _WINDOW_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
     (c.name, c.default.arg if c.default is not None else None)
     for c in TelemetryWindowRow.__table__.columns if c.name not in ("id", *_IDENTITY))
 _WINDOW_KEYS = frozenset(name for name, _ in _WINDOW_DEFAULTS)
+_ALL_FIELDS = itemgetter(*(name for name, _ in _WINDOW_DEFAULTS))
 _ROW_COLUMNS = (*_IDENTITY, *(name for name, _ in _WINDOW_DEFAULTS))
 
 
@@ -216,10 +225,10 @@ class TelemetryStoreMixin:
         `min_rows`, only windows of at least that many rows (inferences) count.
 
         Requests (`count`), errors and rows add up exactly. Per-request figures (p50, p95, `mean_ms`, `mean_mj`) are
-        count-weighted means of the windows' own, per-row ones (`row_ms`, `row_mj`: per inference) rows-weighted, so
-        one window of 1,200-row requests weighs as 1,200 inferences. Percentiles of windows cannot be merged exactly:
-        p99 is the worst window's. Good enough to see a device drift; the windows stay in the table for exact
-        questions.
+        means of the windows' own weighted by their successful requests (count - errors: what each is a mean over),
+        per-row ones (`row_ms`, `row_mj`: per inference) rows-weighted, so one window of 1,200-row requests weighs as
+        1,200 inferences. Percentiles of windows cannot be merged exactly: p99 is the worst window's. Good enough to
+        see a device drift; the windows stay in the table for exact questions.
 
         Hours the roll-up has summed (`telemetry_hourly`, `telemetry_rollup`) are read from there for the whole
         hours of the look-back, the raw windows for the rest: the first, partial hour and every window not rolled
@@ -257,7 +266,7 @@ class TelemetryStoreMixin:
                        func.sum(u.c.windows).label("windows"),
                        *((func.sum(u.c[f"{f}_sum"]) / func.nullif(func.sum(u.c[f"{f}_weight"]), 0)).label(f)
                          for f in _WEIGHTED),
-                       func.max(u.c.p99_ms).label("p99_ms"), func.max(u.c.energy_source).label("energy_source"),
+                       func.max(u.c.p99_ms).label("p99_ms"), _label_of(u.c.energy_source).label("energy_source"),
                        func.max(u.c.end).label("window_end"))
                 .group_by(u.c.device_id, u.c.model, u.c.version)
                 .order_by(u.c.device_id, u.c.model, u.c.version)
@@ -308,7 +317,7 @@ class TelemetryStoreMixin:
                     "windows": h.windows + x["windows"], "count": h.count + x["count"],
                     "errors": h.errors + x["errors"], "rows": h.rows + x["rows"],
                     "p99_ms": greatest(h.p99_ms, x["p99_ms"]),
-                    "energy_source": greatest(h.energy_source, x["energy_source"]), "end": greatest(h.end, x["end"])}
+                    "energy_source": _weaker(h.energy_source, x["energy_source"]), "end": greatest(h.end, x["end"])}
                 for f in _WEIGHTED:
                     total, more = getattr(h, f"{f}_sum"), x[f"{f}_sum"]
                     update[f"{f}_sum"] = func.coalesce(total + more, total, more)  # NULL: no window had it
@@ -426,18 +435,33 @@ def _admitted(w: Any) -> list[Any]:
 def _window_sums(*where: Any, hour: Any = None) -> Any:
     """Raw windows as additive sums per device and (model, version) (and hour): the columns of telemetry_hourly."""
     w = TelemetryWindowRow
-    count, rows = cast(w.count, Float), cast(w.rows, Float)
+    # Per-request figures are means over the successful requests (protos/telemetry.py), so they weigh by those;
+    # per-row ones by rows (the wire does not say how many rows the failed requests had).
+    ok, rows = cast(w.count - w.errors, Float), cast(w.rows, Float)
     sums = []
     for name in _WEIGHTED:
-        figure, weight = getattr(w, name), rows if name in _BY_ROWS else count
+        figure, weight = getattr(w, name), rows if name in _BY_ROWS else ok
         sums += [func.sum(figure * weight).label(f"{name}_sum"),
                  func.sum(case((figure.is_not(None), weight), else_=0.0)).label(f"{name}_weight")]
     keys = [w.device_id, w.model, w.version, *([hour.label("hour")] if hour is not None else [])]
     return (select(*keys, func.count().label("windows"), func.sum(w.count).label("count"),
                    func.sum(w.errors).label("errors"), func.sum(w.rows).label("rows"), *sums,
-                   func.max(w.p99_ms).label("p99_ms"), func.max(w.energy_source).label("energy_source"),
+                   func.max(w.p99_ms).label("p99_ms"), _label_of(w.energy_source).label("energy_source"),
                    func.max(w.end).label("end"))
             .where(*where).group_by(*([w.device_id, w.model, w.version] + ([hour] if hour is not None else []))))
+
+
+def _label_of(source: Any) -> Any:
+    """The energy label of windows rolled up: "estimated" when any metered one was, "measured" when all metered ones
+    were, "none" when none had energy. Not max(): "none" sorts after "measured" and would relabel a measured row."""
+    rank = func.max(case((source == "estimated", 2), (source == "measured", 1), else_=0))
+    return case((rank == 2, "estimated"), (rank == 1, "measured"), else_="none")
+
+
+def _weaker(a: Any, b: Any) -> Any:
+    """`_label_of` for two labels (an hour's and the windows added to it)."""
+    return case((or_(a == "estimated", b == "estimated"), "estimated"),
+                (or_(a == "measured", b == "measured"), "measured"), else_="none")
 
 
 def _hour_ceiling(t: datetime) -> datetime:
@@ -483,6 +507,8 @@ def _window_row(b: BatchIn, w: dict[str, Any]) -> tuple[Any, ...]:
         value = w.get(name)
         if value is not None and getattr(value, "tzinfo", None) is None:
             raise ValueError("naive datetime given to the database; use datetime.now(timezone.utc)")
+    if len(w) == len(_WINDOW_KEYS):  # every field given, as `TelemetryWindow.model_dump()` does: one C call
+        return (b.device_id, b.epoch, b.seq, *_ALL_FIELDS(w))
     return (b.device_id, b.epoch, b.seq, *[w.get(name, default) for name, default in _WINDOW_DEFAULTS])
 
 

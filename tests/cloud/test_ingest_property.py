@@ -146,9 +146,10 @@ class Expected:
             ws = [w for w in self.windows if (w["model"], w["version"]) == key]
 
             def mean(figure: str, ws: list[dict[str, Any]] = ws) -> float | None:
+                # Per-request figures are means over the successful requests: weighted by them.
                 given = [w for w in ws if w[figure] is not None]
-                weight = sum(w["count"] for w in given)
-                return sum(w[figure] * w["count"] for w in given) / weight if weight else None
+                weight = sum(w["count"] - w["errors"] for w in given)
+                return sum(w[figure] * (w["count"] - w["errors"]) for w in given) / weight if weight else None
 
             out[key] = {"count": sum(w["count"] for w in ws), "errors": sum(w["errors"] for w in ws),
                         "p50_ms": mean("p50_ms"), "p95_ms": mean("p95_ms"), "mean_mj": mean("mean_mj")}

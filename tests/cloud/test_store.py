@@ -254,12 +254,26 @@ def test_telemetry_summary_rolls_windows_up_over_the_look_back(store):
     assert list(got) == ["d"]
     (agg,) = got["d"]
     assert (agg.model, agg.version, agg.count, agg.errors) == ("a", 1, 40, 2)
-    assert agg.p50_ms == pytest.approx((1.0 * 10 + 3.0 * 30) / 40)
-    assert agg.p95_ms == pytest.approx((2.0 * 10 + 6.0 * 30) / 40)
-    assert agg.mean_mj == pytest.approx((4.0 * 10 + 8.0 * 30) / 40)
+    # Per-request figures are means over the successful requests: weighted by them (10, and 30 - 2 errors).
+    assert agg.p50_ms == pytest.approx((1.0 * 10 + 3.0 * 28) / 38)
+    assert agg.p95_ms == pytest.approx((2.0 * 10 + 6.0 * 28) / 38)
+    assert agg.mean_mj == pytest.approx((4.0 * 10 + 8.0 * 28) / 38)
     assert agg.end == NOW + timedelta(seconds=120)
     assert set(store.telemetry_summary(NOW)) == {"d", "e"}
     assert store.telemetry_summary(NOW + timedelta(seconds=500)) == {}
+
+
+def test_the_rolled_up_energy_label_is_the_weaker_of_the_metered_windows(store):
+    """"none" sorts after "measured": a max() over the labels relabelled a measured device by its one unmetered
+    window. The label is "estimated" when any metered window was, "measured" when all were, else "none"."""
+    bare = {**window("a", 1, 60), "mean_mj": None, "row_mj": None, "energy_source": "none"}
+    measured = {**window("a", 1, 120), "energy_source": "measured", "energy_meter": "rapl"}
+    store.add_telemetry("d", 1, [bare, measured], 0, NOW)
+    store.add_telemetry("e", 1, [bare], 0, NOW)
+    store.add_telemetry("f", 1, [measured, {**window("a", 1, 180)}], 0, NOW)
+    got = store.telemetry_summary(NOW - timedelta(seconds=60))
+    assert {d: [a.energy_source for a in aggs] for d, aggs in got.items()} == {
+        "d": ["measured"], "e": ["none"], "f": ["estimated"]}
 
 
 @pytest.mark.parametrize("bad", [{"p95_ms": 1e308}, {"p95_ms": float("nan")}, {"p50_ms": float("inf")},
