@@ -40,6 +40,7 @@ from edgefleet.protos.api import (
     EnrollmentTokenRequest,
     EnrollmentTokenView,
     ErrorBody,
+    ModelEfficiencyView,
     ModelVersionView,
     StatsView,
     TokenExpiryRequest,
@@ -282,6 +283,12 @@ class FleetClient:
 
     def stats(self) -> StatsView:
         return self._get(f"{API}/stats", StatsView)
+
+    def model_efficiency(self, name: str, window_s: int | None = None) -> ModelEfficiencyView:
+        """Per class: the teacher against what edgefleet ships and routes (`fleet efficiency`)."""
+        params = {"window_s": window_s} if window_s else None
+        return self._parse(self._request("GET", f"{API}/models/{_segment(name)}/efficiency", params=params),
+                           ModelEfficiencyView)
 
     # -- distillation and jobs -----------------------------------------------------------------------------------
 

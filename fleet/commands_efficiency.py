@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from edgefleet.fleet import render
-from edgefleet.fleet.client import API, FleetClient, _segment
+from edgefleet.fleet.client import FleetClient
 from edgefleet.protos.api import ClassEfficiency, LabelledFigure, ModelEfficiencyView
 
 DASH = render.DASH
@@ -41,13 +41,6 @@ def _window_s(value: str) -> int:
     from edgefleet.fleet.main import _ttl_s
 
     return _ttl_s(value, "--window")
-
-
-def model_efficiency(client: FleetClient, name: str, window_s: int | None) -> ModelEfficiencyView:
-    # FleetClient's own request, error mapping and parsing (fleet/client.py).
-    params = {"window_s": window_s} if window_s else None
-    response = client._request("GET", f"{API}/models/{_segment(name)}/efficiency", params=params)
-    return client._parse(response, ModelEfficiencyView)
 
 
 # -- rendering ---------------------------------------------------------------------------------------------------
@@ -129,7 +122,7 @@ def efficiency(
     cost model on the class); edgefleet's from the fleet's telemetry of the variant once devices serve it, else
     from the same report's prediction.
     """
-    view = model_efficiency(_client(ctx), model, _window_s(window) if window else None)
+    view = _client(ctx).model_efficiency(model, _window_s(window) if window else None)
     if as_json:
         typer.echo(render.to_json(view))
     else:
@@ -142,4 +135,4 @@ def register(app: typer.Typer) -> None:
         efficiency)
 
 
-__all__ = ["efficiency_table", "model_efficiency", "register"]
+__all__ = ["efficiency_table", "register"]
