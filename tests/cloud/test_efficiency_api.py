@@ -18,7 +18,7 @@ import pytest
 from edgefleet.protos.api import EfficiencyView, ErrorBody, ModelEfficiencyView, StatsView
 from edgefleet.protos.distill import CandidateFigures, ClassResult, DistillReport, ModelFigures
 from edgefleet.protos.messages import Budgets, TelemetryWindow
-from tests.cloud_server import start_cloud_server, tiny_onnx
+from tests.cloud_server import cloud_server, tiny_onnx
 
 _seq = iter(range(1, 1_000_000))
 
@@ -86,12 +86,9 @@ def seed_distilled(fleet: Any, model: str = "kws") -> int:
 
 @pytest.fixture
 def cloud(tmp_path, db_url):
-    server = start_cloud_server(tmp_path / "cloud", db_url=db_url, energy_price_per_kwh=0.5,
-                                offload_price_per_million=2.0)
-    try:
+    with cloud_server(tmp_path / "cloud", db_url=db_url, energy_price_per_kwh=0.5,
+                      offload_price_per_million=2.0) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_efficiency_per_device_class_and_version_with_labels_and_costs(cloud):

@@ -7,21 +7,10 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta, timezone
 
-import pytest
-
 from edgefleet.cloud.store import Store
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 LEASE = 10.0
-
-
-@pytest.fixture
-def store(db_url):
-    s = Store.open(db_url)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def enqueue(store: Store, n: int = 1, kind: str = "distill", max_attempts: int = 3) -> list[int]:

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cloud.test_efficiency_api import enroll, send, window
-from tests.cloud_server import start_cloud_server
+from tests.cloud_server import cloud_server
 
 
 def scrape(http) -> dict[str, dict[tuple, float]]:
@@ -28,11 +28,8 @@ def key(device_class: str, model: str, version: int) -> tuple:
 
 @pytest.fixture
 def cloud(tmp_path, db_url):
-    server = start_cloud_server(tmp_path / "cloud", db_url=db_url, energy_price_per_kwh=0.25)
-    try:
+    with cloud_server(tmp_path / "cloud", db_url=db_url, energy_price_per_kwh=0.25) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def test_scrape_reads_the_database_at_scrape_time(cloud):
@@ -62,7 +59,7 @@ def test_scrape_reads_the_database_at_scrape_time(cloud):
 
 
 def test_metrics_need_the_admin_token_when_not_public(tmp_path):
-    with start_cloud_server(tmp_path / "cloud", metrics_public=False) as server:
+    with cloud_server(tmp_path / "cloud", metrics_public=False) as server:
         with server.client(token="") as anon:
             r = anon.get("/metrics")
             assert r.status_code == 401 and "Authorization" in r.json()["message"]

@@ -26,15 +26,6 @@ from edgefleet.protos.limits import (
 NOW = datetime(2025, 5, 1, 10, 0, 0, tzinfo=timezone.utc)
 
 
-@pytest.fixture
-def store(db_url):
-    s = Store.open(db_url)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def window(model="m", version=1, end_s=60, p95=5.0) -> dict:
     """A window of 10 single-row requests, as `TelemetryWindow.model_dump()` gives it to the store."""
     return dict(model=model, version=version, start=NOW + timedelta(seconds=end_s - 60),

@@ -20,15 +20,6 @@ NOW = datetime.now(timezone.utc).replace(minute=20, second=0, microsecond=0)
 TODAY = NOW.replace(hour=0, minute=0)
 
 
-@pytest.fixture
-def store(db_url):
-    s = Store.open(db_url)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def window(end: datetime, rng: random.Random, **over) -> dict:
     count = rng.randint(1, 50)
     errors = rng.randint(0, count - 1)

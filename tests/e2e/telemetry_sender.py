@@ -1,7 +1,7 @@
 """The agent's telemetry path as a process of its own, for delivery tests that kill things: the real `Outbox`,
 `MqttLink` and `LinkOrHttp` (with the real HTTP client), fed windows that a test can count.
 
-Window i (0-based) covers second i after T0 and holds 1 + i % 7 requests, so a test knows exactly how many windows
+Window i (0-based) covers second i after --t0 and holds 1 + i % 7 requests, so a test knows exactly how many windows
 and requests a device produced: batch seq k holds windows k*B .. k*B+B-1 (B = --per-batch), and the outbox's next
 seq, which survives a SIGKILL, says where to go on after a restart. `--resend` republishes that share of the
 batches once more over raw MQTT (a duplicate the cloud must store once). The process exits 0 once it has produced
@@ -17,7 +17,7 @@ import logging
 import random
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from edgefleet.edge_agent.clock import SystemClock
@@ -27,12 +27,10 @@ from edgefleet.edge_agent.link_mqtt import MqttLink
 from edgefleet.edge_agent.outbox import Outbox
 from edgefleet.protos.messages import EnrollResponse, TelemetryWindow
 
-T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
-
-def window(i: int) -> TelemetryWindow:
+def window(i: int, t0: datetime) -> TelemetryWindow:
     count = requests_in(i)
-    start = T0 + timedelta(seconds=i)
+    start = t0 + timedelta(seconds=i)
     return TelemetryWindow(model="m", version=1, start=start, end=start + timedelta(seconds=1), count=count,
                            errors=0, rows=count, p50_ms=1.0, p95_ms=2.0, p99_ms=3.0, mean_ms=1.5, row_ms=1.5,
                            mean_mj=2.0, row_mj=2.0, energy_source="estimated", energy_meter="modelled",
@@ -54,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-bytes", type=int, default=64 * 1024 * 1024)
     ap.add_argument("--ack-timeout-s", type=float, default=1.0)
     ap.add_argument("--deadline-s", type=float, default=240.0)
+    # Window 0's start, the same for every run of a sender; recent, or the cloud's retention would drop the windows.
+    ap.add_argument("--t0", type=datetime.fromisoformat, required=True)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             produced = outbox.next_seq * args.per_batch
             if produced < args.windows:
                 first = produced
-                batch = outbox.add(device_id, [window(i) for i in range(first, min(first + args.per_batch,
+                batch = outbox.add(device_id, [window(i, args.t0) for i in range(first, min(first + args.per_batch,
                                                                                    args.windows))], clock.now())
                 if args.resend and rand.random() < args.resend and link.connected:
                     outbox.mark_attempted(batch.seq, batch.epoch)  # from here the cloud may hold it: never merged

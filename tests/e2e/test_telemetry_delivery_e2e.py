@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -31,6 +32,10 @@ from tests.harness import Mosquitto, free_port, wait_for
 
 SENDER = [sys.executable, "-m", "tests.e2e.telemetry_sender"]
 ROOT = Path(__file__).resolve().parents[2]
+
+
+# Window 0's start: recent, so the cloud's raw retention (48 h) keeps the windows the test counts.
+T0 = (datetime.now(timezone.utc) - timedelta(hours=1)).replace(microsecond=0)
 
 
 def expected_requests(n_windows: int) -> int:
@@ -49,7 +54,8 @@ class Sender:
 
     def start(self) -> Sender:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([*SENDER, str(self.enrollment), str(self.dir), *self.args], cwd=ROOT,
+            self.proc = subprocess.Popen([*SENDER, str(self.enrollment), str(self.dir), "--t0", T0.isoformat(),
+                                          *self.args], cwd=ROOT,
                                          stdout=log, stderr=log)
         return self
 
@@ -166,31 +172,38 @@ def test_chaos_10000_windows_resent_killed_broker_restarted_database_failing(tmp
                 small = ["--max-bytes", "12000"] if i % 2 else []
                 senders.append(Sender(tmp_path / "senders", enrollment.to_wire(), enrollment.device_id,
                                       ["--windows", str(n_windows), "--per-batch", str(per_batch), "--resend",
-                                       "0.3", "--interval-s", "0.05", *small]).start())
+                                       "0.3", "--interval-s", "0.1", *small]).start())
         kills = 0
-        started = time.monotonic()
-        broker_restarted = database_failed = False
-        while kills < 50:
-            time.sleep(rand.uniform(0.05, 0.3))
+
+        def kill_one() -> None:
+            nonlocal kills
             victim = rand.choice([s for s in senders if not s.done()] or senders)
             if not victim.done():
                 victim.kill()
                 victim.start()
                 kills += 1
-            elapsed = time.monotonic() - started
-            if not broker_restarted and elapsed > 2:
-                broker.stop()
-                time.sleep(1.5)
-                broker.start()
-                broker_restarted = True
-            if not database_failed and elapsed > 5:
-                with engine.connect() as c:
-                    c.execute(sa.text("ALTER TABLE telemetry_windows RENAME TO telemetry_windows_away"))
-                time.sleep(3)
-                with engine.connect() as c:
-                    c.execute(sa.text("ALTER TABLE telemetry_windows_away RENAME TO telemetry_windows"))
-                database_failed = True
-        assert broker_restarted and database_failed
+
+        time.sleep(1.0)
+        broker.stop()  # its sessions and queues are gone: agents resend what the cloud never confirmed
+        time.sleep(1.5)
+        broker.start()
+        for _ in range(5):
+            time.sleep(rand.uniform(0.05, 0.3))
+            kill_one()
+        assert any(not s.done() for s in senders), "the senders finished before the database failed"
+        with engine.connect() as c:
+            c.execute(sa.text("ALTER TABLE telemetry_windows RENAME TO telemetry_windows_away"))
+        failing_until = time.monotonic() + 3.0
+        while time.monotonic() < failing_until:
+            time.sleep(rand.uniform(0.05, 0.3))
+            kill_one()
+        with engine.connect() as c:
+            c.execute(sa.text("ALTER TABLE telemetry_windows_away RENAME TO telemetry_windows"))
+        while kills < 50:
+            time.sleep(rand.uniform(0.05, 0.3))
+            kill_one()
+            if all(s.done() for s in senders):
+                break
         for s in senders:  # a sender killed after it finished was restarted and exits at once
             if s.done() and s.proc is not None and s.proc.returncode != 0:
                 s.start()
@@ -209,6 +222,7 @@ def test_chaos_10000_windows_resent_killed_broker_restarted_database_failing(tmp
         assert merged > 0, "no outbox ever filled: the merge policy was not exercised"
         assert counters.get("telemetry_merged_windows", 0) == merged
         assert counters.get("ingest_errors", 0) > 0  # the database did fail, and was retried
+        assert kills == 50, f"only {kills} sender kills happened before every sender finished"
         assert counters.get("telemetry_replayed", 0) > 0  # resent batches were stored once
     finally:
         for s in senders:
