@@ -169,7 +169,9 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
         database fails: then nothing was stored and nothing may be acknowledged."""
         now = time.monotonic()
         admitted = [self._limiter.take(m.device_id, max(1, len(m.windows)), now) for m in msgs]
-        batches = [BatchIn(m.device_id, m.epoch, m.seq, [w.model_dump() for w in m.windows], m.dropped_windows,
+        # A window holds only scalars and times: its field dict is what model_dump gives, at a fourteenth of the cost
+        # (0.13 against 1.9 us; tests/protos/test_telemetry_fields.py checks they are equal).
+        batches = [BatchIn(m.device_id, m.epoch, m.seq, [w.__dict__.copy() for w in m.windows], m.dropped_windows,
                            m.merged_windows) for m, ok in zip(msgs, admitted, strict=True) if ok]
         stored = iter(self.store.add_telemetry_many(batches, _now()) if batches else [])
         outcomes = [next(stored) if ok else "rate_limited" for ok in admitted]
