@@ -156,3 +156,19 @@ def test_section_must_be_a_table(tmp_path):
     text = 'device_id="d1"\ndevice_class="rpi4"\ncloud_url="https://c"\ndata_dir="/x"\napi = 3\n'
     with pytest.raises(ConfigError, match="'api' must be a table"):
         load_config(write(tmp_path, text))
+
+
+def test_the_packaged_example_loads_with_every_commented_key_set(tmp_path):
+    """packaging/agent.example.toml says every key the agent knows is in it: it loads as shipped, and with each
+    commented-out `key = value` line switched on."""
+    import re
+
+    example = Path(__file__).resolve().parents[2] / "packaging" / "agent.example.toml"
+    text = example.read_text()
+    shipped = tmp_path / "shipped.toml"
+    shipped.write_text(text)
+    load_config(shipped)
+    switched_on = tmp_path / "all.toml"
+    switched_on.write_text(re.sub(r"^# (\w+ = )", r"\1", text, flags=re.M))
+    config = load_config(switched_on)
+    assert (config.energy.meter, config.energy.sample_hz, config.energy.idle_watts) == ("auto", 10.0, 2.7)
