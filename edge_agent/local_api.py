@@ -14,6 +14,8 @@ Routes (KServe v2 / OIP):
     POST /v2/models/{name}[/versions/{v}]/infer   InferRequest -> InferResponse; `parameters` carries provenance:
                                      where="local", model_version, latency_ms, energy_mj, energy_source
     GET  /v1/telemetry               open windows and outbox size (for people debugging a device)
+    GET  /metrics                    Prometheus text: requests, inferences, busy seconds and joules per model
+                                     version since start, outbox gauges and counted losses (edge_agent/metrics_text.py)
 Errors are JSON {"error": "..."}: 400 bad request, 404 unknown model or route, 411/413 for a missing or too large
 body, 408 for a body that did not arrive in time, 503 no model active, 500 the runtime failed. Any plain HTTP client
 that speaks OIP JSON works.
@@ -48,6 +50,8 @@ from pydantic import ValidationError
 from edgefleet.common.fsutil import atomic_write_json
 from edgefleet.edge_agent.errors import AgentError, EdgefleetError, InferenceError, ModelNotFound, ModelNotReady
 from edgefleet.edge_agent.inference import InferenceService
+from edgefleet.edge_agent.metrics_text import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from edgefleet.edge_agent.metrics_text import render as render_metrics
 from edgefleet.protos.oip import InferRequest
 
 log = logging.getLogger(__name__)
@@ -110,6 +114,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _send_text(self, status: int, data: bytes) -> None:
+        self.connection.settimeout(self.api.read_timeout_s)
+        self.send_response(status)
+        self.send_header("Content-Type", METRICS_CONTENT_TYPE)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
     def _error(self, status: int, message: str) -> None:
         self._send(status, {"error": message})
 
@@ -155,6 +167,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/v2":
             return self._send(200, {"name": SERVER_NAME, "version": "1", "extensions": [],
                                     "models": service.models()})
+        if path == "/metrics" and self.api.telemetry is not None:
+            return self._send_text(200, render_metrics(self.api.telemetry, self.api.telemetry.device_id))
         if path == "/v1/telemetry" and self.api.telemetry is not None:
             t = self.api.telemetry
             return self._send(200, {"open_windows": t.open_windows(), "outbox_batches": len(t.outbox),

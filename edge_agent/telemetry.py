@@ -187,6 +187,10 @@ class Telemetry:
         self._busy_periods: set[datetime] = set()
         self._idle_checked: datetime | None = None
         self._idle_samples: deque[float] = deque(maxlen=IDLE_SAMPLES)
+        # Since start, per (model, version, where), for the agent's /metrics: requests, errors, rows, busy ms as
+        # they happen; the successful requests' energy (mJ) and its label as each window closes.
+        self._totals: dict[tuple[str, int, str], list[float]] = {}
+        self._totals_source: dict[tuple[str, int, str], str] = {}
 
     def attach_meter(self, meter: Any, now: datetime, *, idle_w: float | None = None) -> None:
         """Use `meter`'s labels (and, for a window meter, its energy at every flush) from now on; `idle_w` is the
@@ -272,6 +276,11 @@ class Telemetry:
             if window is None:
                 window = self._open[key] = _Window(model, version, where, start, end)
             window.add(latency_ms, ok, energy_mj, energy_source, energy_meter, rows)
+            total = self._totals.setdefault((model, version, where), [0, 0, 0, 0.0, 0.0])
+            total[0] += 1
+            total[1] += 0 if ok else 1
+            total[2] += max(1, int(rows))
+            total[3] += _within(latency_ms, MAX_LATENCY_MS) if ok else 0.0
 
     def flush(self, now: datetime, *, force: bool = False) -> list[TelemetryBatch]:
         """Close windows that ended by `now` (all of them with `force`, e.g. at shutdown) into outbox batches.
@@ -291,12 +300,24 @@ class Telemetry:
                 starts = [w.start for w in self._open.values()] + [self._bounds(now)[0]]
                 self._ledger.prune(min(starts))
             windows = [w.close(measured.get(id(w)), labels) for w in closed]
+            for w in windows:
+                if w.mean_mj is not None:
+                    self._totals.setdefault((w.model, w.version, w.where), [0, 0, 0, 0.0, 0.0])[4] += (
+                        w.mean_mj * (w.count - w.errors))
+                    self._totals_source[(w.model, w.version, w.where)] = w.energy_source
         batches = []
         for i in range(0, len(windows), MAX_WINDOWS_PER_BATCH):
             batches.append(self.outbox.add(self.device_id, windows[i:i + MAX_WINDOWS_PER_BATCH], now))
         if not windows and self.outbox.dropped_pending and force:
             batches.append(self.outbox.add(self.device_id, [], now))  # report drops even with nothing new
         return batches
+
+    def totals(self) -> list[tuple[str, int, str, int, int, int, float, float, str]]:
+        """Since start, per (model, version, where): requests, errors, rows, busy ms, energy mJ (of closed windows)
+        and that energy's label."""
+        with self._lock:
+            return [(m, v, w, int(t[0]), int(t[1]), int(t[2]), t[3], t[4], self._totals_source.get((m, v, w), "none"))
+                    for (m, v, w), t in sorted(self._totals.items())]
 
     def open_windows(self) -> int:
         with self._lock:

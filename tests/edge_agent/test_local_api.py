@@ -264,3 +264,27 @@ def test_a_huge_declared_shape_is_a_400_over_http(served):
         r = httpx.post(f"{api.url}/v2/models/digits/infer",
                        json={"inputs": [{"name": "x", "shape": shape, "datatype": "FP32", "data": []}]})
         assert r.status_code == 400 and "too large for the data" in r.json()["error"], (shape, r.text)
+
+
+def test_metrics_are_prometheus_text_a_standard_parser_reads(served):
+    from datetime import timedelta
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    api, service, telemetry, _ = served
+    for _ in range(3):
+        assert httpx.post(f"{api.url}/v2/models/digits/infer", json=BODY).status_code == 200  # 2 rows each
+    [batch] = telemetry.flush(kit.T0 + timedelta(seconds=60))
+    [window] = batch.windows
+    r = httpx.get(f"{api.url}/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "version"))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+    key = (("model", "digits"), ("where", "local"))
+    assert samples[("edgefleet_agent_requests_total", key)] == 3
+    assert samples[("edgefleet_agent_inferences_total", key)] == 6
+    assert samples[("edgefleet_agent_busy_seconds_total", key)] == pytest.approx(window.mean_ms * 3 / 1000)
+    energy = ("edgefleet_agent_energy_joules_total", (("energy_source", "estimated"), *key))
+    assert samples[energy] == pytest.approx(window.mean_mj * 3 / 1000)
+    assert samples[("edgefleet_agent_outbox_batches", ())] == 1
+    assert samples[("edgefleet_agent_outbox_dropped_windows_total", ())] == 0
