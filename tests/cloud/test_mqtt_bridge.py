@@ -17,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from edgefleet.cloud.mqtt_bridge import MqttBridge
+from edgefleet.cloud.telemetry_decode import FastBatch
 from edgefleet.protos.messages import (
     DesiredState,
     DeviceStatus,
@@ -67,6 +68,10 @@ class RecordingFleet:
     def count(self, name: str) -> None:
         with self.lock:
             self.counters[name] += 1
+
+    def set_gauge(self, name: str, value: int) -> None:
+        with self.lock:
+            self.counters[name] = value
 
     def list_devices(self) -> list[_Device]:
         return [_Device(d) for d in self.devices]
@@ -138,7 +143,8 @@ def test_garbage_is_counted_and_dropped_then_a_valid_message_is_recorded(fleet, 
     assert fleet.counters["malformed_messages"] == len(garbage)
     assert bridge.counters["malformed_messages"] == len(garbage)
     assert fleet.recorded[0].device_id == "dev-a"
-    assert {"reported": ReportedState, "telemetry": TelemetryBatch, "status": DeviceStatus}[channel] is type(
+    # Telemetry takes the fast decoder (cloud/telemetry_decode.py), the rest pydantic's models.
+    assert {"reported": ReportedState, "telemetry": FastBatch, "status": DeviceStatus}[channel] is type(
         fleet.recorded[0])
 
 

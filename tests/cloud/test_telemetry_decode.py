@@ -1,0 +1,98 @@
+"""cloud/telemetry_decode.py decides as `TelemetryBatch` does: whatever the fast path accepts, pydantic accepts with
+equal fields (hypothesis over windows perturbed at every field's edges: out-of-range numbers, coercible strings and
+floats, odd times and offsets, names with a newline, NUL and surrogates, unknown and missing keys), and the batches
+a real agent sends take the fast path (so the proof is not vacuous)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgefleet.cloud.telemetry_decode import decode_batch
+from edgefleet.edge_agent.outbox import Outbox
+from edgefleet.edge_agent.telemetry import Telemetry
+from edgefleet.protos.messages import MessageError, TelemetryBatch, parse_message
+
+T = "2026-12-01T10:00:00Z"
+T1 = "2026-12-01T10:01:00Z"
+BASE_WINDOW: dict[str, Any] = {
+    "model": "m", "version": 1, "start": T, "end": T1, "count": 10, "errors": 1, "rows": 40, "p50_ms": 1.0,
+    "p95_ms": 2.0, "p99_ms": 3.0, "mean_ms": 1.5, "row_ms": 0.3, "mean_mj": 8.0, "row_mj": 2.0,
+    "energy_source": "measured", "energy_meter": "rapl", "energy_method": "counter", "energy_hz": None,
+    "row_net_mj": 1.0, "idle_w": 0.5, "where": "local"}
+BASE_BATCH: dict[str, Any] = {"schema_version": 1, "kind": "telemetry", "device_id": "pi-1", "epoch": 7, "seq": 3,
+                              "dropped_windows": 0, "merged_windows": 0, "sent_at": T}
+
+MISSING = object()
+INTS = [0, 1, 2, 10, 40, 2**31 - 1, 2**31, 2**63 - 1, 2**63, -1, 10.0, 10.5, "10", True, None, MISSING]
+FLOATS = [0, 0.0, -0.0, 0.3, 1.5, 2.0, 3.0, 8.0, 1e-300, -1e-9, 3_600_000.0, 3_600_000.5, 3.6e10, 1e308, "1.0",
+          True, None, MISSING, float("nan"), float("inf")]
+TIMES = [T, T1, "2026-12-01T10:00:30+02:00", "2026-12-01T10:00:00", "2026-12-01 10:00:00Z", "1969-12-31T23:59:59Z",
+         "1970-01-01T00:00:00Z", "8999-12-31T23:59:59Z", "9000-01-01T00:00:00Z", "2026-12-01T10:00:00.123456Z",
+         "2026-12-01T10:00:00.1234567Z", "2026-12-02T10:00:00Z", "2026-11-30T10:00:00Z", 1764583200, "", None]
+TEXTS = ["", "m", "rapl", "M", "m\n", "a" * 64, "a" * 65, "x\x00", "\ud800", "é", 5, None, MISSING]
+CHOICES: dict[str, list[Any]] = {
+    "model": TEXTS, "version": INTS, "start": TIMES, "end": TIMES, "count": INTS, "errors": INTS, "rows": INTS,
+    "p50_ms": FLOATS, "p95_ms": FLOATS, "p99_ms": FLOATS, "mean_ms": FLOATS, "row_ms": FLOATS, "mean_mj": FLOATS,
+    "row_mj": FLOATS, "energy_source": ["measured", "estimated", "none", "other", None, MISSING],
+    "energy_meter": TEXTS, "energy_method": ["counter", "sampled", "modelled", "", "x", MISSING],
+    "energy_hz": [None, 10.0, 0, -1, 1e6, 1e6 + 1, MISSING], "row_net_mj": FLOATS, "idle_w": FLOATS,
+    "where": ["local", "cloud", "edge", MISSING], "surprise": [MISSING, 1]}
+BATCH_CHOICES: dict[str, list[Any]] = {
+    "schema_version": [1, 0, 2, "1", MISSING], "kind": ["telemetry", "reported_state", MISSING],
+    "device_id": ["pi-1", "pi/1", "", "p" * 128, "p" * 129, "pi-1\n", MISSING], "epoch": INTS, "seq": INTS,
+    "dropped_windows": INTS, "merged_windows": INTS, "sent_at": TIMES, "extra": [MISSING, 0]}
+
+
+def perturbed(base: dict[str, Any], choices: dict[str, list[Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    keys = st.lists(st.sampled_from(sorted(choices)), max_size=3, unique=True)
+
+    def apply(picked: list[str], data: st.DataObject) -> dict[str, Any]:
+        out = dict(base)
+        for key in picked:
+            value = data.draw(st.sampled_from(choices[key]))
+            if value is MISSING:
+                out.pop(key, None)
+            else:
+                out[key] = value
+        return out
+
+    return st.builds(apply, keys, st.data())
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=perturbed(BASE_BATCH, BATCH_CHOICES),
+       windows=st.lists(perturbed(BASE_WINDOW, CHOICES), max_size=3))
+def test_what_the_fast_path_accepts_pydantic_accepts_with_equal_fields(batch, windows):
+    raw = json.dumps({**batch, "windows": windows}, allow_nan=True).encode("utf-8", "surrogatepass")
+    fast = decode_batch(raw)
+    if fast is None:
+        return  # the slow path decides, as before
+    try:
+        slow = parse_message(raw, TelemetryBatch)
+    except MessageError as exc:
+        raise AssertionError(f"the fast path accepted what pydantic refuses ({exc}): {raw!r}") from None
+    assert (fast.device_id, fast.epoch, fast.seq, fast.dropped_windows, fast.merged_windows) == (
+        slow.device_id, slow.epoch, slow.seq, slow.dropped_windows, slow.merged_windows)
+    assert fast.windows == [w.model_dump() for w in slow.windows]
+    for got, want in zip(fast.windows, slow.windows, strict=True):  # equal, and of the same types (0 vs 0.0)
+        for key, value in want.model_dump().items():
+            assert type(got[key]) is type(value) or isinstance(value, datetime), (key, got[key], value)
+    assert (fast.device_id, fast.epoch, fast.seq) == (slow.device_id, slow.epoch, slow.seq)
+
+
+def test_the_batches_a_real_agent_sends_take_the_fast_path(tmp_path):
+    telemetry = Telemetry("pi-1", 60, Outbox(tmp_path / "outbox", 1 << 20))
+    t0 = datetime(2026, 12, 1, 10, tzinfo=timezone.utc)
+    for i in range(50):
+        telemetry.record(f"m{i % 3}", 1 + i % 2, 1.0 + i, t0 + timedelta(seconds=i), ok=i % 7 != 0,
+                         energy_mj=2.0 * i, energy_source="estimated", energy_meter="modelled", rows=1 + i % 4)
+    [batch] = telemetry.flush(t0 + timedelta(seconds=60))
+    raw = batch.to_wire()
+    fast = decode_batch(raw)
+    assert fast is not None and len(fast.windows) == len(batch.windows) == 6
+    assert fast.windows == [w.model_dump() for w in parse_message(raw, TelemetryBatch).windows]
