@@ -15,9 +15,9 @@ A record's age is from its batch's publish to the arrival of the TelemetryAck th
 before it may drain its outbox. `records_per_s` is what was stored over the time from the first publish to the last
 ack; `sent` counts what the publishers sent, `stored` the windows in the database at the end (they must be equal).
 CPU shares are CPU seconds over that wall time, per part: the cloud process, the broker, the PostgreSQL backends
-of our database, the publishers. `parse_s` and `store_s` split the cloud's ingest thread: `check` (JSON and the
-contract) against `record_telemetry_many` (to dicts, the SQL). `--profile` adds the ingest thread's top functions
-(cProfile) on stderr.
+of our database, the publishers. `parse_s` and `store_s` split the cloud's ingest: `check` (JSON and the contract,
+in the checking thread) against `record_telemetry_many` (to dicts, the SQL, in the storing thread; the two overlap).
+`--profile` adds each thread's top functions (cProfile) on stderr.
 
 Offered load above capacity shows as a falling `records_per_s` against `offered_per_s` and a growing age; the
 machine's core count is printed with the figures, as every part shares it.
@@ -282,20 +282,22 @@ def run_cloud(args: Any, url: str, port: int, devices: list[str], procs: list[An
     fleet = Fleet(settings, store, blobs=None, tuf=None, signer=None, catalog={})  # type: ignore[arg-type]
     bridge = MqttBridge(fleet, "127.0.0.1", port, PREFIX, client_id="bench-cloud", republish_on_connect=False,
                         receive_maximum=65535, ingest_batch=args.ingest_batch)
-    profile = cProfile.Profile() if args.profile else None
+    # One profiler per ingest thread: the checking one (parse) and the storing one (SQL, acks).
+    profiles = {"check": cProfile.Profile(), "store": cProfile.Profile()} if args.profile else {}
     bridge.check = Timed(bridge.check)  # type: ignore[method-assign]
     fleet.record_telemetry_many = Timed(fleet.record_telemetry_many)  # type: ignore[method-assign]
-    if profile is not None:
-        ingest = bridge._ingest_telemetry
-
-        def profiled(items: Any) -> Any:
+    def profiled(call: Any, profile: cProfile.Profile) -> Any:
+        def run(*a: Any) -> Any:
             profile.enable()
             try:
-                return ingest(items)
+                return call(*a)
             finally:
                 profile.disable()
+        return run
 
-        bridge._ingest_telemetry = profiled  # type: ignore[method-assign]
+    for name, attr in (("check", "_check_group"), ("store", "_store_group")):
+        if name in profiles:
+            setattr(bridge, attr, profiled(getattr(bridge, attr), profiles[name]))
     bridge.start()
     if not bridge.wait_connected(15):
         raise SystemExit(f"the bridge did not connect to the bench broker on port {port} within 15 s")
@@ -345,10 +347,10 @@ def run_cloud(args: Any, url: str, port: int, devices: list[str], procs: list[An
         "counters": {k: v for k, v in counters.items()
                      if k.startswith(("telemetry", "refused", "ingest", "malformed"))},
     }
-    if profile is not None:
+    for name, profile in profiles.items():
         buf = io.StringIO()
         pstats.Stats(profile, stream=buf).sort_stats("tottime").print_stats(25)
-        print(buf.getvalue(), file=sys.stderr)
+        print(f"-- the {name} thread --\n{buf.getvalue()}", file=sys.stderr)
     return out
 
 

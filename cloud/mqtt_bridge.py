@@ -147,6 +147,9 @@ class MqttBridge:
         self._connection = 0  # +1 on every CONNACK: an ack is only sent on the connection its message came on
         self._telemetry: queue.Queue[_Inbound] = queue.Queue()
         self._control: queue.Queue[_Inbound] = queue.Queue()
+        # Checked telemetry groups waiting for the store worker: one, so at most three groups are in the cloud's
+        # hands (parsing, waiting, committing), well inside the Receive Maximum.
+        self._groups: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._workers: list[threading.Thread] = []
         v5 = protocol == "5"
         self._client = JitteredClient(
@@ -171,6 +174,7 @@ class MqttBridge:
         self._stop.clear()
         self._workers = [threading.Thread(target=self._telemetry_worker, name="edgefleet-ingest-telemetry",
                                           daemon=True),
+                         threading.Thread(target=self._store_worker, name="edgefleet-ingest-store", daemon=True),
                          threading.Thread(target=self._control_worker, name="edgefleet-ingest-control",
                                           daemon=True)]
         for worker in self._workers:
@@ -349,12 +353,40 @@ class MqttBridge:
                 except queue.Empty:
                     break
             try:
-                self._ingest_telemetry(items)
+                group = self._check_group(items)
+            except Exception:  # a bug, not a database error: never kill the worker
+                log.exception("telemetry ingest failed unexpectedly")
+                self._count("ingest_errors")
+                continue
+            # Handed to the store worker: this thread parses the next group while that one commits.
+            while not self._stop.is_set():
+                try:
+                    self._groups.put(group, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+
+    def _store_worker(self) -> None:
+        while not self._stop.is_set():
+            try:
+                group = self._groups.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._store_group(*group)
             except Exception:  # a bug, not a database error: never kill the worker
                 log.exception("telemetry ingest failed unexpectedly")
                 self._count("ingest_errors")
 
     def _ingest_telemetry(self, items: list[_Inbound]) -> None:
+        """Check, store and acknowledge one group in the calling thread (the two workers split this in two)."""
+        self._store_group(*self._check_group(items))
+
+    def _check_group(self, items: list[_Inbound]) -> tuple[list[tuple[_Inbound, TelemetryBatch | FastBatch]],
+                                                           dict[tuple[str, int], tuple[list[int], list[int], str]],
+                                                           dict[tuple[str, int], str]]:
+        """Check every message of a group: garbage is counted and acknowledged now (refused batches named for the
+        ack); what may be stored comes back with the acks and reasons gathered so far."""
         good: list[tuple[_Inbound, TelemetryBatch | FastBatch]] = []
         acks: dict[tuple[str, int], tuple[list[int], list[int], str]] = {}
         reasons: dict[tuple[str, int], str] = {}  # why the first refused batch of each group was refused
@@ -369,6 +401,12 @@ class MqttBridge:
                 entry[1].append(checked.msg.seq)
                 reasons.setdefault((checked.msg.device_id, checked.msg.epoch), checked.reason.partition(":")[0])
             self._ack(item)
+        return good, acks, reasons
+
+    def _store_group(self, good: list[tuple[_Inbound, TelemetryBatch | FastBatch]],
+                     acks: dict[tuple[str, int], tuple[list[int], list[int], str]],
+                     reasons: dict[tuple[str, int], str]) -> None:
+        """One transaction for the group, retried until it commits; then PUBACKs and TelemetryAcks."""
         if good:
             done, outcomes = self._retrying("telemetry", lambda: self.fleet.record_telemetry_many(
                 [m for _, m in good]))
