@@ -54,7 +54,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefleet.cloud.errors import Refused
-from edgefleet.cloud.telemetry_decode import FastBatch, decode_batch
+from edgefleet.cloud.store_telemetry import BatchIn
+from edgefleet.cloud.telemetry_decode import decode_batch
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.mqtt_client import JitteredClient
 from edgefleet.protos.messages import (
@@ -382,12 +383,12 @@ class MqttBridge:
         """Check, store and acknowledge one group in the calling thread (the two workers split this in two)."""
         self._store_group(*self._check_group(items))
 
-    def _check_group(self, items: list[_Inbound]) -> tuple[list[tuple[_Inbound, TelemetryBatch | FastBatch]],
+    def _check_group(self, items: list[_Inbound]) -> tuple[list[tuple[_Inbound, TelemetryBatch | BatchIn]],
                                                            dict[tuple[str, int], tuple[list[int], list[int], str]],
                                                            dict[tuple[str, int], str]]:
         """Check every message of a group: garbage is counted and acknowledged now (refused batches named for the
         ack); what may be stored comes back with the acks and reasons gathered so far."""
-        good: list[tuple[_Inbound, TelemetryBatch | FastBatch]] = []
+        good: list[tuple[_Inbound, TelemetryBatch | BatchIn]] = []
         acks: dict[tuple[str, int], tuple[list[int], list[int], str]] = {}
         reasons: dict[tuple[str, int], str] = {}  # why the first refused batch of each group was refused
         for item in items:
@@ -403,7 +404,7 @@ class MqttBridge:
             self._ack(item)
         return good, acks, reasons
 
-    def _store_group(self, good: list[tuple[_Inbound, TelemetryBatch | FastBatch]],
+    def _store_group(self, good: list[tuple[_Inbound, TelemetryBatch | BatchIn]],
                      acks: dict[tuple[str, int], tuple[list[int], list[int], str]],
                      reasons: dict[tuple[str, int], str]) -> None:
         """One transaction for the group, retried until it commits; then PUBACKs and TelemetryAcks."""

@@ -39,13 +39,14 @@ from edgefleet.cloud.errors import Conflict, Unavailable
 from edgefleet.cloud.store_jobs import JobStoreMixin
 from edgefleet.cloud.store_mqtt import MqttCredentialStoreMixin
 from edgefleet.cloud.store_telemetry import TelemetryStoreMixin
+from edgefleet.cloud.store_telemetry_upkeep import TelemetryUpkeepMixin
 
 # 8 tries: each retry happens only when another writer took the same version between our read and insert.
 VERSION_RETRIES = 8
 ADMIN_MARKER = "admin_token_created"  # a counter row whose primary key makes "first start" happen once
 
 
-class Store(JobStoreMixin, MqttCredentialStoreMixin, TelemetryStoreMixin):
+class Store(JobStoreMixin, MqttCredentialStoreMixin, TelemetryStoreMixin, TelemetryUpkeepMixin):
     """All SQL; the jobs queue and calibrations are in `store_jobs.py`, devices' broker logins in
     `store_mqtt.py`, telemetry in `store_telemetry.py`, mixed in."""
 

@@ -1,7 +1,7 @@
 """A fast path for the cloud's hottest parse: a `TelemetryBatch` decoded by msgspec (C) and checked against the same
 rules, about five times cheaper per window than pydantic (bench/telemetry.py).
 
-Theory of operation: `decode_batch(raw)` returns a `FastBatch` only when it is sure `TelemetryBatch` accepts the
+Theory of operation: `decode_batch(raw)` returns the store's `BatchIn` only when it is sure `TelemetryBatch` accepts the
 message with the same values; for anything else (a refusal, an older agent's window without `rows`, a number
 pydantic would coerce, a time msgspec reads differently) it returns None, and the caller parses the slow way, so
 every refusal reads and counts exactly as before. The structs below mirror protos/telemetry.py field for field:
@@ -15,12 +15,12 @@ what the store takes, so no pydantic model is built per window.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import msgspec
 
+from edgefleet.cloud.store_telemetry import BatchIn
 from edgefleet.protos.base import DEVICE_ID_RE, NAME_RE, SCHEMA_VERSION
 from edgefleet.protos.limits import (
     EARLIEST_TIME,
@@ -93,19 +93,7 @@ _FIELDS = tuple(TelemetryWindow.model_fields)
 assert _FIELDS == _Window.__struct_fields__, "cloud/telemetry_decode.py no longer mirrors TelemetryWindow"
 
 
-@dataclass(frozen=True)
-class FastBatch:
-    """A telemetry batch the fast path accepted: its identity and its windows as column dicts."""
-
-    device_id: str
-    epoch: int
-    seq: int
-    windows: list[dict[str, Any]]
-    dropped_windows: int
-    merged_windows: int
-
-
-def decode_batch(raw: bytes) -> FastBatch | None:
+def decode_batch(raw: bytes) -> BatchIn | None:
     """The batch, or None: parse it with `parse_message(raw, TelemetryBatch)` instead (see the module docstring)."""
     if _SUB_MICROSECOND.search(raw):
         return None
@@ -124,7 +112,7 @@ def decode_batch(raw: bytes) -> FastBatch | None:
         if not (_time_ok(w.start) and _time_ok(w.end)) or not _consistent(w):
             return None
         windows.append(msgspec.structs.asdict(w))  # C, in TelemetryWindow's field order
-    return FastBatch(b.device_id, b.epoch, b.seq, windows, b.dropped_windows, b.merged_windows)
+    return BatchIn(b.device_id, b.epoch, b.seq, windows, b.dropped_windows, b.merged_windows)
 
 
 def _time_ok(t: datetime) -> bool:
@@ -172,4 +160,4 @@ def _consistent(w: _Window) -> bool:
     return True
 
 
-__all__ = ["FastBatch", "decode_batch"]
+__all__ = ["decode_batch"]

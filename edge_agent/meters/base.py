@@ -21,6 +21,7 @@ are a whole-device figure, so they are subtracted only from a "board" meter's en
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from edgefleet.edge_agent.errors import AgentError
@@ -86,7 +87,7 @@ class NullMeter:
         return None
 
 
-class CumulativeMeter:
+class CumulativeMeter(ABC):
     """Base of the window meters: per request nothing (the hot path stays two no-op calls), per window `read_j()`.
 
     Subclasses implement `_read_j()`: joules since the meter opened, never decreasing. `read_j` serializes reads
@@ -119,8 +120,9 @@ class CumulativeMeter:
                 msg = f"{self.name} meter read failed: {exc}; the windows it bounds get no energy figure"
                 raise MeterReadError(msg) from None
 
-    def _read_j(self) -> float:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _read_j(self) -> float:
+        """The meter's cumulative joules since some fixed point; each reader says how it gets them."""
 
     def close(self) -> None:
         return None

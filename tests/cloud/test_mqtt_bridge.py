@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from edgefleet.cloud.mqtt_bridge import MqttBridge
-from edgefleet.cloud.telemetry_decode import FastBatch
+from edgefleet.cloud.store_telemetry import BatchIn
 from edgefleet.protos.messages import (
     DesiredState,
     DeviceStatus,
@@ -144,7 +144,7 @@ def test_garbage_is_counted_and_dropped_then_a_valid_message_is_recorded(fleet, 
     assert bridge.counters["malformed_messages"] == len(garbage)
     assert fleet.recorded[0].device_id == "dev-a"
     # Telemetry takes the fast decoder (cloud/telemetry_decode.py), the rest pydantic's models.
-    assert {"reported": ReportedState, "telemetry": FastBatch, "status": DeviceStatus}[channel] is type(
+    assert {"reported": ReportedState, "telemetry": BatchIn, "status": DeviceStatus}[channel] is type(
         fleet.recorded[0])
 
 

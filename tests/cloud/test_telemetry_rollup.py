@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from edgefleet.cloud.settings import Settings
 from edgefleet.cloud.store import Store
-from edgefleet.cloud.store_telemetry import PARTITION_SCHEMA, BatchIn
+from edgefleet.cloud.store_telemetry import BatchIn
+from edgefleet.cloud.store_telemetry_upkeep import PARTITION_SCHEMA
 from edgefleet.cloud.telemetry_rollup import maintain_telemetry, plan
 
 NOW = datetime.now(timezone.utc).replace(minute=20, second=0, microsecond=0)
