@@ -24,7 +24,7 @@ Theory of operation:
 - Telemetry ingest batches: the worker takes up to `ingest_batch` messages, or what came within `ingest_wait_s` of
   the first, and stores them in one transaction (`Fleet.record_telemetry_many`); (device, epoch, seq) stores each
   batch once.
-- Checks, in order: topic ours, payload not empty (a retained clear: ignored, not counted), size,
+- Checks (cloud/mqtt_checks.py), in order: topic ours, payload not empty (a retained clear: ignored, not counted), size,
   `parse_message(payload, Expected)`, topic device id == payload device id. A failure is logged, counted as
   `malformed_messages` and dropped; the bridge never raises into paho's thread. A readable message outside the
   contract's limits (protos/limits.py: NaN, a p95 of 1e308, errors > count, an oversize text), or one the `Fleet`
@@ -39,7 +39,6 @@ Theory of operation:
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -54,19 +53,14 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefleet.cloud.errors import Refused
+from edgefleet.cloud.mqtt_checks import Checked, check_message
 from edgefleet.cloud.store_telemetry import BatchIn
-from edgefleet.cloud.telemetry_decode import decode_batch
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.mqtt_client import JitteredClient
 from edgefleet.protos.messages import (
-    MAX_MESSAGE_BYTES,
-    DeviceStatus,
-    MessageError,
-    ReportedState,
     SignedDesiredState,
     TelemetryAck,
     TelemetryBatch,
-    parse_message,
 )
 from edgefleet.protos.telemetry import MAX_ACK_SEQS
 from edgefleet.protos.topics import BROKER_DROPPED_TOPIC, cloud_subscriptions, device_topics, parse_topic
@@ -76,7 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_EXPECTED: dict[str, type] = {"reported": ReportedState, "telemetry": TelemetryBatch, "status": DeviceStatus}
 _QOS = 1
 _REASON_MAX_CHARS = 200  # a reason quoted from a hostile payload stays one readable log line
 MqttProtocol = Literal["5", "3.1.1"]
@@ -91,17 +84,6 @@ class _Inbound:
     mid: int
     qos: int
     connection: int  # the connection it came in on (`MqttBridge._connection`)
-
-
-@dataclass(frozen=True)
-class Checked:
-    """What `check` made of a message: `msg` when it may be recorded, else `outcome` says why not."""
-
-    outcome: str  # "ok", "ignored", "malformed", "refused"
-    channel: str = ""
-    device_id: str = ""
-    msg: Any = None
-    reason: str = ""
 
 
 class MqttBridge:
@@ -461,44 +443,7 @@ class MqttBridge:
 
     def check(self, topic: str, payload: bytes) -> Checked:
         """Check one message (no database): topic, emptiness, size, contract, device id; counts nothing."""
-        where = parse_topic(self.prefix, topic)
-        if where is None or where[1] not in _EXPECTED:
-            return Checked("malformed", reason="topic is not a device's reported, telemetry or status channel")
-        device_id, channel = where
-        if not payload:
-            return Checked("ignored", channel, device_id)  # an empty retained payload clears the topic
-        if len(payload) > MAX_MESSAGE_BYTES:
-            return Checked("malformed", channel, device_id,
-                           reason=f"{len(payload)} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")
-        if channel == "telemetry":
-            fast = decode_batch(bytes(payload))  # cloud/telemetry_decode.py: None means "ask pydantic"
-            if fast is not None and fast.device_id == device_id:
-                return Checked("ok", channel, device_id, fast)
-        try:
-            msg = parse_message(bytes(payload), _EXPECTED[channel])
-        except MessageError as exc:
-            if exc.refused:
-                return Checked("refused", channel, device_id, self._identity(channel, device_id, payload),
-                               f"{exc.reason}: {exc}")
-            return Checked("malformed", channel, device_id, reason=str(exc))
-        if msg.device_id != device_id:
-            return Checked("malformed", channel, device_id,
-                           reason=f"payload device_id {msg.device_id!r} does not match the topic's")
-        return Checked("ok", channel, device_id, msg)
-
-    @staticmethod
-    def _identity(channel: str, device_id: str, payload: bytes) -> Any:
-        """For a refused telemetry batch, its (device, epoch, seq) if they can be read, so the ack can name it."""
-        if channel != "telemetry":
-            return None
-        try:
-            data = json.loads(payload)
-            epoch, seq = int(data.get("epoch", 0)), int(data["seq"])
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            return None
-        if not (0 <= epoch < 2**63 and 0 <= seq < 2**63):
-            return None
-        return _Identity(device_id, epoch, seq)
+        return check_message(self.prefix, topic, payload)
 
     def handle(self, topic: str, payload: bytes) -> str:
         """Check and ingest one message synchronously (tests, tools); returns "recorded", "ignored", "malformed",
@@ -551,10 +496,3 @@ class MqttBridge:
             self.fleet.count(name)
         except Exception:
             log.warning("could not store counter %s", name, exc_info=True)
-
-
-@dataclass(frozen=True)
-class _Identity:
-    device_id: str
-    epoch: int
-    seq: int
