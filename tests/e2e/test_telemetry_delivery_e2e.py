@@ -183,7 +183,9 @@ def test_chaos_10000_windows_resent_killed_broker_restarted_database_failing(tmp
                 victim.start()
                 kills += 1
 
-        time.sleep(1.0)
+        # The chaos schedule's sleeps below are how long each part stays dead, not waits for something to happen.
+        wait_for(lambda: sum(d["batches"] for d in stored(pg_url).values()) >= n_senders, 30,
+                 what="every sender to be under way")
         broker.stop()  # its sessions and queues are gone: agents resend what the cloud never confirmed
         time.sleep(1.5)
         broker.start()
