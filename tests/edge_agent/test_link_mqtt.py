@@ -94,8 +94,11 @@ def test_desired_delivery_status_and_puback(mosquitto):
             assert link.publish_telemetry(batch.model_copy(update={"seq": 2}), 10) is True
             other_device = TelemetryAck(device_id="dev-9", epoch=0, seqs=[3]).to_wire()
             watcher.client.publish(topics.ack, other_device, qos=1)  # not ours (cannot happen through the ACL)
+            for garbage in (b"\xff{", b"[]", b'{"kind": "telemetry_ack", "device_id": "dev-1", "seqs": [-1]}'):
+                watcher.client.publish(topics.ack, garbage, qos=1)  # logged and ignored; the link goes on
             cloud.answer = False
             assert link.publish_telemetry(batch.model_copy(update={"seq": 3}), 0.5) is False
+            assert link.take_acked() == [] and link.connected  # neither the stranger's ack nor garbage counted
         finally:
             cloud.stop()
         report = ReportedState(device_id="dev-1", generation=3, reported_at=datetime.now(timezone.utc))
