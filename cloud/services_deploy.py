@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from edgefleet.cloud.errors import CloudError, NotFound, Unavailable
 from edgefleet.protos.api import BundleView, DeploymentView, DeployRequest
-from edgefleet.protos.messages import DesiredModel, DesiredState, SignedDesiredState
+from edgefleet.protos.messages import DesiredModel, DesiredState, ModelBudgets, SignedDesiredState
 
 if TYPE_CHECKING:
     from edgefleet.cloud.db.models import Bundle, Deployment, Device, ModelVersion
@@ -88,7 +88,8 @@ class DeployFacade:
         bundles = [self._ensure_bundle(model, c) for c in classes]
         row = self.store.add_deployment(model=model.name, version=model.version, target_kind=kind, target=target,
                                         device_ids=[d.device_id for d in devices],
-                                        bundle_ids=[b.id for b in bundles], now=_now())
+                                        bundle_ids=[b.id for b in bundles], now=_now(), p95_ms=req.p95_ms,
+                                        mj_per_inference=req.mj_per_inference)
         self.count("deployments")
         for device in devices:
             self._resign(device.device_id)
@@ -98,17 +99,17 @@ class DeployFacade:
         return [_deployment_view(r, devs, bundles) for r, devs, bundles in self.store.list_deployments()]
 
     def _desired_models(self, device: Device, rules: list[Deployment]) -> list[DesiredModel]:
-        wanted: dict[str, int] = {}
-        for rule in rules:  # in the order made: a later rule for the same model name wins
+        wanted: dict[str, tuple[int, ModelBudgets | None]] = {}
+        for rule in rules:  # in the order made: a later rule for the same model name wins, budgets included
             if (
                 (rule.target_kind == "device" and rule.target == device.device_id)
                 or (rule.target_kind == "device_class" and rule.target == device.device_class)
                 or (rule.target_kind == "label" and _label_matches(rule.target, device.labels))
             ):
-                wanted[rule.model] = rule.version
+                wanted[rule.model] = (rule.version, ModelBudgets.from_ms_mj(rule.p95_ms, rule.mj_per_inference))
         cls = self._classes().get(device.device_class)
         models: list[DesiredModel] = []
-        for name, version in sorted(wanted.items()):
+        for name, (version, budgets) in sorted(wanted.items()):
             row = self.store.get_model_version(name, version)
             if row is None or cls is None:
                 continue
@@ -120,7 +121,8 @@ class DeployFacade:
                 self.count("bundle_build_failed")
                 continue
             runtime = (bundle.manifest or {}).get("runtime", "onnxruntime")  # the agent checks it against the bundle
-            models.append(DesiredModel(name=name, version=version, bundle_target=bundle.target_path, runtime=runtime))
+            models.append(DesiredModel(name=name, version=version, bundle_target=bundle.target_path, runtime=runtime,
+                                       budgets=budgets))
         return models
 
     def _resign(self, device_id: str) -> SignedDesiredState:
@@ -209,7 +211,8 @@ def _bundle_view(row: Bundle) -> BundleView:
 def _deployment_view(row: Deployment, devices: list[str], bundles: list[Bundle]) -> DeploymentView:
     return DeploymentView(id=row.id, model=row.model, version=row.version, target_kind=row.target_kind,
                           target=row.target, created_at=row.created_at, devices=devices,
-                          bundles=[_bundle_view(b) for b in bundles])
+                          bundles=[_bundle_view(b) for b in bundles], p95_ms=row.p95_ms,
+                          mj_per_inference=row.mj_per_inference)
 
 
 __all__ = ["RESIGN_TRIES", "DeployFacade", "Publish"]

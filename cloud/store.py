@@ -381,9 +381,11 @@ class Store(JobStoreMixin, MqttCredentialStoreMixin, TelemetryStoreMixin, Teleme
             return rules, self._rules_mark(s)
 
     def add_deployment(self, *, model: str, version: int, target_kind: str, target: str, device_ids: list[str],
-                       bundle_ids: list[int], now: datetime) -> Deployment:
+                       bundle_ids: list[int], now: datetime, p95_ms: float | None = None,
+                       mj_per_inference: float | None = None) -> Deployment:
         with self._tx() as s:
-            row = Deployment(model=model, version=version, target_kind=target_kind, target=target, created_at=now)
+            row = Deployment(model=model, version=version, target_kind=target_kind, target=target, created_at=now,
+                             p95_ms=p95_ms, mj_per_inference=mj_per_inference)
             s.add(row)
             s.flush()
             s.add_all(DeploymentDevice(deployment_id=row.id, device_id=d) for d in sorted(set(device_ids)))

@@ -307,12 +307,20 @@ def deploy(
     = None,
     label: Annotated[str | None, typer.Option("--label", metavar="KEY=VALUE", help="Target labelled devices.")]
     = None,
+    p95_ms: Annotated[float | None, typer.Option(
+        "--p95-ms", min=0.001, help="Latency budget (p95, ms per request) the devices' offload policy keeps; default: "
+        "the class's (`fleet classes show NAME`).")] = None,
+    mj_per_inference: Annotated[float | None, typer.Option(
+        "--mj-per-inference", min=0.001, help="Energy budget (mJ per inference) the offload policy keeps; default: the "
+        "class's.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Deploy a model version to exactly one target: --device, --class or --label.
 
     A label or class that no enrolled device has yet is not an error: the rule is kept for the devices that enroll
-    later, and a warning on stderr says that none is reached now.
+    later, and a warning on stderr says that none is reached now. --p95-ms and --mj-per-inference set the budgets the
+    agents' offload policy keeps for this model (over the class's): a device that cannot keep them sends work to the
+    cloud.
     """
     given = [flag for flag, v in (("--device", device), ("--class", device_class), ("--label", label)) if v]
     if len(given) != 1:
@@ -321,7 +329,8 @@ def deploy(
             + (f" (got {' and '.join(given)})" if given else ""), ctx=ctx, param_hint="target")
     if label and "=" not in label:
         raise typer.BadParameter("must be KEY=VALUE, e.g. site=kitchen", ctx=ctx, param_hint="--label")
-    request = DeployRequest(model=model, version=version, device_id=device, device_class=device_class, label=label)
+    request = DeployRequest(model=model, version=version, device_id=device, device_class=device_class, label=label,
+                            p95_ms=p95_ms, mj_per_inference=mj_per_inference)
     view = _client(ctx).deploy(request)
     if not view.devices and view.target_kind != "device":
         # Not an error: the rule is kept and reaches the devices that enroll (or are labelled) later.

@@ -197,18 +197,27 @@ def deployment_summary(d: DeploymentView) -> Group:
     for b in d.bundles:
         t.add_row(b.device_class, b.target_path, _size(b.size_bytes), b.sha256[:12])
     parts: list[Any] = [head, t]
+    budgets = _budgets(d)
+    if budgets != DASH:
+        parts.append(Text(f"budgets: {budgets} (over the class's)"))
     if d.devices:
         parts.append(Text("devices: " + ", ".join(d.devices)))
     return Group(*parts)
 
 
+def _budgets(d: DeploymentView) -> str:
+    parts = [f"p95 {d.p95_ms:g} ms" if d.p95_ms is not None else "",
+             f"{d.mj_per_inference:g} mJ/inf" if d.mj_per_inference is not None else ""]
+    return ", ".join(p for p in parts if p) or DASH
+
+
 def deployments_table(deployments: Sequence[DeploymentView]) -> Table:
     t = Table(title=f"{len(deployments)} deployment(s)", title_justify="left")
-    for col in ("id", "model", "version", "target", "devices", "classes", "created"):
+    for col in ("id", "model", "version", "target", "devices", "classes", "budgets", "created"):
         t.add_column(col)
     for d in deployments:
         t.add_row(str(d.id), d.model, str(d.version), f"{d.target_kind}:{d.target}", str(len(d.devices)),
-                  ",".join(sorted({b.device_class for b in d.bundles})) or DASH, ago(d.created_at))
+                  ",".join(sorted({b.device_class for b in d.bundles})) or DASH, _budgets(d), ago(d.created_at))
     return t
 
 

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from edgefleet.protos.limits import Version
+from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS, Version
 from edgefleet.protos.messages import (
     Budgets,
     DeviceClassInfo,
@@ -70,6 +70,9 @@ class DeployRequest(View):
     device_id: str | None = Field(default=None, max_length=128)
     device_class: str | None = Field(default=None, max_length=64)
     label: str | None = Field(default=None, max_length=200)  # "key=value"
+    # Budgets for the offload policy on the devices, over the class's defaults (`fleet deploy --p95-ms ...`).
+    p95_ms: float | None = Field(default=None, gt=0, le=MAX_LATENCY_MS, allow_inf_nan=False)
+    mj_per_inference: float | None = Field(default=None, gt=0, le=MAX_ENERGY_MJ, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_target(self) -> DeployRequest:
@@ -90,6 +93,8 @@ class DeploymentView(View):
     created_at: datetime
     devices: list[str]  # devices the deployment reached when it was made
     bundles: list[BundleView]
+    p95_ms: float | None = None  # the deployment's budgets (None: the class's)
+    mj_per_inference: float | None = None
 
 
 class TelemetrySummary(View):

@@ -64,6 +64,7 @@ from edgefleet.protos.state import (
     DesiredState,
     DesiredStateKeys,
     DeviceStatus,
+    ModelBudgets,
     ModelStatus,
     ReportedState,
     Signature,
@@ -130,7 +131,7 @@ __all__ = [
     "DESIRED_KEYS_TARGET", "DEVICE_ID_RE", "ENROLL_PROOF_PURPOSE", "MAX_MESSAGE_BYTES", "NAME_RE", "SCHEMA_VERSION",
     "SHA256_RE", "BrokerInfo", "Budgets", "DesiredModel", "DesiredState", "DesiredStateKeys", "DeviceClassInfo",
     "DeviceId", "DeviceStatus", "EnrollProof", "EnrollRequest", "EnrollResponse", "FileEntry", "Manifest", "Message",
-    "MessageError", "ModelStatus", "Name", "ReportedState", "Signature", "SignedDesiredState",
+    "MessageError", "ModelBudgets", "ModelStatus", "Name", "ReportedState", "Signature", "SignedDesiredState",
     "SignedDesiredStateKeys", "SmokeTest", "TelemetryAck", "TelemetryBatch", "TelemetryWindow", "TensorSpec",
     "Versioned", "WireMessage", "check_device_id", "check_name", "enroll_proof_bytes", "parse_message",
 ]

@@ -18,6 +18,8 @@ from pydantic import Field
 
 from edgefleet.protos.base import DeviceId, Message, Name, Versioned
 from edgefleet.protos.limits import (
+    MAX_ENERGY_MJ,
+    MAX_LATENCY_MS,
     MAX_LIST_ENTRIES,
     MAX_MODELS_PER_DEVICE,
     MAX_MODELS_PER_REPORT,
@@ -33,11 +35,37 @@ from edgefleet.protos.limits import (
 # Desired state (cloud -> agent; retained on MQTT, also served over HTTP)
 
 
+class ModelBudgets(Message):
+    """A deployment's budgets for the offload policy, over the class's in the bundle's manifest. Whole microseconds
+    and microjoules: the desired state's signature covers canonical JSON, which has no floats. None: no override."""
+
+    p95_us: int | None = Field(default=None, gt=0, le=int(MAX_LATENCY_MS * 1000))
+    uj_per_inference: int | None = Field(default=None, gt=0, le=int(MAX_ENERGY_MJ * 1000))
+
+    @classmethod
+    def from_ms_mj(cls, p95_ms: float | None, mj_per_inference: float | None) -> ModelBudgets | None:
+        if p95_ms is None and mj_per_inference is None:
+            return None
+        return cls(p95_us=None if p95_ms is None else max(1, round(p95_ms * 1000)),
+                   uj_per_inference=None if mj_per_inference is None else max(1, round(mj_per_inference * 1000)))
+
+    @property
+    def p95_ms(self) -> float | None:
+        return None if self.p95_us is None else self.p95_us / 1000.0
+
+    @property
+    def mj_per_inference(self) -> float | None:
+        return None if self.uj_per_inference is None else self.uj_per_inference / 1000.0
+
+
 class DesiredModel(Message):
     name: Name
     version: Version
     bundle_target: str = Field(max_length=MAX_PATH_CHARS)  # TUF target path, e.g. "bundles/digits/v3/rpi4.tar.gz"
     runtime: Literal["onnxruntime", "litert"] = "onnxruntime"
+    # The deployment's budgets over the class's (in the bundle's manifest): what the agent's offload policy keeps.
+    # None: the manifest's budgets hold.
+    budgets: ModelBudgets | None = None
 
 
 class DesiredState(Versioned):
@@ -113,5 +141,6 @@ class DeviceStatus(Versioned):
     at: Timestamp | None = None  # None in the last will, which is written at connect time
 
 
-__all__ = ["DESIRED_KEYS_TARGET", "DesiredModel", "DesiredState", "DesiredStateKeys", "DeviceStatus", "ModelStatus",
+__all__ = ["DESIRED_KEYS_TARGET", "DesiredModel", "DesiredState", "DesiredStateKeys", "DeviceStatus", "ModelBudgets",
+           "ModelStatus",
            "ReportedState", "Signature", "SignedDesiredState", "SignedDesiredStateKeys"]

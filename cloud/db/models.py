@@ -159,6 +159,9 @@ class Deployment(Base):
     target_kind: Mapped[str] = mapped_column(String(16), nullable=False)  # device | device_class | label
     target: Mapped[str] = mapped_column(String(200), nullable=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)
+    # Budgets for the devices' offload policy over the class's (migration 0009); None: the class's hold.
+    p95_ms: Mapped[float | None] = mapped_column(Float)
+    mj_per_inference: Mapped[float | None] = mapped_column(Float)
 
 
 class DeploymentDevice(Base):

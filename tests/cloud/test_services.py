@@ -230,6 +230,35 @@ def test_redeploy_bumps_generation_and_later_rules_win(fleet, published):
     assert gens == sorted(gens) and len(set(gens)) == len(gens)
 
 
+def test_deploy_budgets_reach_the_signed_document_and_later_rules_replace_them(fleet):
+    enroll(fleet, "d1", site="lab")
+    enroll(fleet, "d2")
+    fleet.push_model("m", mlp_bytes(0))
+    dep = fleet.deploy(DeployRequest(model="m", device_class="rpi4", p95_ms=12.5, mj_per_inference=40.0))
+    assert (dep.p95_ms, dep.mj_per_inference) == (12.5, 40.0)
+    [model] = verify(fleet, "d1").models
+    assert model.budgets is not None
+    assert (model.budgets.p95_us, model.budgets.uj_per_inference) == (12_500, 40_000)
+    assert (model.budgets.p95_ms, model.budgets.mj_per_inference) == (12.5, 40.0)
+    # A later rule for the same model wins whole: without budgets, the class's hold again on its devices.
+    fleet.deploy(DeployRequest(model="m", label="site=lab"))
+    assert verify(fleet, "d1").models[0].budgets is None
+    assert verify(fleet, "d2").models[0].budgets.p95_ms == 12.5
+    fleet.deploy(DeployRequest(model="m", device_id="d2", mj_per_inference=5.0))
+    got = verify(fleet, "d2").models[0].budgets
+    assert (got.p95_ms, got.mj_per_inference) == (None, 5.0)
+    assert [(d.p95_ms, d.mj_per_inference) for d in fleet.list_deployments()] == [(12.5, 40.0), (None, None),
+                                                                                  (None, 5.0)]
+
+
+@pytest.mark.parametrize("field,value", [("p95_ms", 0), ("p95_ms", -1), ("mj_per_inference", float("inf")),
+                                         ("mj_per_inference", 1e30)])
+def test_deploy_budgets_out_of_range_are_refused(field, value):
+    with pytest.raises(ValidationError) as err:
+        DeployRequest(model="m", device_class="rpi4", **{field: value})
+    assert field in str(err.value)
+
+
 def test_devices_enrolling_later_follow_class_and_label_rules(fleet):
     fleet.push_model("a", mlp_bytes(0))
     fleet.push_model("b", mlp_bytes(1))

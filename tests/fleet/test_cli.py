@@ -410,6 +410,19 @@ def test_deploy_by_device_class_and_label(admin, cloud, tmp_path):
     assert "model 'tinydep' has no version 999" in err and "no any" not in err
 
 
+def test_deploy_with_budgets(admin, cloud, tmp_path):
+    enroll(admin, cloud, "cli-bud-1", "rpi4")
+    push(admin, tmp_path, "tinybud")
+    view = json.loads(admin.ok("deploy", "tinybud", "--device", "cli-bud-1", "--p95-ms", "8", "--mj-per-inference",
+                               "2.5", "--json").stdout)
+    assert (view["p95_ms"], view["mj_per_inference"]) == (8.0, 2.5)
+    human = admin.ok("deploy", "tinybud", "--device", "cli-bud-1", "--p95-ms", "8").stdout
+    assert "budgets: p95 8 ms (over the class's)" in human
+    assert "p95 8 ms, 2.5 mJ/inf" in admin.ok("deployments", "list").stdout
+    err = admin.fails(2, "deploy", "tinybud", "--device", "cli-bud-1", "--p95-ms", "-3")
+    assert "--p95-ms" in err
+
+
 def test_deploy_to_a_label_no_device_has_warns_and_keeps_the_rule(admin, cloud, tmp_path):
     push(admin, tmp_path, "tinylater")
     result = admin("deploy", "tinylater", "--label", "site=nowhere", "--json")
