@@ -184,11 +184,15 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
         return _now() - timedelta(seconds=self.settings.telemetry_summary_s)
 
     def status(self) -> list[DeviceStatusRow]:
-        telemetry = self.store.telemetry_summary(self._summary_since())
+        from edgefleet.cloud.store_efficiency import offload_mix
+
+        since = self._summary_since()
+        telemetry = self.store.telemetry_summary(since)
+        mix = offload_mix(self.store, since)
         price = self.settings.energy_price_per_kwh
         rows: list[DeviceStatusRow] = []
         for device in self.store.list_devices():
-            rows.extend(_status_rows(device, telemetry.get(device.device_id, []), price))
+            rows.extend(_status_rows(device, telemetry.get(device.device_id, []), price, mix))
         return rows
 
     def count(self, name: str, by: int = 1) -> None:
@@ -279,7 +283,8 @@ def _model_state(desired: int, reported: ModelStatus | None) -> str:
     return "pending"
 
 
-def _status_rows(device: Device, telemetry: list, price_per_kwh: float = 0.0) -> list[DeviceStatusRow]:
+def _status_rows(device: Device, telemetry: list, price_per_kwh: float = 0.0,
+                 mix: dict | None = None) -> list[DeviceStatusRow]:
     base = dict(device_id=device.device_id, device_class=device.device_class, online=device.online,
                 last_seen=device.last_seen)
     desired = _desired_models_of(device)
@@ -293,6 +298,7 @@ def _status_rows(device: Device, telemetry: list, price_per_kwh: float = 0.0) ->
         # Figures of the version that serves now (the active one), else of the desired one once it reports.
         w = windows.get((name, ms.active_version)) if ms and ms.active_version else None
         w = w or windows.get((name, version))
+        offload = (mix or {}).get((device.device_id, name))
         rows.append(DeviceStatusRow(
             **base, model=name, desired_version=version, active_version=ms.active_version if ms else None,
             state=_model_state(version, ms), error=(ms.error if ms else None) or device.last_error,
@@ -302,5 +308,7 @@ def _status_rows(device: Device, telemetry: list, price_per_kwh: float = 0.0) ->
             energy_source=w.energy_source if w else None,
             inferences_per_kwh=inferences_per_kwh(w.row_mj) if w else None,
             cost_per_million=energy_cost_per_million(w.row_mj, price_per_kwh) if w else None,
+            offload_share=offload.share if offload else None,
+            offload_reasons=dict(offload.reasons) if offload else {},
         ))
     return rows

@@ -9,12 +9,13 @@ as the summary (a row outside the contract, stored before it had limits, is left
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Float, and_, case, cast, func, or_, select
 
-from edgefleet.cloud.db.models import Device, TelemetryWindowRow
+from edgefleet.cloud.db.models import Device, TelemetryReasonRow, TelemetryWindowRow
 from edgefleet.cloud.efficiency import Slice
 from edgefleet.protos.limits import MAX_ENERGY_MJ, MAX_LATENCY_MS
 
@@ -72,4 +73,43 @@ def efficiency_slices(store: Store, since: datetime, *, model: str | None = None
                 for r in s.execute(query)]
 
 
-__all__ = ["efficiency_slices"]
+@dataclass
+class OffloadMix:
+    """Where one device's model ran over the look-back: inferences (rows) on the device and in the cloud, and the
+    offload policy's decisions per reason (empty from an agent without a policy)."""
+
+    local_rows: int = 0
+    cloud_rows: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def share(self) -> float | None:
+        """The share of inferences offloaded, None with no inference."""
+        total = self.local_rows + self.cloud_rows
+        return self.cloud_rows / total if total else None
+
+
+def offload_mix(store: Store, since: datetime, *, device_id: str | None = None) -> dict[tuple[str, str], OffloadMix]:
+    """Per (device, model), the windows and decisions that ended at or after `since` (raw windows only: the
+    look-back of a status is far inside their retention)."""
+    w, r = TelemetryWindowRow, TelemetryReasonRow
+    rows = (select(w.device_id, w.model, w.where, func.sum(w.rows).label("rows"))
+            .where(w.end >= since, w.rows >= 0).group_by(w.device_id, w.model, w.where))
+    reasons = (select(r.device_id, r.model, r.reason, func.sum(r.count).label("n"))
+               .where(r.end >= since, r.count > 0).group_by(r.device_id, r.model, r.reason))
+    if device_id is not None:
+        rows, reasons = rows.where(w.device_id == device_id), reasons.where(r.device_id == device_id)
+    out: dict[tuple[str, str], OffloadMix] = {}
+    with store._tx() as s:
+        for row in s.execute(rows):
+            mix = out.setdefault((row.device_id, row.model), OffloadMix())
+            if row.where == "cloud":
+                mix.cloud_rows += int(row.rows or 0)
+            else:
+                mix.local_rows += int(row.rows or 0)
+        for row in s.execute(reasons):
+            out.setdefault((row.device_id, row.model), OffloadMix()).reasons[row.reason] = int(row.n or 0)
+    return out
+
+
+__all__ = ["OffloadMix", "efficiency_slices", "offload_mix"]

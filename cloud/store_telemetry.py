@@ -43,6 +43,7 @@ from edgefleet.cloud.db.models import (
     Device,
     TelemetryBatchRow,
     TelemetryHourlyRow,
+    TelemetryReasonRow,
     TelemetryWindowRow,
     UTCDateTime,
 )
@@ -73,6 +74,7 @@ _WINDOW_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
     (c.name, c.default.arg if c.default is not None else None)
     for c in TelemetryWindowRow.__table__.columns if c.name not in ("id", *_IDENTITY))
 _WINDOW_KEYS = frozenset(name for name, _ in _WINDOW_DEFAULTS)
+_STORED_KEYS = _WINDOW_KEYS | {"reasons"}  # `reasons` go to telemetry_reasons (`_reason_rows`)
 _ALL_FIELDS = itemgetter(*(name for name, _ in _WINDOW_DEFAULTS))
 _ROW_COLUMNS = (*_IDENTITY, *(name for name, _ in _WINDOW_DEFAULTS))
 
@@ -159,6 +161,7 @@ class TelemetryStoreMixin:
                     first.setdefault((b.device_id, b.epoch, b.seq), i)
             claimed = self._claim_batches(s, [batches[i] for i in first.values()], now) if first else set()
             rows: list[tuple[Any, ...]] = []
+            reasons: list[dict[str, Any]] = []
             for key, i in first.items():
                 if key in claimed:
                     b = batches[i]
@@ -167,11 +170,16 @@ class TelemetryStoreMixin:
                     tally["telemetry_windows"] += len(b.windows)
                     tally["telemetry_dropped_windows"] += b.dropped_windows
                     tally["telemetry_merged_windows"] += b.merged_windows
-                    rows.extend(_window_row(b, w) for w in b.windows)
+                    for w in b.windows:
+                        if w.get("reasons"):
+                            reasons.extend(_reason_rows(b.device_id, w))
+                        rows.append(_window_row(b, w))
             # Everything not stored nor unknown is a replay: stored before, or a second copy within this call.
             tally["telemetry_replayed"] += outcomes.count(REPLAYED)
             if rows:
                 self._insert_windows(s, rows)
+            if reasons:
+                s.execute(insert(TelemetryReasonRow), reasons)
             counts = [{"name": name, "value": by} for name, by in sorted(tally.items()) if by]
             if counts:
                 upsert = self._insert(Counter).values(counts)
@@ -359,16 +367,23 @@ def _aware(value: Any) -> Any:
 
 def _window_row(b: BatchIn, w: dict[str, Any]) -> tuple[Any, ...]:
     """One window as a row in `_ROW_COLUMNS` order."""
-    if not _WINDOW_KEYS.issuperset(w):
+    if not _STORED_KEYS.issuperset(w):
         raise ValueError(f"window of {b.device_id} seq {b.seq} has field(s) {sorted(set(w) - _WINDOW_KEYS)} that "
                          "telemetry_windows has no column for; add a column (and a migration) first")
     for name in ("start", "end"):
         value = w.get(name)
         if value is not None and getattr(value, "tzinfo", None) is None:
             raise ValueError("naive datetime given to the database; use datetime.now(timezone.utc)")
-    if len(w) == len(_WINDOW_KEYS):  # every field given, as `TelemetryWindow.model_dump()` does: one C call
+    if len(w) == len(_WINDOW_KEYS) + ("reasons" in w):  # every field, as `TelemetryWindow.model_dump()`: one C call
         return (b.device_id, b.epoch, b.seq, *_ALL_FIELDS(w))
     return (b.device_id, b.epoch, b.seq, *[w.get(name, default) for name, default in _WINDOW_DEFAULTS])
+
+
+def _reason_rows(device_id: str, w: dict[str, Any]) -> list[dict[str, Any]]:
+    """A window's `reasons` as telemetry_reasons rows (the window dict is left as it is: a failed transaction is
+    retried with the same batches)."""
+    return [{"device_id": device_id, "model": w["model"], "version": w["version"], "where": w.get("where", "local"),
+             "end": w["end"], "reason": reason, "count": n} for reason, n in w["reasons"].items() if n > 0]
 
 
 def _raw(s: Session) -> Any:

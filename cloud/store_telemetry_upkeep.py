@@ -15,7 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import case, delete, func, or_, select, text
 
-from edgefleet.cloud.db.models import Counter, TelemetryBatchRow, TelemetryHourlyRow, TelemetryWindowRow
+from edgefleet.cloud.db.models import (
+    Counter,
+    TelemetryBatchRow,
+    TelemetryHourlyRow,
+    TelemetryReasonRow,
+    TelemetryWindowRow,
+)
 from edgefleet.cloud.store_telemetry import _WEIGHTED, ROLLUP_SEEN, ROLLUP_THROUGH, _admitted, _counter, _window_sums
 
 if TYPE_CHECKING:
@@ -98,7 +104,8 @@ class TelemetryUpkeepMixin:
         received before `claims_before`. On PostgreSQL a day partition wholly before `raw_before` and wholly
         rolled up goes with one DROP TABLE; the rest (the default partition, SQLite) is deleted by time."""
         w, h, b = TelemetryWindowRow, TelemetryHourlyRow, TelemetryBatchRow
-        out = {"partitions_dropped": 0, "raw_deleted": 0, "hourly_deleted": 0, "claims_deleted": 0}
+        out = {"partitions_dropped": 0, "raw_deleted": 0, "hourly_deleted": 0, "claims_deleted": 0,
+               "reasons_deleted": 0}
         with self._tx() as s:
             if self._dialect == "postgresql":
                 s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ROLLUP_LOCK})
@@ -114,6 +121,8 @@ class TelemetryUpkeepMixin:
             out["raw_deleted"] = s.execute(delete(w).where(w.end < raw_before, w.id <= through)).rowcount or 0
             out["hourly_deleted"] = s.execute(delete(h).where(h.hour < hourly_before)).rowcount or 0
             out["claims_deleted"] = s.execute(delete(b).where(b.received_at < claims_before)).rowcount or 0
+            r = TelemetryReasonRow
+            out["reasons_deleted"] = s.execute(delete(r).where(r.end < raw_before)).rowcount or 0
         return out
 
     def telemetry_partitions_ensure(self, first_day: datetime, days: int) -> list[str]:

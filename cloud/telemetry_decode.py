@@ -36,7 +36,7 @@ from edgefleet.protos.limits import (
     MAX_WINDOW_S,
     MAX_WINDOWS_PER_BATCH,
 )
-from edgefleet.protos.telemetry import MAX_SAMPLE_HZ, TelemetryWindow
+from edgefleet.protos.telemetry import MAX_REASONS, MAX_SAMPLE_HZ, REASON_RE, TelemetryWindow
 
 _Int32 = Annotated[int, msgspec.Meta(ge=0, le=INT32_MAX)]
 _Int64 = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
@@ -47,6 +47,7 @@ _Watts = Annotated[float, msgspec.Meta(ge=0, le=MAX_WATTS)]
 _Hz = Annotated[float, msgspec.Meta(gt=0, le=MAX_SAMPLE_HZ)]
 _Short = Annotated[str, msgspec.Meta(max_length=MAX_SHORT_TEXT_CHARS)]
 _Time = Annotated[datetime, msgspec.Meta(tz=True)]
+_Reason = Annotated[str, msgspec.Meta(pattern=REASON_RE)]
 _ROUNDING = 1e-9  # protos/telemetry.py's slack for per-row <= per-request
 # A time with more than microsecond digits: msgspec rounds it, pydantic truncates. Rare, so the slow path takes it.
 _SUB_MICROSECOND = re.compile(rb"\d:\d\d\.\d{7}")
@@ -74,6 +75,7 @@ class _Window(msgspec.Struct, forbid_unknown_fields=True):
     row_net_mj: _Energy | None = None
     idle_w: _Watts | None = None
     where: Literal["local", "cloud"] = "local"
+    reasons: Annotated[dict[_Reason, _Int32], msgspec.Meta(max_length=MAX_REASONS)] = {}
 
 
 class _Batch(msgspec.Struct, forbid_unknown_fields=True):
@@ -157,6 +159,8 @@ def _consistent(w: _Window) -> bool:
     if w.row_net_mj is not None:
         if w.row_mj is None or w.row_net_mj > w.row_mj * (1 + _ROUNDING):
             return False
+    if w.reasons and sum(w.reasons.values()) > w.count:
+        return False
     return True
 
 

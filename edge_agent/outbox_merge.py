@@ -43,6 +43,7 @@ class _Coarse:
     net: bool  # the energy windows give row_net_mj (all of them, or none: see _compatible)
     sources: frozenset[str]
     labels: tuple[frozenset[Any], ...]  # energy_meter, energy_method, energy_hz, idle_w seen on energy windows
+    reasons: dict[str, int]  # the offload policy's decisions, summed: each request's one decision stays counted
 
 
 def _weights(w: TelemetryWindow) -> tuple[int, float, float, float]:
@@ -81,7 +82,7 @@ def _start(w: TelemetryWindow) -> _Coarse:
         energy_mj=w.mean_mj * ok if energy else 0.0, ok_e=energy, e_rows=e_rows if energy else 0.0,
         net_mj=w.row_net_mj * e_rows if energy and w.row_net_mj is not None else 0.0,
         net=bool(energy and w.row_net_mj is not None),
-        sources=frozenset({w.energy_source}) if energy else frozenset(), labels=labels)
+        sources=frozenset({w.energy_source}) if energy else frozenset(), labels=labels, reasons=dict(w.reasons))
 
 
 def _compatible(acc: _Coarse, w: TelemetryWindow) -> bool:
@@ -132,7 +133,7 @@ def _build(c: _Coarse) -> TelemetryWindow:
         model=f.model, version=f.version, where=f.where, start=c.window.start, end=c.window.end, count=c.count,
         errors=c.errors, rows=c.rows, p50_ms=p50, p95_ms=p95, p99_ms=p99, mean_ms=mean_ms, row_ms=row_ms,
         mean_mj=mean_mj, row_mj=row_mj, row_net_mj=net, energy_source=source, energy_meter=meter,
-        energy_method=method, energy_hz=hz, idle_w=idle)
+        energy_method=method, energy_hz=hz, idle_w=idle, reasons=c.reasons)
 
 
 def _absorb(acc: _Coarse, w: TelemetryWindow) -> _Coarse | None:
@@ -151,7 +152,8 @@ def _absorb(acc: _Coarse, w: TelemetryWindow) -> _Coarse | None:
         p99=max((p for p in (acc.p99, o.p99) if p is not None), default=None),
         energy_mj=acc.energy_mj + o.energy_mj, ok_e=acc.ok_e + o.ok_e, e_rows=acc.e_rows + o.e_rows,
         net_mj=acc.net_mj + o.net_mj, net=acc.net or o.net, sources=acc.sources | o.sources,
-        labels=tuple(a | b for a, b in zip(acc.labels, o.labels)))
+        labels=tuple(a | b for a, b in zip(acc.labels, o.labels)),
+        reasons={k: acc.reasons.get(k, 0) + o.reasons.get(k, 0) for k in acc.reasons.keys() | o.reasons.keys()})
     try:
         return replace(merged, window=_build(merged))
     except ValidationError:  # e.g. overlapping windows holding more than their span admits: keep them apart

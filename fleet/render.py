@@ -226,7 +226,7 @@ def status_table(rows: Sequence[DeviceStatusRow]) -> Table:
     # An inference is a row: a request of 1,200 rows is 1,200 inferences, so ms/inf and mJ/inf are per row and
     # p50/p95 per request (of inf/req rows on average).
     for col in ("device", "class", "model", "desired", "active", "state", "last seen", "p50 ms/req", "p95 ms/req",
-                "ms/inf", "mJ/inf", "inf/kWh", "inf/req", "energy"):
+                "ms/inf", "mJ/inf", "inf/kWh", "inf/req", "energy", "offload"):
         t.add_column(col)
     for r in rows:
         state = Text(r.state, style=_STATE_STYLE.get(r.state, ""))
@@ -236,8 +236,17 @@ def status_table(rows: Sequence[DeviceStatusRow]) -> Table:
         batch = r.rows / r.requests if r.rows is not None and r.requests else None
         t.add_row(r.device_id, r.device_class, _v(r.model), _v(r.desired_version), _v(r.active_version), state, seen,
                   num(r.p50_ms, 2), num(r.p95_ms, 2), num(r.row_ms, 3), num(r.row_mj, 3),
-                  si(r.inferences_per_kwh), num(batch, 1), _v(r.energy_source))
+                  si(r.inferences_per_kwh), num(batch, 1), _v(r.energy_source), offload_cell(r))
     return t
+
+
+def offload_cell(r: DeviceStatusRow) -> str:
+    """"12% cloud: local_p95_over_budget 40, low_confidence 8": the share offloaded and the policy's top reasons."""
+    if r.offload_share is None:
+        return DASH
+    top = sorted(r.offload_reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:2]
+    why = ", ".join(f"{reason} {n}" for reason, n in top)
+    return f"{r.offload_share:.0%} cloud" + (f": {why}" if why else "")
 
 
 def si(value: float | None) -> str:

@@ -159,6 +159,9 @@ class DeviceStatusRow(View):
     row_mj: float | None = None  # energy per inference
     inferences_per_kwh: float | None = None  # from row_mj (cloud/efficiency.py)
     cost_per_million: float | None = None  # row_mj's energy at the kWh price (offload not included)
+    # Inferences run in the cloud by the device's offload policy over all of them, and its decisions per reason.
+    offload_share: float | None = None
+    offload_reasons: dict[str, int] = Field(default_factory=dict)
 
 
 class ClassesView(View):

@@ -14,14 +14,15 @@ optional fields kept `SCHEMA_VERSION`.
 Consistency, refused as "inconsistent" or "out_of_range" (protos/limits.py): errors <= count <= rows, requests and
 rows within what the window's length can hold, p50 <= p95 <= p99, per-row figures at most the per-request ones
 (each request has at least one row), a per-row figure given with its per-request one, and no figure when no request
-succeeded.
+succeeded. `reasons` counts the offload policy's decisions per reason (edge_agent/offload_policy.py) for the requests
+of the window: at most one per request, so they add up to at most `count`.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
 
 from edgefleet.protos.base import DeviceId, Message, Name, Versioned
@@ -51,6 +52,10 @@ SampleHz = Annotated[float, Field(gt=0, le=MAX_SAMPLE_HZ, allow_inf_nan=False)]
 _ROUNDING = 1e-9
 # (per request, per row): the pairs a window gives together or not at all.
 _PAIRS = (("mean_ms", "row_ms"), ("mean_mj", "row_mj"))
+# The offload policy's reasons are a closed set of snake_case names; 32 leaves room for the set to grow.
+REASON_RE = r"^[a-z][a-z0-9_]{0,47}$"
+MAX_REASONS = 32
+Reason = Annotated[str, StringConstraints(pattern=REASON_RE)]
 
 
 def _inconsistent(template: str, **context: Any) -> PydanticCustomError:
@@ -90,6 +95,8 @@ class TelemetryWindow(Message):
     row_net_mj: EnergyMj | None = None
     idle_w: Watts | None = None
     where: Literal["local", "cloud"] = "local"
+    # The offload policy's decisions for this window's requests, per reason (empty without a policy).
+    reasons: dict[Reason, Int32] = Field(default_factory=dict, max_length=MAX_REASONS)
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +147,9 @@ class TelemetryWindow(Message):
                 raise _inconsistent("{per_row} {row} is above {per_request} {request}; a request has at least one "
                                     "row, so a per-row figure is at most the per-request one", per_row=per_row,
                                     row=row, per_request=per_request, request=request)
+        if self.reasons and sum(self.reasons.values()) > self.count:
+            raise _inconsistent("reasons add up to {total}, more than the {count} requests; the policy decides once "
+                                "per request", total=sum(self.reasons.values()), count=self.count)
         if self.row_net_mj is not None:
             if self.row_mj is None:
                 raise _inconsistent("row_net_mj given without row_mj; the net figure is the gross one less idle")

@@ -239,6 +239,25 @@ class TelemetryWindowRow(Base):
     where: Mapped[str] = mapped_column(String(8), nullable=False, default="local")
 
 
+class TelemetryReasonRow(Base):
+    """The offload policy's decisions in one window, one row per reason (protos/telemetry.py `reasons`): what
+    `fleet status` shows as why a device offloads. Kept apart from telemetry_windows, whose rows most agents send
+    without reasons, and deleted by time with the raw windows' retention (migration 0010)."""
+
+    __tablename__ = "telemetry_reasons"
+    __table_args__ = (Index("ix_telemetry_reasons_device_end", "device_id", "end"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(128), nullable=False)
+    model: Mapped[str] = mapped_column(String(64), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    where: Mapped[str] = mapped_column(String(8), nullable=False)  # where the window's requests ran
+    end: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False)  # the window's end
+    reason: Mapped[str] = mapped_column(String(48), nullable=False)
+    count: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
 class TelemetryHourlyRow(Base):
     """Windows rolled up per device, (model, version) and UTC hour of their `end` (cloud/telemetry_rollup.py,
     migration 0008): additive sums, so hours and raw windows combine into the same figures

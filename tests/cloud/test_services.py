@@ -445,3 +445,24 @@ def test_status_rows_follow_desired_against_reported(fleet):
     assert fleet.get_device("d1").reported_generation == gen
     fleet.record_status(DeviceStatus(device_id="d1", online=False))
     assert row("d1").online is False
+
+
+def test_status_shows_the_offload_share_and_the_policys_reasons(fleet):
+    from edgefleet.fleet.render import offload_cell
+
+    enroll(fleet, "d1")
+    fleet.push_model("m", mlp_bytes())
+    fleet.deploy(DeployRequest(model="m", device_id="d1"))
+    [r] = fleet.status()
+    assert (r.offload_share, r.offload_reasons, offload_cell(r)) == (None, {}, "-")
+    t = now()
+    span = dict(start=t - timedelta(seconds=60), end=t, errors=0, energy_source="none", energy_meter="")
+    fleet.record_telemetry(TelemetryBatch(device_id="d1", seq=1, sent_at=t, windows=[
+        TelemetryWindow(model="m", version=1, count=60, rows=60, where="local",
+                        reasons={"local_within_budget": 50, "low_confidence": 0}, **span),
+        TelemetryWindow(model="m", version=1, count=20, rows=40, where="cloud",
+                        reasons={"local_p95_over_budget": 12, "low_confidence": 8}, **span)]))
+    [r] = fleet.status()
+    assert r.offload_share == pytest.approx(40 / 100)
+    assert r.offload_reasons == {"local_within_budget": 50, "local_p95_over_budget": 12, "low_confidence": 8}
+    assert offload_cell(r) == "40% cloud: local_within_budget 50, local_p95_over_budget 12"

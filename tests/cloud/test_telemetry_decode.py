@@ -23,7 +23,7 @@ BASE_WINDOW: dict[str, Any] = {
     "model": "m", "version": 1, "start": T, "end": T1, "count": 10, "errors": 1, "rows": 40, "p50_ms": 1.0,
     "p95_ms": 2.0, "p99_ms": 3.0, "mean_ms": 1.5, "row_ms": 0.3, "mean_mj": 8.0, "row_mj": 2.0,
     "energy_source": "measured", "energy_meter": "rapl", "energy_method": "counter", "energy_hz": None,
-    "row_net_mj": 1.0, "idle_w": 0.5, "where": "local"}
+    "row_net_mj": 1.0, "idle_w": 0.5, "where": "local", "reasons": {"local_within_budget": 4}}
 BASE_BATCH: dict[str, Any] = {"schema_version": 1, "kind": "telemetry", "device_id": "pi-1", "epoch": 7, "seq": 3,
                               "dropped_windows": 0, "merged_windows": 0, "sent_at": T}
 
@@ -41,7 +41,9 @@ CHOICES: dict[str, list[Any]] = {
     "row_mj": FLOATS, "energy_source": ["measured", "estimated", "none", "other", None, MISSING],
     "energy_meter": TEXTS, "energy_method": ["counter", "sampled", "modelled", "", "x", MISSING],
     "energy_hz": [None, 10.0, 0, -1, 1e6, 1e6 + 1, MISSING], "row_net_mj": FLOATS, "idle_w": FLOATS,
-    "where": ["local", "cloud", "edge", MISSING], "surprise": [MISSING, 1]}
+    "where": ["local", "cloud", "edge", MISSING], "surprise": [MISSING, 1],
+    "reasons": [{}, {"cloud_probe": 10}, {"a": 5, "b": 6}, {"Bad": 1}, {"x" * 48: 1}, {"x" * 49: 1}, {"ok": -1},
+                {"ok": 2**31}, {"ok": 1.0}, {"ok": "1"}, {f"r{i}": 0 for i in range(33)}, [], None, MISSING]}
 BATCH_CHOICES: dict[str, list[Any]] = {
     "schema_version": [1, 0, 2, "1", MISSING], "kind": ["telemetry", "reported_state", MISSING],
     "device_id": ["pi-1", "pi/1", "", "p" * 128, "p" * 129, "pi-1\n", MISSING], "epoch": INTS, "seq": INTS,

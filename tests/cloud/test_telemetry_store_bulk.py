@@ -147,3 +147,36 @@ def test_a_window_the_table_cannot_hold_is_an_error_naming_it(store, bad):
     with pytest.raises(ValueError, match="naive datetime|no column for"):
         store.add_telemetry_many([BatchIn("d1", 0, 1, [window(0, **bad)])], NOW)
     assert stored_windows(store) == [] and counters(store)["telemetry_batches"] == 0
+
+
+def reason_rows(store: Store) -> list[tuple]:
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(
+            'SELECT device_id, model, version, "where", reason, count FROM telemetry_reasons '
+            'ORDER BY device_id, "where", reason'))]
+
+
+def test_offload_reasons_are_stored_once_and_left_in_the_batch_for_a_retry(store):
+    from edgefleet.cloud.store_efficiency import offload_mix
+
+    local = window(0, rows=30, count=10, reasons={"local_within_budget": 6, "low_confidence": 0})
+    cloud = window(1, version=1, rows=20, count=11, where="cloud", reasons={"local_p95_over_budget": 5,
+                                                                             "low_confidence": 3})
+    batch = BatchIn("d1", 1, 1, [local, cloud])
+    assert store.add_telemetry_many([batch], NOW) == [STORED]
+    assert store.add_telemetry_many([batch], NOW) == [REPLAYED]  # a replay adds no decisions
+    assert local["reasons"] == {"local_within_budget": 6, "low_confidence": 0}  # the caller's batch is untouched
+    assert reason_rows(store) == [("d1", "m", 1, "cloud", "local_p95_over_budget", 5),
+                                  ("d1", "m", 1, "cloud", "low_confidence", 3),
+                                  ("d1", "m", 1, "local", "local_within_budget", 6)]  # a zero count is not a row
+    mix = offload_mix(store, NOW - timedelta(hours=1))
+    got = mix[("d1", "m")]
+    assert (got.local_rows, got.cloud_rows) == (30, 20) and got.share == pytest.approx(0.4)
+    assert got.reasons == {"local_within_budget": 6, "local_p95_over_budget": 5, "low_confidence": 3}
+    assert offload_mix(store, NOW + timedelta(hours=1)) == {}  # the look-back
+    assert offload_mix(store, NOW - timedelta(hours=1), device_id="d2") == {}
+    # Retention takes the decisions with the raw windows.
+    store.telemetry_rollup()
+    far = NOW + timedelta(days=30)
+    assert store.telemetry_retention(far, NOW - timedelta(days=400), NOW - timedelta(days=400))["reasons_deleted"] == 3
+    assert reason_rows(store) == []

@@ -183,6 +183,14 @@ def test_merged_means_equal_one_window_over_all_the_requests(tmp_path):
         assert getattr(twice, name) == pytest.approx(getattr(merged, name), rel=1e-12), name
 
 
+def test_merged_windows_sum_the_policys_reasons():
+    parts = [record([(1.0, True, 1.0, 1)] * 10, 60 * n).model_copy(update={"reasons": r}) for n, r in enumerate(
+        ({"local_within_budget": 7, "low_confidence": 3}, {"local_within_budget": 2}, {}))]
+    [merged] = merge_windows(parts)
+    assert merged.reasons == {"local_within_budget": 9, "low_confidence": 3}
+    assert TelemetryWindow.model_validate(merged.model_dump()) == merged  # still within the contract
+
+
 def test_merged_windows_roll_up_in_the_cloud_as_the_originals_do(tmp_path):
     """The real cloud roll-up (cloud/store_telemetry.py, SQLite) over the originals and over the merged windows.
     Without failed requests the cloud's weights (requests, rows) are the definitional ones (successful requests,

@@ -21,3 +21,25 @@ def test_a_windows_field_dict_is_its_model_dump():
     for w in (full, older, sparse):
         assert w.__dict__ == w.model_dump()
         assert list(w.__dict__) == list(TelemetryWindow.model_fields)
+
+
+def test_offload_reasons_are_bounded_named_and_at_most_one_per_request():
+    import pytest
+
+    from edgefleet.protos.messages import MessageError
+
+    def wire(reasons) -> bytes:
+        w = TelemetryWindow(model="m", version=1, start=T, end=T + timedelta(seconds=60), count=10, errors=0)
+        doc = TelemetryBatch(device_id="d", seq=1, sent_at=T, windows=[w]).to_dict()
+        doc["windows"][0]["reasons"] = reasons
+        import json
+        return json.dumps(doc).encode()
+
+    assert parse_message(wire({"local_within_budget": 7, "low_confidence": 3}), TelemetryBatch).windows[0].reasons \
+        == {"local_within_budget": 7, "low_confidence": 3}
+    for bad, words in (({"a": 6, "b": 5}, "reasons add up to 11, more than the 10 requests"),
+                       ({"Bad Name": 1}, "reasons"), ({"a": -1}, "reasons"),
+                       ({f"r{i}": 0 for i in range(33)}, "reasons")):
+        with pytest.raises(MessageError) as err:
+            parse_message(wire(bad), TelemetryBatch)
+        assert words in str(err.value)
