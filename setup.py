@@ -8,7 +8,7 @@ editable installs (checked with pip 24+ and setuptools 69+).
 
 from setuptools import find_packages, setup
 
-ROOTS = ("common", "cloud", "edge_agent", "fleet", "protos")
+ROOTS = ("common", "cloud", "edge_agent", "fleet", "protos", "sdk")
 
 packages: list[str] = []
 package_dir: dict[str, str] = {}
@@ -21,7 +21,7 @@ setup(
     package_dir=package_dir,
     package_data={
         "edgefleet.cloud": ["catalog/*.toml", "migrations/*.ini", "migrations/script.py.mako"],
-        "edgefleet.protos": ["*.proto"],
+        "edgefleet.protos": ["*.proto", "*.pyi"],
     },
     include_package_data=False,
 )

@@ -6,6 +6,9 @@ bridge wired as the Fleet's publish) -> a refresher thread), then runs uvicorn i
 SIGINT/SIGTERM: it stops serving, returns, and the runtime stops the refresher, the bridge, the dynsec client and
 the broker in that order (the clients before the broker they talk to).
 
+`infer` runs the offload data plane alone (cloud/inference/standalone.py): the Open Inference Protocol at /v2 over
+the same database and blobs, no MQTT, so offload traffic scales on its own machines.
+
 The admin token exists once: made at first start, printed once to stderr with the path of the 0600 file that keeps
 it, never printed again. `tests/cloud_server.py` runs the same `CloudRuntime` under uvicorn in a thread, so tests
 exercise exactly this wiring.
@@ -58,6 +61,7 @@ class CloudRuntime:
         self._stop_refresh = threading.Event()
         self._refresher: threading.Thread | None = None
         self._maintainer: threading.Thread | None = None
+        self.grpc: Any = None  # cloud/inference/grpc_server.py GrpcHandle when grpc_port is set
 
     def start(self) -> CloudRuntime:
         from edgefleet.cloud.api import create_app
@@ -80,6 +84,15 @@ class CloudRuntime:
                                                 daemon=True)
             self._maintainer.start()
             self.app = create_app(self.fleet)
+            if s.grpc_port is not None:
+                from edgefleet.cloud.api.app import data_plane
+                from edgefleet.cloud.inference.grpc_server import start_grpc_server
+
+                plane = data_plane(self.app)  # the /v2 pool and token cache: REST and gRPC share sessions
+                self.grpc = start_grpc_server(plane.pool, plane.tokens, host=s.grpc_host, port=s.grpc_port,
+                                              max_message_mb=s.infer_max_body_mb, tls_cert=s.grpc_tls_cert,
+                                              tls_key=s.grpc_tls_key)
+                log.info("OIP over gRPC on %s:%d", s.grpc_host, self.grpc.port)
         except BaseException:
             self.stop()
             raise
@@ -113,6 +126,12 @@ class CloudRuntime:
                 return
 
     def stop(self) -> None:
+        if self.grpc is not None:
+            self.grpc.stop(1.0)  # health NOT_SERVING, then 1 s for calls in flight
+            self.grpc = None
+        plane = getattr(self.app.state, "inference", None) if self.app is not None else None
+        if plane is not None:
+            plane.close()  # its sessions and thread pool, before the Fleet they read through
         self._stop_refresh.set()
         if self._refresher is not None:
             self._refresher.join(5)
@@ -160,17 +179,20 @@ def serve(
     port: int | None = typer.Option(None, help="HTTP port (default from settings: 8080)."),
     data_dir: Path | None = typer.Option(None, "--data-dir", help="Database, blobs, TUF repo, keys, admin token."),
     config: Path | None = typer.Option(None, "--config", help="TOML settings file (or EDGEFLEET_CONFIG)."),
+    grpc_port: int | None = typer.Option(None, "--grpc-port", help="Also serve the Open Inference Protocol over "
+                                         "gRPC (inference.GRPCInferenceService) on this port; 0: a free one."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
-    """Run the REST API, the TUF repository, the MQTT bridge and (when needed) an embedded broker."""
+    """Run the REST API (with the offload inference server at /v2), the TUF repository, the MQTT bridge and (when
+    needed) an embedded broker."""
     import uvicorn
 
     from edgefleet.cloud.settings import Settings
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin at every start
-    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port), ("data_dir", data_dir))
-                                 if v is not None}
+    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port), ("data_dir", data_dir),
+                                                   ("grpc_port", grpc_port)) if v is not None}
     try:
         settings = Settings(config_file=config, **overrides)
         runtime = CloudRuntime(settings).start()
@@ -231,6 +253,69 @@ def worker(
         fleet.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+# Per-request work uvicorn need not do for the data plane: an access log line, X-Forwarded-* rewriting (the data
+# plane reads no client address), a Server header.
+_INFER_UVICORN: dict[str, Any] = {"access_log": False, "proxy_headers": False, "server_header": False}
+
+
+@app.command()
+def infer(
+    host: str | None = typer.Option(None, help="Interface to listen on (default from settings: 127.0.0.1)."),
+    port: int | None = typer.Option(None, help="HTTP port (default from settings: infer_port, 8081)."),
+    data_dir: Path | None = typer.Option(None, "--data-dir", help="The cloud's data dir (database, blobs)."),
+    config: Path | None = typer.Option(None, "--config", help="TOML settings file (or EDGEFLEET_CONFIG)."),
+    workers: int = typer.Option(1, min=1, help="Server processes on the one port (one core each at most)."),
+    grpc_port: int | None = typer.Option(None, "--grpc-port", help="Also serve the Open Inference Protocol over "
+                                         "gRPC on this port; 0: a free one."),
+    log_level: str = typer.Option("info", help="debug, info, warning or error."),
+) -> None:
+    """Run the offload inference server (Open Inference Protocol at /v2) alone, apart from the control plane."""
+    import json
+    import os
+
+    import uvicorn
+
+    from edgefleet.cloud.inference.standalone import WORKER_SETTINGS_ENV, StandaloneInference
+    from edgefleet.cloud.settings import Settings
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("data_dir", data_dir), ("grpc_port", grpc_port))
+                                 if v is not None}
+    try:
+        settings = Settings(config_file=config, **overrides)
+        # One process: REST and (with grpc_port) gRPC share its pool. Several: the workers serve REST, this process
+        # only gRPC (StandaloneInference.start is the hook either way).
+        runtime = StandaloneInference(settings).start() if workers == 1 or settings.grpc_port is not None else None
+    except CloudError as exc:
+        typer.echo(f"edgefleet-cloud: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    listen = port if port is not None else settings.infer_port
+    if workers > 1:
+        passed = {k: str(v) for k, v in overrides.items()} | ({"config_file": str(config)} if config else {})
+        os.environ[WORKER_SETTINGS_ENV] = json.dumps(passed)
+        try:
+            uvicorn.run("edgefleet.cloud.inference.standalone:worker_app", factory=True, workers=workers,
+                        host=settings.host, port=listen, log_level=log_level.lower(), **_INFER_UVICORN)
+        finally:
+            if runtime is not None:
+                runtime.stop()
+        return
+    assert runtime is not None
+    server = uvicorn.Server(uvicorn.Config(runtime.app, host=settings.host, port=listen, log_level=log_level.lower(),
+                                           lifespan="off", **_INFER_UVICORN))
+    previous = {sig: signal.signal(sig, _after_uvicorn) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()  # returns after SIGINT/SIGTERM
+    finally:
+        runtime.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.started:
+        typer.echo(f"edgefleet-cloud: could not listen on {settings.host}:{listen}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

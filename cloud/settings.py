@@ -149,6 +149,31 @@ class Settings(BaseSettings):
     # `authorization: {credentials_file: ...}` in the scrape config).
     metrics_public: bool = True
 
+    # Offload inference (cloud/inference/): the Open Inference Protocol server at /v2 (and `edgefleet-cloud infer`).
+    # What answers a distilled version: "teacher" (the model it was distilled from, under the version's name; the
+    # cloud has the cores the device lacked) or "version" (the version's own file, so cloud and device answers agree;
+    # a TFLite variant, which ONNX Runtime cannot run, is answered by its teacher all the same).
+    offload_serves: Literal["teacher", "version"] = "teacher"
+    # ONNX Runtime threads per session; 0: one, with concurrent requests on concurrent threads, which measured as
+    # fast or faster than an intra-op pool on 2 cores for every model size tried (see cloud/inference/pool.py).
+    infer_intra_op_threads: int = Field(default=0, ge=0, le=256)
+    # Dynamic batching: concurrent requests to one model wait up to this long to run as one batch; 0: off (every
+    # request runs at once). 500-2000 us pays when many clients call a small model; it adds that much latency.
+    infer_batch_max_delay_us: int = Field(default=0, ge=0, le=1_000_000)
+    infer_batch_max_size: int = Field(default=32, ge=2, le=4096)
+    # 64 MB: a batch of 64 224x224x3 float32 images is 38 MB. Over it is a 413 before the body is read.
+    infer_max_body_mb: float = Field(default=64.0, gt=0)
+    # 16 model files loaded at once, least recently used unloaded past it.
+    infer_max_loaded: int = Field(default=16, ge=1)
+    # The data plane as its own process (`edgefleet-cloud infer`) listens here.
+    infer_port: int = Field(default=8081, ge=0, le=65535)
+    # gRPC inference.GRPCInferenceService (cloud/inference/grpc_server.py); None: no gRPC server.
+    grpc_port: int | None = Field(default=None, ge=0, le=65535)
+    grpc_host: str = "127.0.0.1"
+    # PEM files; both or neither. Unset: plaintext (behind a TLS-terminating proxy, or on localhost).
+    grpc_tls_cert: Path | None = None
+    grpc_tls_key: Path | None = None
+
     # Background jobs (distillation), run by `edgefleet-cloud worker`. 60 s lease, renewed every third of it: a
     # killed worker's job is claimed again within a minute, and a GC pause or a slow database round trip does not
     # lose a live one. 3 attempts: a job that kills its worker every time (out of memory) fails instead of looping.
@@ -242,3 +267,7 @@ class Settings(BaseSettings):
     @property
     def max_transfer_bytes(self) -> int:
         return int(self.max_transfer_mb * 1024 * 1024)
+
+    @property
+    def infer_max_body_bytes(self) -> int:
+        return int(self.infer_max_body_mb * 1024 * 1024)

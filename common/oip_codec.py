@@ -29,7 +29,11 @@ from edgefleet.protos.messages import TensorSpec
 from edgefleet.protos.oip import DATATYPES, NUMPY_TO_DATATYPE
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+_NATIVE_LITTLE = np.little_endian
 _LE = {name: np.dtype(dtype).newbyteorder("<") for name, dtype in DATATYPES.items()}
+# dtype -> numpy name and OIP datatype: `ndarray.dtype.name` is computed in Python (about 4 us), a dict lookup 0.1.
+_NAME = {np.dtype(dtype): dtype for dtype in DATATYPES.values()}
+_DATATYPE = {np.dtype(dtype): name for name, dtype in DATATYPES.items()}
 
 __all__ = ["DATATYPES", "HEADER_LENGTH", "NUMPY_TO_DATATYPE", "DecodedRequest", "DecodedResponse", "OipError",
            "check_inputs", "check_outputs", "decode_request", "decode_response", "encode_request", "encode_response",
@@ -221,7 +225,7 @@ def check_inputs(inputs: dict[str, np.ndarray], specs: list[TensorSpec]) -> dict
         spec = by_name.get(name)
         if spec is None:
             raise OipError(f"unknown input {name!r}; {want}")
-        if array.dtype.name != spec.dtype:
+        if (_NAME.get(array.dtype) or array.dtype.name) != spec.dtype:
             got = NUMPY_TO_DATATYPE.get(array.dtype.name, array.dtype.name)
             raise OipError(f"input {name!r}: datatype {got}, but {want}")
         dims = _dims(spec)
@@ -247,7 +251,7 @@ def check_outputs(wanted: list[str] | None, specs: list[TensorSpec]) -> None:
 
 
 def _datatype(name: str, array: np.ndarray) -> str:
-    datatype = NUMPY_TO_DATATYPE.get(array.dtype.name)
+    datatype = _DATATYPE.get(array.dtype) or NUMPY_TO_DATATYPE.get(array.dtype.name)  # the name: non-native order
     if datatype is None:
         raise OipError(f"tensor {name!r} has dtype {array.dtype.name}, which OIP cannot carry; use a numeric dtype")
     return datatype
@@ -262,7 +266,8 @@ def _encode(doc: dict[str, Any], key: str, tensors: dict[str, np.ndarray],
         datatype = _datatype(name, array)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if binary is True or (isinstance(binary, set) and name in binary):
-            raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            little = array.dtype.byteorder in "<|" or (array.dtype.byteorder == "=" and _NATIVE_LITTLE)
+            raw = (array if little else array.astype(array.dtype.newbyteorder("<"))).tobytes()  # C order
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:

@@ -8,6 +8,11 @@ reports, class calibrations) and tuf (metadata and bundles, outside /api/v1). `l
 of them all: a request's token is checked before its body is read, and the body is read under a cap.
 
 OpenAPI is served at /openapi.json with Swagger UI at /docs; the bearer scheme lets "Authorize" take a token.
+
+The offload data plane, the Open Inference Protocol at /v2 (cloud/inference/rest.py), is a plain ASGI app that
+gets every /v2 request first, before FastAPI's middleware and routing: it is per-inference traffic, where their
+few hundred microseconds would cost more than a small model's run, and it checks its own tokens and body cap
+(`infer_max_body_mb`, not the JSON cap). `data_plane(app).pool` is its pool, for a gRPC server to share.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgefleet.cloud.api import (
     handlers,
@@ -30,7 +36,34 @@ from edgefleet.cloud.api import (
 )
 
 if TYPE_CHECKING:
+    from edgefleet.cloud.inference.rest import DataPlane
     from edgefleet.cloud.services import Fleet
+
+
+class _DataPlaneFirst:
+    """Hands /v2 requests straight to the inference data plane; everything else to the app behind."""
+
+    def __init__(self, app: ASGIApp, *, api: FastAPI) -> None:
+        self.app = app
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path.startswith("/v2") and (len(path) == 3 or path[3] == "/"):
+            await data_plane(self.api)(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+
+def data_plane(api: FastAPI) -> DataPlane:
+    """The app's /v2 data plane, made at first use (an app built for its schema alone never loads a model); its
+    `.pool` is what a gRPC server in the same process shares."""
+    plane = getattr(api.state, "inference", None)
+    if plane is None:
+        from edgefleet.cloud.inference.standalone import build_data_plane
+
+        plane = api.state.inference = build_data_plane(api.state.fleet)
+    return plane
 
 
 def create_app(fleet: Fleet) -> FastAPI:
@@ -47,6 +80,8 @@ def create_app(fleet: Fleet) -> FastAPI:
     handlers.install(app)
     # In front of every route: the token before a byte of the body, then the body under its cap.
     app.add_middleware(limits.RequestLimits, api=app)
+    # Added last, so outermost of ours: /v2 never passes through RequestLimits or the routers.
+    app.add_middleware(_DataPlaneFirst, api=app)
     for module in (routes_devices, routes_models, routes_admin, routes_identity, routes_jobs, routes_provenance,
                    routes_efficiency):
         app.include_router(module.router, prefix="/api/v1")

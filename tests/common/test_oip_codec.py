@@ -207,3 +207,13 @@ def test_error_response_is_reported():
 def test_unencodable_dtype_is_refused():
     with pytest.raises(OipError, match="complex64"):
         encode_response("m", None, {"y": np.zeros(2, np.complex64)})
+
+
+def test_big_endian_and_fortran_order_arrays_encode_as_their_values():
+    want = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for array in (want.astype(">f4"), np.asfortranarray(want), want[:, ::-1][:, ::-1]):
+        for binary in (True, False):
+            body, length = encode_response("m", None, {"y": array}, binary=binary)
+            got = decode_response(body, length).outputs["y"]
+            assert got.dtype == np.float32 and np.array_equal(got, want)
+    check_inputs({"x": np.zeros((1, 64), ">f4"), "mask": np.zeros(1, bool)}, SPECS)  # float32, either byte order
