@@ -27,6 +27,12 @@ Example:
     ack_timeout_s = 5                      # then the HTTP fallback carries the report or batch
     [reconcile]
     max_rounds = 20
+    [offload]                              # docs/offload.md: the policy, its reasons and every key
+    enabled = true
+    url = "http://cloud.local:8000"        # any OIP server (Triton, KServe, MLServer); empty: cloud_url
+    p95_ms = 50                            # overrides the manifest's budget
+    cascade_metric = "max_prob"            # escalate to the cloud when the local answer is less sure than
+    cascade_threshold = 0.8                # this
 """
 
 from __future__ import annotations
@@ -161,6 +167,80 @@ class ReconcileConfig:
     max_rounds: int = 20
 
 
+CASCADE_METRICS = ("max_prob", "margin", "entropy")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """The offload router (edge_agent/offload.py, docs/offload.md). Off by default: an agent routes only once told
+    where to."""
+
+    enabled: bool = False
+    url: str = ""  # the OIP server (the cloud's /v2, Triton, KServe, MLServer); empty: cloud_url
+    token: str = ""  # bearer token; empty: the device token from enrollment
+    binary: bool = True  # the binary tensor extension; false: plain JSON bodies
+    connect_timeout_ms: float = 500.0
+    # 2 s per read: a cloud answer slower than this is a dead cloud to a device app; the breaker counts it.
+    timeout_ms: float = 2000.0
+    # Budgets: None takes the manifest's (the device class's defaults, overridable per deployment).
+    p95_ms: float | None = None
+    mj_per_inference: float | None = None
+    energy_j_per_min: float | None = None  # local inference energy per trailing minute; None: no limit
+    cascade_metric: str = ""  # "" (no cascade) | "max_prob" | "margin" | "entropy"
+    cascade_threshold: float | None = None  # escalate below this confidence, in [0, 1]
+    cascade_output: str = ""  # the class-scores output; empty: the first float [rows, classes] output
+    hysteresis: float = 0.2  # back to local only below budget x (1 - hysteresis)
+    min_dwell_s: float = 5.0  # and no sooner than this after switching to the cloud
+    local_probe_s: float = 1.0  # while offloaded, one local run this often
+    local_parallel: int = 1  # local runs served at once at full speed (1: ONNX Runtime's run uses every core)
+    latency_window: int = 64  # samples in the sliding p95
+    latency_window_s: float = 10.0  # and none older than this
+    breaker_failures: int = 3  # consecutive cloud failures that open the breaker
+    breaker_open_s: float = 5.0  # first open period; doubles per failed probe
+    breaker_max_open_s: float = 60.0
+    slowdown_factor: float = 1.0  # >1: emulate a slower device class (edge_agent/emulate.py)
+
+
+def _check_offload(source: str, offload: dict[str, Any]) -> None:
+    """The [offload] section's values beyond their types; one ConfigError line naming the key and the fix."""
+    url = offload.get("url", "")
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}: 'offload.url' must start with http:// or https://, got {url!r}; leave it out "
+                          "to use cloud_url")
+    for key in ("connect_timeout_ms", "timeout_ms", "p95_ms", "mj_per_inference", "energy_j_per_min",
+                "latency_window", "latency_window_s", "local_parallel", "breaker_failures", "breaker_open_s",
+                "breaker_max_open_s"):
+        if key in offload and offload[key] <= 0:
+            raise ConfigError(f"{source}: 'offload.{key}' must be > 0, got {offload[key]!r}; leave it out for the "
+                              "default")
+    if not 0 <= offload.get("hysteresis", OffloadConfig.hysteresis) < 1:
+        raise ConfigError(f"{source}: 'offload.hysteresis' must be in [0, 1) (a fraction of the budget, 0.2 is "
+                          f"20 %), got {offload['hysteresis']!r}")
+    open_s = offload.get("breaker_open_s", OffloadConfig.breaker_open_s)
+    if offload.get("breaker_max_open_s", OffloadConfig.breaker_max_open_s) < open_s:
+        raise ConfigError(f"{source}: 'offload.breaker_max_open_s' must not be below 'offload.breaker_open_s' "
+                          f"({open_s:g})")
+    if offload.get("slowdown_factor", 1.0) < 1:
+        raise ConfigError(f"{source}: 'offload.slowdown_factor' must be >= 1 (1: no emulation, 8: about an rpi4 "
+                          f"on this class of x86), got {offload['slowdown_factor']!r}")
+    metric = offload.get("cascade_metric", "")
+    threshold = offload.get("cascade_threshold")
+    if metric and metric not in CASCADE_METRICS:
+        close = difflib.get_close_matches(metric, CASCADE_METRICS, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: 'offload.cascade_metric' is {metric!r}{hint}; use one of "
+                          f"{', '.join(CASCADE_METRICS)}, or leave it out for no cascade")
+    if metric and threshold is None:
+        raise ConfigError(f"{source}: 'offload.cascade_metric' is set but 'offload.cascade_threshold' is not; "
+                          "give the confidence below which a request goes to the cloud, e.g. 0.8")
+    if threshold is not None and not metric:
+        raise ConfigError(f"{source}: 'offload.cascade_threshold' is set but 'offload.cascade_metric' is not; "
+                          f"name one of {', '.join(CASCADE_METRICS)}")
+    if threshold is not None and not 0 <= threshold <= 1:
+        raise ConfigError(f"{source}: 'offload.cascade_threshold' must be in [0, 1] (every metric is a confidence "
+                          f"from 0 to 1), got {threshold!r}")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     device_id: str
@@ -178,6 +258,7 @@ class AgentConfig:
     mqtt: MqttConfig = MqttConfig()
     link: LinkConfig = LinkConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
+    offload: OffloadConfig = OffloadConfig()
 
     @property
     def desired_poll_s(self) -> float:
@@ -220,10 +301,11 @@ _SECTIONS: dict[str, type] = {
     "mqtt": MqttConfig,
     "link": LinkConfig,
     "reconcile": ReconcileConfig,
+    "offload": OffloadConfig,
 }
 _TOP_LEVEL = {"device_id": str, "device_class": str, "cloud_url": str, "data_dir": str, "enrollment_token": str}
 _REQUIRED = ("device_id", "device_class", "cloud_url", "data_dir")
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string"}
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 def _section_types(cls: type) -> dict[str, type]:
@@ -231,7 +313,8 @@ def _section_types(cls: type) -> dict[str, type]:
     out: dict[str, type] = {}
     for f in fields(cls):
         ann = str(f.type).replace(" ", "")
-        out[f.name] = int if ann.startswith("int") else float if ann.startswith("float") else str
+        out[f.name] = (int if ann.startswith("int") else float if ann.startswith("float")
+                       else bool if ann.startswith("bool") else str)
     return out
 
 
@@ -251,7 +334,9 @@ def _unknown(source: str, key: str) -> ConfigError:
 def _coerce(source: str, key: str, want: type, value: Any) -> Any:
     # bool is an int subclass in Python; `port = true` is a mistake, not 1.
     ok = (
-        isinstance(value, str)
+        isinstance(value, bool)
+        if want is bool
+        else isinstance(value, str)
         if want is str
         else isinstance(value, int) and not isinstance(value, bool)
         if want is int
@@ -333,6 +418,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config", base_dir: 
         if value is not None and value <= 0:
             raise ConfigError(f"{source}: '{section}.{key}' must be > 0, got {value!r}")
     _check_energy(source, sections.get("energy", {}))
+    _check_offload(source, sections.get("offload", {}))
     # The cloud refuses a telemetry window longer than the contract's MAX_WINDOW_S (protos/limits.py).
     window_s = sections.get("telemetry", {}).get("window_s", TelemetryConfig.window_s)
     if not 0 < window_s <= MAX_WINDOW_S:

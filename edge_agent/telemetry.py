@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from math import floor
+from random import random as _random
 from typing import Any
 
 from edgefleet.edge_agent.meters.attribution import Attributed, EnergyLedger, Share, attribute
@@ -62,7 +63,7 @@ def _within(value: float, ceiling: float) -> float:
     return min(max(value, 0.0), ceiling) if value == value else 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Window:
     model: str
     version: int
@@ -85,7 +86,12 @@ class _Window:
 
     def add(self, latency_ms: float, ok: bool, energy_mj: float | None, source: str, meter: str,
             rows: int = 1) -> None:
-        rows = max(1, int(rows))  # a request of zero rows still paid for a call: it counts as one
+        # On every request (Telemetry.record_at), so written out: no calls but the reservoir's random(); the
+        # clamps are `_within`'s, inlined.
+        if type(rows) is not int:
+            rows = int(rows)
+        if rows < 1:
+            rows = 1  # a request of zero rows still paid for a call: it counts as one
         self.count += 1
         self.rows += rows
         if not ok:
@@ -93,20 +99,24 @@ class _Window:
             return
         self._seen += 1
         self.ok_rows += rows
-        latency_ms = _within(latency_ms, MAX_LATENCY_MS)
+        latency_ms = (latency_ms if latency_ms < MAX_LATENCY_MS else MAX_LATENCY_MS) if latency_ms > 0.0 else 0.0
         self.busy_ms += latency_ms
-        if len(self.latencies_ms) < MAX_SAMPLES_PER_WINDOW:
-            self.latencies_ms.append(latency_ms)
+        latencies = self.latencies_ms
+        if len(latencies) < MAX_SAMPLES_PER_WINDOW:
+            latencies.append(latency_ms)
         else:  # reservoir sampling (Algorithm R): memory stays bounded under a flood, percentiles stay unbiased
-            slot = random.randrange(self._seen)
+            # int(random() * n), not randrange(n) (0.5 us): uniform to within n / 2**53 for any window's count.
+            slot = int(_random() * self._seen)
             if slot < MAX_SAMPLES_PER_WINDOW:
-                self.latencies_ms[slot] = latency_ms
+                latencies[slot] = latency_ms
         if energy_mj is not None:
-            self.energy_mj_sum += _within(energy_mj, MAX_ENERGY_MJ)
+            self.energy_mj_sum += (energy_mj if energy_mj < MAX_ENERGY_MJ else MAX_ENERGY_MJ) if energy_mj > 0.0 \
+                else 0.0
             self.energy_n += 1
             self.energy_rows += rows
             self.energy_busy_ms += latency_ms
-            self.energy_source, self.energy_meter = source, meter
+            if self.energy_meter != meter or self.energy_source != source:
+                self.energy_source, self.energy_meter = source, meter
 
     def share(self) -> Share:
         """This window's work, for sharing a window meter's energy by busy time."""
@@ -191,6 +201,8 @@ class Telemetry:
         # they happen; the successful requests' energy (mJ) and its label as each window closes.
         self._totals: dict[tuple[str, int, str], list[float]] = {}
         self._totals_source: dict[tuple[str, int, str], str] = {}
+        # record_at's cache: (model, version, where) -> (period, its open window, its totals); emptied by flush.
+        self._hot: dict[tuple[str, int, str], tuple[int, _Window, list[float]]] = {}
 
     def attach_meter(self, meter: Any, now: datetime, *, idle_w: float | None = None) -> None:
         """Use `meter`'s labels (and, for a window meter, its energy at every flush) from now on; `idle_w` is the
@@ -267,26 +279,55 @@ class Telemetry:
                energy_mj: float | None = None, energy_source: str = "none", energy_meter: str = "",
                where: str = "local", rows: int = 1) -> None:
         """One request of `rows` rows (its batch size) that took `latency_ms` and, metered, `energy_mj` in all."""
-        start, end = self._bounds(now)
-        key = (model, version, where, start)
+        self.record_at(model, version, latency_ms, (now - _EPOCH).total_seconds(), ok=ok, energy_mj=energy_mj,
+                       energy_source=energy_source, energy_meter=energy_meter, where=where, rows=rows)
+
+    def record_at(self, model: str, version: int, latency_ms: float, now_s: float, ok: bool = True,
+                  energy_mj: float | None = None, energy_source: str = "none", energy_meter: str = "",
+                  where: str = "local", rows: int = 1) -> None:
+        """`record` with `now` as seconds since the epoch (time.time()): the inference hot path's form, whose
+        arguments may go by position (cheaper than by keyword on every request).
+
+        The hot path reads no datetime: the period is an integer (floor(now_s / window_s), the same arithmetic as
+        `_bounds`), and `_hot` keeps, per (model, version, where), the period last seen with its window and totals,
+        so a request in the same period costs a dict lookup. `flush` empties `_hot` whenever it closes windows."""
+        period = floor(now_s / self.window_s)
         with self._lock:
-            if where == "local":
-                self._busy_periods.add(start)
-            window = self._open.get(key)
-            if window is None:
-                window = self._open[key] = _Window(model, version, where, start, end)
-            window.add(latency_ms, ok, energy_mj, energy_source, energy_meter, rows)
-            total = self._totals.setdefault((model, version, where), [0, 0, 0, 0.0, 0.0])
+            hot = self._hot.get((model, version, where))
+            if hot is None or hot[0] != period:
+                hot = self._enter((model, version, where), period)
+            hot[1].add(latency_ms, ok, energy_mj, energy_source, energy_meter, rows)
+            total = hot[2]
             total[0] += 1
-            total[1] += 0 if ok else 1
-            total[2] += max(1, int(rows))
-            total[3] += _within(latency_ms, MAX_LATENCY_MS) if ok else 0.0
+            total[2] += rows if type(rows) is int and rows > 0 else max(1, int(rows))
+            if ok:
+                total[3] += (latency_ms if latency_ms < MAX_LATENCY_MS else MAX_LATENCY_MS) if latency_ms > 0.0 \
+                    else 0.0
+            else:
+                total[1] += 1
+
+    def _enter(self, hot_key: tuple[str, int, str], period: int) -> tuple[int, _Window, list[float]]:
+        """Under the lock: the open window and totals of `hot_key` in `period` (created when new), cached."""
+        model, version, where = hot_key
+        start = _EPOCH + timedelta(seconds=period * self.window_s)
+        key = (model, version, where, start)
+        if where == "local":
+            self._busy_periods.add(start)
+        window = self._open.get(key)
+        if window is None:
+            window = self._open[key] = _Window(model, version, where, start, start + timedelta(seconds=self.window_s))
+        total = self._totals.get(hot_key)
+        if total is None:
+            total = self._totals[hot_key] = [0, 0, 0, 0.0, 0.0]
+        hot = self._hot[hot_key] = (period, window, total)
+        return hot
 
     def flush(self, now: datetime, *, force: bool = False) -> list[TelemetryBatch]:
         """Close windows that ended by `now` (all of them with `force`, e.g. at shutdown) into outbox batches.
         A window meter is read first, so `now` is an edge reading whether or not a window closes."""
         self._read_meter(now)
         with self._lock:
+            self._hot.clear()  # it may point at a window closed here, or at a busy period pruned here
             done = [k for k, w in self._open.items() if force or w.end <= now]
             closed = [self._open.pop(k) for k in sorted(done, key=lambda k: (k[3], k[0], k[1], k[2]))]
             measured: dict[int, Attributed] = {}

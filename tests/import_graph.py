@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # The folders that install as `edgefleet.<name>` (setup.py ROOTS).
-PACKAGES = ("common", "cloud", "edge_agent", "fleet", "protos")
+PACKAGES = ("common", "cloud", "edge_agent", "fleet", "protos", "sdk")
 
 
 @dataclass(frozen=True)

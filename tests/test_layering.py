@@ -2,7 +2,9 @@
 
 - `protos/` (the contracts) imports none of the other packages;
 - `common/` (code both sides run: the crash-safe write, the runtimes) imports only `protos/`;
-- `cloud/`, `edge_agent/` and `fleet/` never import each other; each may import `common/` and `protos/`.
+- `cloud/`, `edge_agent/` and `fleet/` never import each other; each may import `common/` and `protos/`;
+- `sdk/` (what apps import) may import `common/`, `protos/` and the agent (its standalone mode runs the agent's
+  pure offload policy), never the cloud or the CLI.
 
 A violation names the file, the line and the import, so the fix is obvious: move the shared code to `common/`.
 """
@@ -21,6 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "cloud": {"common", "protos"},
     "edge_agent": {"common", "protos"},
     "fleet": {"common", "protos"},
+    "sdk": {"common", "protos", "edge_agent"},
 }
 
 
@@ -71,6 +74,8 @@ def test_package_keeps_its_layer(package):
     ("protos", "from edgefleet.common.fsutil import atomic_write_bytes\n"),
     ("protos", "from edgefleet.fleet.client import Client\n"),
     ("common", "from edgefleet.edge_agent.errors import AgentError\n"),
+    ("sdk", "from edgefleet.cloud.infer import serve\n"),
+    ("sdk", "import edgefleet.fleet.client\n"),
 ])
 def test_a_forbidden_import_is_found(tmp_path, package, source):
     (tmp_path / package).mkdir()

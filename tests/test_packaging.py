@@ -56,11 +56,15 @@ def test_cloud_extra_does_pull_the_cloud_stack():
 def test_agent_modules_import_nothing_heavy():
     import edgefleet.common as common
     import edgefleet.edge_agent as agent
+    import edgefleet.sdk as sdk
 
-    # The agent runs on the neutral package too (its runtimes and crash-safe writes live there).
+    # The agent runs on the neutral package too (its runtimes and crash-safe writes live there), and apps on the
+    # device import the SDK from the same lean install.
     modules = [m.name for m in pkgutil.walk_packages(agent.__path__, "edgefleet.edge_agent.")]
     modules += [m.name for m in pkgutil.walk_packages(common.__path__, "edgefleet.common.")]
+    modules += ["edgefleet.sdk"] + [m.name for m in pkgutil.walk_packages(sdk.__path__, "edgefleet.sdk.")]
     assert "edgefleet.edge_agent.daemon" in modules and "edgefleet.common.runtimes.onnx" in modules
+    assert "edgefleet.sdk.embedded" in modules
     code = (
         "import importlib, sys\n"
         f"for m in {modules!r}:\n"
