@@ -14,12 +14,18 @@ that request is sent once more on a fresh connection, never more, and never afte
 Errors are wrapped where they enter (edge_agent/errors.py): no answer, a refused connection, a timeout, a 5xx, a
 429, a refused token (401/403) or a body that is not OIP -> `CloudUnavailable` (the router's breaker counts it and
 local serves); 404 -> `ModelNotFound`; any other 4xx -> `InferenceError`; each with the server's own message.
+
+Servers without the binary extension: MLServer 1.7 answers a binary body 500 (its error handler fails on the raw
+bytes) or 422 `json_invalid` (SeldonIO/MLServer#324). The first binary request that gets either is sent once more as
+JSON; when JSON is answered, this client stays on JSON (`binary` turns False, logged once), so such a server is a
+slower target, not a dead one that opens the breaker.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import ssl
 import threading
@@ -31,6 +37,7 @@ import numpy as np
 from edgefleet.common.oip_codec import HEADER_LENGTH, DecodedResponse, OipError, decode_response, encode_request
 from edgefleet.edge_agent.errors import CloudUnavailable, InferenceError, ModelNotFound
 
+log = logging.getLogger(__name__)
 # 256 MiB: far above any response a model the fleet ships returns; a server that claims more is broken.
 MAX_RESPONSE_BYTES = 256 * 1024 * 1024
 _RETRYABLE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
@@ -66,6 +73,7 @@ class OffloadClient:
         self.connect_timeout_s = connect_timeout_s
         self.timeout_s = timeout_s
         self.binary = binary
+        self._binary_proven = False  # a binary request was answered: a later 500 is the server's, not the format's
         self._local = threading.local()
         self._all: list[http.client.HTTPConnection] = []  # every thread's connection, for close()
         self._all_lock = threading.Lock()
@@ -171,17 +179,18 @@ class OffloadClient:
               outputs: list[str] | None = None, request_id: str | None = None,
               parameters: dict[str, Any] | None = None) -> DecodedResponse:
         """One inference on the server; its outputs as numpy arrays and its `parameters` (provenance)."""
-        try:
-            body, header_length = encode_request(inputs, outputs=outputs, binary=self.binary,
-                                                 binary_outputs=self.binary, id=request_id, parameters=parameters)
-        except OipError as exc:
-            raise InferenceError(str(exc)) from None
-        if header_length is None:
-            headers = {"Content-Type": "application/json"}
-        else:
-            headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
+        binary = self.binary
         what = f"model {model!r}" + (f" version {version}" if version is not None else "")
-        status, response, data = self._request("POST", self._model_path(model, version) + "/infer", body, headers)
+        status, response, data = self._post(model, version, inputs, outputs, request_id, parameters, binary)
+        if binary and not self._binary_proven and (status == 500 or (status == 422 and b"json" in data.lower())):
+            # Maybe a server without the binary extension (see the module docstring): JSON once.
+            status, response, data = self._post(model, version, inputs, outputs, request_id, parameters, False)
+            if status < 300:
+                self.binary = False
+                log.warning("the offload server %s refused a binary-extension body and answered JSON: sending JSON "
+                            "from now on (set offload.binary = false to say so)", self.url)
+        elif binary and status < 300:
+            self._binary_proven = True
         self._check(status, data, what)
         raw_length = response.getheader(HEADER_LENGTH)
         try:
@@ -189,6 +198,20 @@ class OffloadClient:
         except (OipError, ValueError) as exc:
             raise CloudUnavailable(f"the offload server {self.url} sent an answer for {what} that is not an OIP "
                                    f"inference response: {exc}") from None
+
+    def _post(self, model: str, version: str | None, inputs: dict[str, np.ndarray], outputs: list[str] | None,
+              request_id: str | None, parameters: dict[str, Any] | None,
+              binary: bool) -> tuple[int, http.client.HTTPResponse, bytes]:
+        try:
+            body, header_length = encode_request(inputs, outputs=outputs, binary=binary, binary_outputs=binary,
+                                                 id=request_id, parameters=parameters)
+        except OipError as exc:
+            raise InferenceError(str(exc)) from None
+        if header_length is None:
+            headers = {"Content-Type": "application/json"}
+        else:
+            headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
+        return self._request("POST", self._model_path(model, version) + "/infer", body, headers)
 
     def live(self) -> bool:
         status, _, _ = self._request("GET", "/v2/health/live")
