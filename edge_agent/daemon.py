@@ -36,15 +36,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 from edgefleet.common.backoff import full_jitter_delay
 from edgefleet.common.fsutil import private_dir
+from edgefleet.common.runtimes import make_runtime
 from edgefleet.edge_agent.apply import Executor, TargetVerifier
 from edgefleet.edge_agent.clock import Clock, SystemClock
 from edgefleet.edge_agent.cloud_client import CloudApi, CloudClient
 from edgefleet.edge_agent.config import AgentConfig
+from edgefleet.edge_agent.emulate import slowed_factory
 from edgefleet.edge_agent.errors import (
     AgentError,
     BadSignature,
@@ -62,8 +63,9 @@ from edgefleet.edge_agent.keyring import advance, load_ring, save_ring
 from edgefleet.edge_agent.link import CloudLink, LinkFactory
 from edgefleet.edge_agent.link_mqtt import MqttLink
 from edgefleet.edge_agent.local_api import LocalApi
-from edgefleet.edge_agent.meters import MeterPermissionDenied, ModelledMeter, NullMeter, choose_meter, is_window_meter
-from edgefleet.edge_agent.meters.attribution import MIN_MEASURED_WINDOW_S
+from edgefleet.edge_agent.meters import NullMeter
+from edgefleet.edge_agent.meters.detect import meter_for_class
+from edgefleet.edge_agent.offload import Router
 from edgefleet.edge_agent.reconcile import next_wakeup
 from edgefleet.edge_agent.state import StateStore
 from edgefleet.edge_agent.telemetry import Telemetry
@@ -122,9 +124,15 @@ class Agent:
         self.store = StateStore(config.state_path)
         self.installer = Installer(config.models_dir)
         self.telemetry = Telemetry.from_config(config)
+        # offload.slowdown_factor > 1 emulates a slower class on this machine (edge_agent/emulate.py, logged).
         self.service = InferenceService(self.installer, meter=NullMeter(), telemetry=self.telemetry,
-                                        clock=self.clock.now)
-        self.api = LocalApi.from_config(config, self.service, telemetry=self.telemetry)
+                                        clock=self.clock.now,
+                                        runtime_factory=slowed_factory(make_runtime, config.offload.slowdown_factor))
+        # The offload router (edge_agent/offload.py) only when offload is on: off, requests take the service's
+        # own path, with no policy's bookkeeping on it.
+        self.router = Router.from_config(config, self.service, telemetry=self.telemetry) \
+            if config.offload.enabled else None
+        self.api = LocalApi.from_config(config, self.service, telemetry=self.telemetry, router=self.router)
         self.link_or_http = LinkOrHttp.from_config(config, self.client, self.clock)
         self.events: queue.Queue[_Event] = queue.Queue()
         self.stopped = threading.Event()
@@ -147,6 +155,7 @@ class Agent:
         if enrolled is not None:
             self._set_meter(parse_message(enrolled, EnrollResponse))
         serving = self.service.load_active()
+        self._follow_budgets(self._desired())
         self.api.start()
         log.info("local API on %s%s; serving %s", self.api.url,
                  f" and {self.config.api.unix_socket}" if self.config.api.unix_socket else "", serving or "nothing yet")
@@ -171,6 +180,8 @@ class Agent:
         if self.link is not None:
             self.link.stop()
         self.api.stop()
+        if self.router is not None:
+            self.router.close()
         # Open windows go to the outbox on disk: the next start sends them.
         self.telemetry.flush(self.clock.now(), force=True)
         if hasattr(self.service.meter, "close"):
@@ -185,30 +196,10 @@ class Agent:
         that reads) and hand it to inference and telemetry. A meter that cannot read (no sensor, permission denied)
         falls back with the reason and its fix logged, never a crash. The same class again keeps the meter."""
         cls = enrollment.device_class
-        energy = self.config.energy
         key = (cls.name, cls.active_watts, cls.idle_watts, tuple(cls.execution_providers))
         if self._meter_key == key:
             return
-        active = energy.active_watts or cls.active_watts
-        idle = energy.idle_watts if energy.idle_watts is not None else cls.idle_watts
-        choice = choose_meter(energy, active_watts=active, idle_watts=idle,
-                              execution_providers=cls.execution_providers)
-        meter = choice.meter
-        for name, why in choice.tried:
-            # Under "auto" a sensor this board lacks is expected; a named meter missing or a permission problem is
-            # something to fix.
-            loud = energy.meter != "auto" or isinstance(why, MeterPermissionDenied)
-            log.log(logging.WARNING if loud else logging.INFO, "energy meter %s not used: %s", name, why)
-        if isinstance(meter, ModelledMeter):
-            idle_w: float | None = meter.idle_watts
-        elif energy.idle_watts is not None:
-            idle_w = energy.idle_watts
-        else:  # the class's idle watts are a whole-device figure: subtracted only from a whole-board meter's energy
-            idle_w = cls.idle_watts if getattr(meter, "scope", "") == "board" else None
-        if is_window_meter(meter) and self.config.telemetry.window_s < MIN_MEASURED_WINDOW_S:
-            log.warning("telemetry.window_s = %g s is shorter than %g s: measured energy per window may be off by "
-                        "up to 2 x tick / window of its power swing; use windows of a few seconds or more",
-                        self.config.telemetry.window_s, MIN_MEASURED_WINDOW_S)
+        meter, idle_w = meter_for_class(self.config.energy, cls, window_s=self.config.telemetry.window_s)
         previous = self.service.meter
         self.service.meter = meter
         self.telemetry.attach_meter(meter, self.clock.now(), idle_w=idle_w)
@@ -288,6 +279,8 @@ class Agent:
     def _enrolled(self, enrollment: EnrollResponse) -> None:
         self.enrollment = enrollment
         self.client.set_token(enrollment.device_token)
+        if self.router is not None:
+            self.router.set_token(enrollment.device_token)  # offload.token, when set, wins
         self._set_meter(enrollment)
         # The keys pinned at enrollment, moved along every key rotation this agent has followed since.
         self.verifier = DesiredStateVerifier(ring=load_ring(self._keys_path, enrollment.desired_state_keys))
@@ -371,6 +364,7 @@ class Agent:
             return
         doc = json.loads(raw)
         self.store.update(lambda s: s.model_copy(update={"highest_generation": state.generation, "desired": doc}))
+        self._follow_budgets(state)
         if self.last_error is not None:
             self.last_error = None
             self._error_unsent = True  # the cloud should see it cleared even if no model status changes
@@ -380,6 +374,14 @@ class Agent:
             # A trusted key did not sign: the cloud may have finished a rotation and revoked it. Learn that now,
             # so the revoked key is refused from here on.
             self._update_desired_keys()
+
+    def _follow_budgets(self, state: DesiredState | None) -> None:
+        """The deployments' budgets (`fleet deploy --p95-ms --mj-per-inference`) for the offload policy."""
+        if self.router is None:
+            return
+        models = state.models if state is not None else []
+        self.router.set_deployment_budgets({m.name: (m.budgets.p95_ms, m.budgets.mj_per_inference)
+                                            for m in models if m.budgets is not None})
 
     def _verify_desired(self, raw: bytes, highest: int | None) -> DesiredState:
         assert self.verifier is not None
@@ -474,22 +476,3 @@ class Agent:
         self.telemetry.flush(self.clock.now())
         self.link_or_http.send_outbox(self.telemetry.outbox)
 
-
-def status_summary(agent: Agent) -> dict[str, Any]:
-    """What `edgefleet-agent status` prints: a local view without the cloud."""
-    state = agent.store.state
-    return {
-        "device_id": agent.config.device_id,
-        "device_class": agent.config.device_class,
-        "enrolled": state.enrollment is not None,
-        "highest_generation": state.highest_generation,
-        "active": agent.installer.active(),
-        "installs": {k: v.phase for k, v in state.installs.items()},
-        "failed": {k: v.error for k, v in state.failed.items()},
-        "outbox_batches": len(agent.telemetry.outbox),
-        # Telemetry that did not go as sent, counted, never silent: windows a full outbox merged into coarser
-        # ones or (last resort) dropped, and batches the cloud refused for good.
-        "outbox_merged_windows": agent.telemetry.outbox.merged_total,
-        "outbox_dropped_windows": agent.telemetry.outbox.dropped_total,
-        "telemetry_refused_batches": agent.link_or_http.refused_batches,
-    }

@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(asdict(config), default=str, indent=2))
         return 0
 
-    from edgefleet.edge_agent.daemon import Agent, status_summary
+    from edgefleet.edge_agent.daemon import Agent
+    from edgefleet.edge_agent.status import status_summary
 
     if args.command == "status":
         agent = Agent(config)

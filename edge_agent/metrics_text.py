@@ -57,6 +57,9 @@ def render(telemetry: Any, device_id: str) -> bytes:
                  "coarser ones", [({}, float(outbox.merged_total))]),
         *_series("edgefleet_agent_outbox_dropped_windows_total", "counter", "Windows a full outbox had to drop "
                  "(last resort)", [({}, float(outbox.dropped_total))]),
+        *_series("edgefleet_agent_offload_reasons_unplaced_total", "counter", "Offload decisions no open telemetry "
+                 "window could take (a window flushed between a request and its reason)",
+                 [({}, float(getattr(telemetry, "reasons_unplaced", 0)))]),
         *_series("edgefleet_agent_info", "gauge", "This agent", [({"device_id": device_id}, 1.0)]),
     ]
     return ("\n".join(lines) + "\n").encode()

@@ -178,6 +178,10 @@ class Router:
             raise
         with self._lock:  # the reason the reply carries, once per request
             self._count(name, params["reason"])
+        if self.client is not None and self.telemetry is not None:  # and in the window that holds the request
+            version_no = params.get("model_version")
+            self.telemetry.count_reason(name, params["where"], params["reason"],
+                                        version_no if isinstance(version_no, int) else None)
         return result, params
 
     def _local(self, name: str, inputs: dict[str, np.ndarray], version: str | None, outputs: list[str] | None,

@@ -83,6 +83,8 @@ class _Window:
     energy_source: str = "none"
     energy_meter: str = ""
     _seen: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # the offload policy's decisions (count_reason)
+    reasoned: int = 0  # their sum: at most `count`, one per request
 
     def add(self, latency_ms: float, ok: bool, energy_mj: float | None, source: str, meter: str,
             rows: int = 1) -> None:
@@ -163,6 +165,7 @@ class _Window:
             row_ms=min(self.busy_ms / self.ok_rows, MAX_LATENCY_MS) if ok else None,
             mean_mj=mean_mj, row_mj=row_mj, row_net_mj=row_net_mj, energy_source=source, energy_meter=meter,
             energy_method=method, energy_hz=hz if method == "sampled" else None, idle_w=idle_w, where=self.where,
+            reasons=dict(self.reasons),
         )
 
 
@@ -203,6 +206,7 @@ class Telemetry:
         self._totals_source: dict[tuple[str, int, str], str] = {}
         # record_at's cache: (model, version, where) -> (period, its open window, its totals); emptied by flush.
         self._hot: dict[tuple[str, int, str], tuple[int, _Window, list[float]]] = {}
+        self.reasons_unplaced = 0  # count_reason found no window for a reason (counted, never silent)
 
     def attach_meter(self, meter: Any, now: datetime, *, idle_w: float | None = None) -> None:
         """Use `meter`'s labels (and, for a window meter, its energy at every flush) from now on; `idle_w` is the
@@ -305,6 +309,29 @@ class Telemetry:
                     else 0.0
             else:
                 total[1] += 1
+
+    def count_reason(self, model: str, where: str, reason: str, version: int | None = None) -> None:
+        """The offload policy's reason for a request just recorded (edge_agent/offload.py), counted in the open
+        window of (model, version, where) that holds that request: the newest one with a request not yet given a
+        reason, so a window's reasons never add up to more than its requests. None such (the window was flushed
+        in between, a rare race at a window's edge): counted in `reasons_unplaced`, shown on /metrics."""
+        with self._lock:
+            window = None
+            if version is not None:
+                hot = self._hot.get((model, version, where))
+                if hot is not None and hot[1].count > hot[1].reasoned:
+                    window = hot[1]
+            if window is None:
+                for (m, v, w, _), open_window in self._open.items():
+                    if m == model and w == where and (version is None or v == version) and \
+                            open_window.count > open_window.reasoned and \
+                            (window is None or open_window.start > window.start):
+                        window = open_window
+            if window is None:
+                self.reasons_unplaced += 1
+                return
+            window.reasons[reason] = window.reasons.get(reason, 0) + 1
+            window.reasoned += 1
 
     def _enter(self, hot_key: tuple[str, int, str], period: int) -> tuple[int, _Window, list[float]]:
         """Under the lock: the open window and totals of `hot_key` in `period` (created when new), cached."""

@@ -19,11 +19,19 @@ reason logged: a permission problem costs the measured figure, never the agent.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.edge_agent.meters.base import EnergyMeter, MeterUnavailable, NullMeter
+from edgefleet.edge_agent.meters.attribution import MIN_MEASURED_WINDOW_S
+from edgefleet.edge_agent.meters.base import (
+    EnergyMeter,
+    MeterPermissionDenied,
+    MeterUnavailable,
+    NullMeter,
+    is_window_meter,
+)
 from edgefleet.edge_agent.meters.ina3221 import open_ina3221
 from edgefleet.edge_agent.meters.modelled import ModelledMeter
 from edgefleet.edge_agent.meters.nvml import NvmlMeter
@@ -33,6 +41,9 @@ from edgefleet.edge_agent.meters.sysfs import ReadText, read_attr
 
 if TYPE_CHECKING:
     from edgefleet.edge_agent.config import EnergyConfig
+    from edgefleet.protos.bundle import DeviceClassInfo
+
+log = logging.getLogger(__name__)
 
 MEASURED_ORDER = ("ina3221", "pi5-pmic", "rapl", "nvml")
 GPU_ORDER = ("ina3221", "nvml", "pi5-pmic", "rapl")
@@ -100,3 +111,28 @@ def choose_meter(energy: EnergyConfig, *, active_watts: float | None, idle_watts
         except MeterUnavailable as exc:
             tried.append((name, exc))
     return Choice(_fallback(active_watts, idle_watts), tried)
+
+
+def meter_for_class(energy: EnergyConfig, cls: DeviceClassInfo, *, window_s: float) -> tuple[EnergyMeter, float | None]:
+    """The meter for a device of class `cls` and the idle watts its telemetry subtracts for a net figure (None: no
+    net figure). The config's watts win over the class's. Every meter not taken is logged with its reason: quietly
+    under "auto" (a sensor this board lacks is expected), loudly when a named meter is missing or a permission
+    problem stands in the way, since those are for the operator to fix."""
+    active = energy.active_watts or cls.active_watts
+    idle = energy.idle_watts if energy.idle_watts is not None else cls.idle_watts
+    choice = choose_meter(energy, active_watts=active, idle_watts=idle, execution_providers=cls.execution_providers)
+    meter = choice.meter
+    for name, why in choice.tried:
+        loud = energy.meter != "auto" or isinstance(why, MeterPermissionDenied)
+        log.log(logging.WARNING if loud else logging.INFO, "energy meter %s not used: %s", name, why)
+    if isinstance(meter, ModelledMeter):
+        idle_w: float | None = meter.idle_watts
+    elif energy.idle_watts is not None:
+        idle_w = energy.idle_watts
+    else:  # the class's idle watts are a whole-device figure: subtracted only from a whole-board meter's energy
+        idle_w = cls.idle_watts if getattr(meter, "scope", "") == "board" else None
+    if is_window_meter(meter) and window_s < MIN_MEASURED_WINDOW_S:
+        log.warning("telemetry.window_s = %g s is shorter than %g s: measured energy per window may be off by "
+                    "up to 2 x tick / window of its power swing; use windows of a few seconds or more",
+                    window_s, MIN_MEASURED_WINDOW_S)
+    return meter, idle_w

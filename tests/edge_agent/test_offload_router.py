@@ -248,3 +248,35 @@ def test_budgets_come_from_the_config_over_the_deployment_over_the_manifest(worl
     pinned = router(device, cloud.url, Tick(), p95_ms=3.0)
     pinned.set_deployment_budgets({"digits": (7.5, None)})
     assert pinned.budgets("digits", loaded).p95_ms == 3.0  # the device's own config wins
+
+
+def test_every_decision_is_counted_in_the_window_that_holds_its_request(world):
+    device, cloud = world
+    tick = Tick()
+    r = router(device, cloud.url, tick, mj_per_inference=1e-6, local_probe_s=1.0)
+    for _ in range(6):
+        r.infer_arrays("digits", {"x": X})
+        tick.t += 0.3
+    r.infer_arrays("big", {"x": X})
+    windows = [w for b in device.telemetry.flush(kit.T0, force=True) for w in b.windows]
+    by_key = {(w.model, w.where): w for w in windows}
+    counted: dict[tuple[str, str], int] = {}
+    for (model, where), w in by_key.items():
+        assert sum(w.reasons.values()) == w.count  # every request once, no more
+        for reason, n in w.reasons.items():
+            assert p.REASONS[reason] == where or reason == p.CLOUD_FAILED_FALLBACK
+            counted[(model, reason)] = counted.get((model, reason), 0) + n
+    assert counted == r.counts
+    assert by_key[("big", "cloud")].reasons == {p.NOT_INSTALLED_LOCALLY: 1}
+    assert device.telemetry.reasons_unplaced == 0
+    # Once the windows are gone, a late reason is counted, not lost.
+    device.telemetry.count_reason("digits", "local", p.LOCAL_PROBE, 2)
+    assert device.telemetry.reasons_unplaced == 1
+
+
+def test_offload_off_counts_no_reasons(world):
+    device, _ = world
+    r = router(device, None, Tick())
+    r.infer_arrays("digits", {"x": X})
+    [w] = [w for b in device.telemetry.flush(kit.T0, force=True) for w in b.windows]
+    assert (w.count, w.reasons) == (1, {})
