@@ -16,7 +16,8 @@ median (p50) or 99th percentile of `--runs` timed calls after a warm-up, each mi
 own run, in this process, p50: the metering and telemetry cost of every local request.
 
 `agent_rss_mb`: that agent process's resident memory (VmRSS, /proc) after serving those requests, one model
-loaded. `agent_rss_detail` has its peak (VmHWM) and the same figure for a bare python + onnxruntime + the model.
+loaded. `sdk_detail` has its peak (`agent_vmhwm_mb`) and the same figure for a bare python + onnxruntime + the model
+(`bare_ort_process_rss_mb`).
 
 The other sections come from their own scripts (bench/offload_cloud.py, offload_grpc.py, offload_mlserver.py,
 offload_policy.py); a script that is missing or fails leaves a note in its section instead of stopping the run.

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 import tempfile
 import threading
@@ -44,6 +43,7 @@ from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "digits"))
+sys.path.insert(0, str(ROOT))
 
 from train import INPUT_NAME, TARGET_OPSET, load_split, train  # noqa: E402
 
@@ -60,51 +60,13 @@ from edgefleet.edge_agent.meters import ModelledMeter  # noqa: E402
 from edgefleet.edge_agent.offload import Router  # noqa: E402
 from edgefleet.edge_agent.offload_client import OffloadClient  # noqa: E402
 from edgefleet.edge_agent.unpack import unpack_bundle  # noqa: E402
+from tests.netproxy import DelayProxy  # noqa: E402
 
 RPI4_FACTOR = 8.0  # the digits MLP: ~13 us here, ~100 us on a Pi 4's A72 cores (docs/offload.md)
 ONE_WAY_S = 0.010  # 10 ms each way: a 20 ms round trip
 DEADLINE_MS = 50.0
 OVERLOAD = 1.5
 CASCADE_THRESHOLD = 0.9
-
-
-class DelayProxy:
-    """A TCP proxy holding every chunk `one_way_s` in each direction."""
-
-    def __init__(self, upstream: tuple[str, int], one_way_s: float) -> None:
-        self.upstream, self.one_way_s = upstream, one_way_s
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.upstream)
-            for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                time.sleep(self.one_way_s)
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        self.listener.close()
 
 
 class OneAtATime(InferenceService):
@@ -236,7 +198,7 @@ def measure_policy(seconds: float = 12.0, work: Path | None = None) -> dict[str,
     service_ms = float(np.median([device.infer_arrays("wide", {INPUT_NAME: x})[1].latency_ms for _ in range(50)]))
     rate_hz = OVERLOAD * 1000.0 / service_ms
     with LocalApi(cloud) as api:
-        proxy = DelayProxy(api.address, ONE_WAY_S)
+        proxy = DelayProxy(api.address, ONE_WAY_S, return_delay_s=ONE_WAY_S)
         try:
             local_only = Router(device, None, OffloadConfig(slowdown_factor=RPI4_FACTOR))
             lat_l, mj_l, _ = _open_loop(local_only, x, rate_hz, seconds)
@@ -301,7 +263,7 @@ def measure_cascade(work: Path | None = None) -> dict[str, Any]:
     empty = _service(work / "empty", None, None)
     cloud = _service(work / "cloud", "digits", teacher)
     with LocalApi(cloud) as api:
-        proxy = DelayProxy(api.address, ONE_WAY_S)
+        proxy = DelayProxy(api.address, ONE_WAY_S, return_delay_s=ONE_WAY_S)
         try:
             clients = [OffloadClient(proxy.url, binary=False, timeout_s=2.0) for _ in range(2)]
             cloud_only = Router(empty, clients[0], OffloadConfig(enabled=True))

@@ -192,6 +192,7 @@ class OffloadConfig:
     hysteresis: float = 0.2  # back to local only below budget x (1 - hysteresis)
     min_dwell_s: float = 5.0  # and no sooner than this after switching to the cloud
     local_probe_s: float = 1.0  # while offloaded, one local run this often
+    cloud_recheck_s: float = 5.0  # kept local as the cloud's estimate is slower: one cloud call this often renews it
     local_parallel: int = 1  # local runs served at once at full speed (1: ONNX Runtime's run uses every core)
     latency_window: int = 64  # samples in the sliding p95
     latency_window_s: float = 10.0  # and none older than this
@@ -209,7 +210,7 @@ def _check_offload(source: str, offload: dict[str, Any]) -> None:
                           "to use cloud_url")
     for key in ("connect_timeout_ms", "timeout_ms", "p95_ms", "mj_per_inference", "energy_j_per_min",
                 "latency_window", "latency_window_s", "local_parallel", "breaker_failures", "breaker_open_s",
-                "breaker_max_open_s"):
+                "breaker_max_open_s", "cloud_recheck_s"):
         if key in offload and offload[key] <= 0:
             raise ConfigError(f"{source}: 'offload.{key}' must be > 0, got {offload[key]!r}; leave it out for the "
                               "default")

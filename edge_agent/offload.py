@@ -129,7 +129,8 @@ class Router:
             p95_ms=_first(c.p95_ms, dep_p95, manifest.p95_latency_ms if manifest else None),
             mj_per_inference=_first(c.mj_per_inference, dep_mj, manifest.mj_per_inference if manifest else None),
             energy_j_per_min=c.energy_j_per_min, hysteresis=c.hysteresis, min_dwell_s=c.min_dwell_s,
-            local_probe_s=c.local_probe_s, local_parallel=c.local_parallel)
+            local_probe_s=c.local_probe_s, local_parallel=c.local_parallel,
+            cloud_recheck_s=c.cloud_recheck_s)
         self._budgets[key] = budgets
         return budgets
 

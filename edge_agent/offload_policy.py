@@ -18,7 +18,8 @@ The rules, first match wins (docs/offload.md has the table of reasons):
     device's run time (p95) times the runs queued ahead (`local_inflight` / `local_parallel`, plus this one): so
     an overloaded device keeps what it can finish in time and spills the rest, request by request.
  4. The budgets: energy spent this minute at the J/min budget -> cloud; background tier -> local; mJ per inference
-    or p95 over budget -> cloud (unless the cloud is slower than the local p95); else local. Hysteresis: once
+    or p95 over budget -> cloud (unless the cloud is slower than the local p95: OVER_BUDGET_CLOUD_SLOWER); else
+    local. Hysteresis: once
     offloaded, the device comes back only when p95 and mJ are below budget x (1 - hysteresis) AND `min_dwell_s`
     passed since the switch (HYSTERESIS_HOLD meanwhile), so routing does not flap on noise.
  5. A budget rule that picked the cloud for a request whose deadline the cloud's estimate misses while local meets
@@ -26,6 +27,11 @@ The rules, first match wins (docs/offload.md has the table of reasons):
  6. Cloud health filters every cloud choice: breaker closed -> as chosen; half-open with the probe slot free ->
     cloud, CLOUD_PROBE; else local, CLOUD_UNREACHABLE (a model only the cloud has: CLOUD_BREAKER_OPEN, which the
     router answers at once with CloudUnavailable instead of waiting on a dead server).
+A local choice made because the cloud's estimate is the slower side (OVER_BUDGET_CLOUD_SLOWER,
+DEADLINE_UNMEETABLE_FASTER_LOCAL) is made on a figure that nothing refreshes while no request goes there: one
+cold start or one congested minute would keep work local for good. So, with the breaker closed, one such request
+every `cloud_recheck_s` goes to the cloud instead (CLOUD_RECHECK), as the local probe does the other way; never
+one whose deadline local would meet and the cloud's estimate would miss.
 After a local run, `escalate` is the cascade's rule: confidence below the threshold -> cloud, LOW_CONFIDENCE, when
 the cloud is usable and its estimate fits what is left of the deadline; else the local answer stands
 (LOW_CONFIDENCE_KEPT_LOCAL). CLOUD_FAILED_FALLBACK is the router's: a cloud call failed and local answered.
@@ -56,6 +62,7 @@ OVER_BUDGET_CLOUD_SLOWER = "over_budget_cloud_slower"
 HYSTERESIS_HOLD = "hysteresis_hold"
 LOCAL_WITHIN_BUDGET = "local_within_budget"
 CLOUD_PROBE = "cloud_probe"
+CLOUD_RECHECK = "cloud_recheck"
 CLOUD_UNREACHABLE = "cloud_unreachable"
 CLOUD_BREAKER_OPEN = "cloud_breaker_open"
 LOW_CONFIDENCE = "low_confidence"
@@ -69,7 +76,7 @@ REASONS: dict[str, str] = {
     DEADLINE_UNMEETABLE_FASTER_CLOUD: CLOUD, ENERGY_WINDOW_EXHAUSTED: CLOUD, BACKGROUND_TIER_LOCAL: LOCAL,
     LOCAL_ENERGY_OVER_BUDGET: CLOUD, LOCAL_P95_OVER_BUDGET: CLOUD, OVER_BUDGET_CLOUD_SLOWER: LOCAL,
     HYSTERESIS_HOLD: CLOUD, LOCAL_WITHIN_BUDGET: LOCAL, CLOUD_PROBE: CLOUD, CLOUD_UNREACHABLE: LOCAL,
-    CLOUD_BREAKER_OPEN: CLOUD, LOW_CONFIDENCE: CLOUD, LOW_CONFIDENCE_KEPT_LOCAL: LOCAL,
+    CLOUD_BREAKER_OPEN: CLOUD, CLOUD_RECHECK: CLOUD, LOW_CONFIDENCE: CLOUD, LOW_CONFIDENCE_KEPT_LOCAL: LOCAL,
     CLOUD_FAILED_FALLBACK: LOCAL,
 }
 # Decisions that move the hysteresis memory: into "offloaded" (the device cannot keep a budget) and out of it (a
@@ -108,6 +115,7 @@ class Observations(NamedTuple):
     offloaded: bool = False  # hysteresis memory: the model is routed to the cloud for its budgets
     switched_at: float = float("-inf")  # monotonic s of the last switch of `offloaded`
     last_local_at: float = float("-inf")  # monotonic s of the last local run of the model
+    last_cloud_at: float = float("-inf")  # monotonic s the last cloud call for the model left
 
 
 class Budgets(NamedTuple):
@@ -120,6 +128,7 @@ class Budgets(NamedTuple):
     min_dwell_s: float = 5.0  # and no sooner than this after switching to the cloud
     local_probe_s: float = 1.0  # while offloaded, one local run this often keeps the local figures fresh
     local_parallel: int = 1  # local runs the device serves at once at full speed (1: a run uses every core)
+    cloud_recheck_s: float = 5.0  # kept local as the slower cloud's: one request this often refreshes its estimate
 
 
 _D = {reason: Decision(where, reason) for reason, where in REASONS.items()}
@@ -132,6 +141,13 @@ def _through_breaker(choice: Decision, obs: Observations) -> Decision:
     if obs.breaker == HALF_OPEN and obs.probe_available:
         return _D[CLOUD_PROBE]
     return _D[CLOUD_UNREACHABLE]
+
+
+def _recheck(choice: Decision, obs: Observations, b: Budgets, now: float) -> Decision:
+    """A local choice made on the cloud's estimate, or one CLOUD_RECHECK every `cloud_recheck_s` to renew it."""
+    if obs.breaker == CLOSED and now - obs.last_cloud_at >= b.cloud_recheck_s:
+        return _D[CLOUD_RECHECK]
+    return choice
 
 
 def _budgets(request: Request, obs: Observations, b: Budgets, now: float) -> Decision:
@@ -188,11 +204,12 @@ def decide(request: Request, obs: Observations, budgets: Budgets, now: float) ->
                 return _through_breaker(_D[DEADLINE_LOCAL_TOO_SLOW], obs)
             assert cloud is not None
             if p95 <= cloud:
-                return _D[DEADLINE_UNMEETABLE_FASTER_LOCAL]
+                return _recheck(_D[DEADLINE_UNMEETABLE_FASTER_LOCAL], obs, budgets, now)
             return _through_breaker(_D[DEADLINE_UNMEETABLE_FASTER_CLOUD], obs)
     choice = _budgets(request, obs, budgets, now)
     if choice.where == LOCAL:
-        return choice
+        return _recheck(choice, obs, budgets, now) if choice is _D[OVER_BUDGET_CLOUD_SLOWER] and not cloud_misses \
+            else choice
     if cloud_misses:  # and local meets it, or its latency is unknown yet
         return _D[DEADLINE_CLOUD_TOO_SLOW]
     return _through_breaker(choice, obs)
@@ -215,7 +232,7 @@ def escalate(request: Request, obs: Observations, low_confidence: bool, elapsed_
 
 
 __all__ = ["BACKGROUND_TIER_LOCAL", "CLOUD", "CLOUD_BREAKER_OPEN", "CLOUD_FAILED_FALLBACK", "CLOUD_LACKS_MODEL",
-           "CLOUD_PROBE", "CLOUD_UNREACHABLE", "DEADLINE_CLOUD_TOO_SLOW", "DEADLINE_LOCAL_TOO_SLOW",
+           "CLOUD_PROBE", "CLOUD_RECHECK", "CLOUD_UNREACHABLE", "DEADLINE_CLOUD_TOO_SLOW", "DEADLINE_LOCAL_TOO_SLOW",
            "DEADLINE_UNMEETABLE_FASTER_CLOUD", "DEADLINE_UNMEETABLE_FASTER_LOCAL", "ENERGY_WINDOW_EXHAUSTED",
            "ENTERS_OFFLOAD", "HYSTERESIS_HOLD", "LEAVES_OFFLOAD", "LOCAL", "LOCAL_ENERGY_OVER_BUDGET",
            "LOCAL_P95_OVER_BUDGET", "LOCAL_PROBE", "LOCAL_WITHIN_BUDGET", "LOW_CONFIDENCE",

@@ -25,6 +25,7 @@ from collections import deque
 
 from edgefleet.edge_agent.offload_policy import (
     CLOSED,
+    CLOUD,
     CLOUD_PROBE,
     ENTERS_OFFLOAD,
     HALF_OPEN,
@@ -209,7 +210,7 @@ class EnergyWindow:
 
 class ModelState:
     __slots__ = ("latency", "busy", "local_mj", "rtt", "service_ms", "offloaded", "switched_at", "last_local_at",
-                 "cloud_missing_until")
+                 "last_cloud_at", "cloud_missing_until")
 
     def __init__(self, window: int, window_s: float) -> None:
         self.latency = LatencyWindow(window, window_s)  # what callers waited
@@ -220,6 +221,7 @@ class ModelState:
         self.offloaded = False
         self.switched_at = _NEVER
         self.last_local_at = _NEVER
+        self.last_cloud_at = _NEVER  # when the last cloud call left (the re-check's clock)
         self.cloud_missing_until = _NEVER
 
 
@@ -249,7 +251,8 @@ class OffloadState:
         return Observations(local_available, cloud_enabled, now >= m.cloud_missing_until, breaker,
                             breaker == HALF_OPEN and self.breaker.probe_available(now), m.latency.p95(now),
                             m.busy.p95(now), self.inflight, m.local_mj.value, m.rtt.estimate,
-                            self.energy.total(now) if energy else 0.0, m.offloaded, m.switched_at, m.last_local_at)
+                            self.energy.total(now) if energy else 0.0, m.offloaded, m.switched_at, m.last_local_at,
+                            m.last_cloud_at)
 
     def note_decision(self, name: str, decision: Decision, now: float) -> bool:
         """Move the hysteresis memory; claim the breaker's probe slot for a CLOUD_PROBE (False: it was taken
@@ -259,6 +262,8 @@ class OffloadState:
             m.offloaded, m.switched_at = True, now
         elif decision.reason in LEAVES_OFFLOAD and m.offloaded:
             m.offloaded, m.switched_at = False, now
+        if decision.where == CLOUD:
+            m.last_cloud_at = now  # at the decision, so that concurrent requests do not all re-check
         if decision.reason == CLOUD_PROBE:
             return self.breaker.begin_probe(now)
         return True

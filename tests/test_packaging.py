@@ -1,4 +1,4 @@
-"""The edge agent installs lean: `pip install '.[agent]'` pulls no torch, FastAPI, SQLAlchemy or uvicorn, and the
+"""The edge agent installs lean: `pip install '.[agent]'` pulls no torch, FastAPI, SQLAlchemy, uvicorn or gRPC, and the
 agent's modules import none of them. Checked on the installed metadata (the dependency closure of the extra) and
 on a fresh interpreter that imports every agent module."""
 
@@ -12,7 +12,13 @@ import sys
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-FORBIDDEN = {"torch", "fastapi", "sqlalchemy", "uvicorn", "alembic", "starlette", "onnx", "skl2onnx", "scikit-learn"}
+# Distributions. gRPC is the cloud's (cloud/inference/grpc_server.py); the agent and SDK speak OIP over HTTP and frames.
+FORBIDDEN = {"torch", "fastapi", "sqlalchemy", "uvicorn", "alembic", "starlette", "onnx", "skl2onnx", "scikit-learn",
+             "grpcio", "grpcio-health-checking"}
+# What the agent's modules must not import: the above by import name, and protobuf, which an agent install does
+# carry (onnxruntime requires it) but never loads. Not bare "google": securesystemslib probes google.cloud.
+_IMPORT_NAME = {"scikit-learn": "sklearn", "grpcio": "grpc", "grpcio-health-checking": "grpc_health"}
+FORBIDDEN_MODULES = {_IMPORT_NAME.get(d, d) for d in FORBIDDEN} | {"google.protobuf"}
 
 
 def closure(dist: str, extras: set[str]) -> set[str]:
@@ -69,7 +75,8 @@ def test_agent_modules_import_nothing_heavy():
         "import importlib, sys\n"
         f"for m in {modules!r}:\n"
         "    importlib.import_module(m)\n"
-        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN | {'sklearn'})!r})\n"
+        f"forbidden = set({sorted(FORBIDDEN_MODULES)!r})\n"
+        "bad = sorted(m for m in sys.modules if {m.split('.')[0], '.'.join(m.split('.')[:2])} & forbidden)\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

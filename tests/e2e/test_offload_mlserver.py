@@ -7,8 +7,9 @@ Two models: `digits` (float32 [N, 64] -> softmax [N, 10], a digits-size MLP) and
 Answers are compared with np.array_equal: OIP JSON carries a float32 through a double's shortest repr exactly.
 
 MLServer's REST API has no binary tensor data extension (SeldonIO/MLServer#324 is open; 1.7.1 parses every body
-as JSON): a binary body gets FastAPI's 422, which the tests pin down, so an agent pointed at MLServer needs
-`offload.binary = false` (or MLServer's gRPC port, which does take raw_input_contents). The venv is built once per
+as JSON): a binary body gets FastAPI's 422, which the tests pin down. The agent's offload client then resends
+that request as JSON and stays on JSON (`offload.binary = false` saves the first failed try; MLServer's gRPC port
+does take raw_input_contents). The venv is built once per
 machine and the server started once for this module.
 """
 
@@ -26,28 +27,13 @@ from onnx import TensorProto, helper, numpy_helper
 from edgefleet.common.oip_codec import HEADER_LENGTH, decode_response, encode_request
 from edgefleet.edge_agent.errors import InferenceError, ModelNotFound
 from edgefleet.edge_agent.offload_client import OffloadClient
+from tests.e2e.onnx_models import digits_mlp
 from tests.mlserver.server import MLServerHandle, start_mlserver
 
 RNG = np.random.default_rng(7)
 X = RNG.standard_normal((3, 64)).astype(np.float32)
 IDS = np.array([[0, 1, 2, 3], [7, -2, 5, 40], [1 << 40, 0, -9, 2]], dtype=np.int64)
 XM = RNG.standard_normal((3, 4)).astype(np.float32)
-
-
-def digits_mlp() -> bytes:
-    rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w1"),
-             numpy_helper.from_array(rng.standard_normal(32).astype(np.float32), "b1"),
-             numpy_helper.from_array(rng.standard_normal((32, 10)).astype(np.float32), "w2"),
-             numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "b2")]
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
-    graph = helper.make_graph(nodes, "digits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
 
 
 def mixed_model() -> bytes:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from edgefleet.edge_agent.telemetry import Telemetry
 from edgefleet.edge_agent.unpack import unpack_bundle
 from tests.edge_agent import agent_testkit as kit
 from tests.harness import free_port
+from tests.netproxy import DelayProxy
 
 X = np.array([[0.0, 0.0, 0.1], [1.0, 2.0, 3.0]], dtype=np.float32)
 
@@ -189,54 +189,6 @@ class OipServer:
                 except OSError:
                     pass
         self._thread.join(timeout=5)
-
-
-class DelayProxy:
-    """A real TCP proxy thread in front of `upstream` that holds every chunk from client to server for `delay_s`
-    first: the round trip of a far cloud, on localhost."""
-
-    def __init__(self, upstream_port: int, delay_s: float) -> None:
-        self.upstream_port, self.delay_s = upstream_port, delay_s
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._socks: list[socket.socket] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._socks += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, self.delay_s), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, 0.0), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, delay_s: float) -> None:
-        try:
-            while chunk := src.recv(65536):
-                if delay_s:
-                    time.sleep(delay_s)  # the emulated link's latency, not a synchronisation
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.listener.close()
-        for s in self._socks:
-            s.close()
 
 
 # -- the client's tests ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ NOW = 1000.0
 B = Budgets(p95_ms=20.0, mj_per_inference=5.0, energy_j_per_min=30.0, hysteresis=0.2, min_dwell_s=5.0,
             local_probe_s=1.0)
 OK = Observations(local_available=True, local_p95_ms=10.0, local_mj=2.0, cloud_ms=15.0, energy_spent_j=1.0,
-                  last_local_at=NOW - 0.01)
+                  last_local_at=NOW - 0.01, last_cloud_at=NOW - 0.01)
 OFF = OK._replace(offloaded=True, switched_at=NOW - 60.0)  # offloaded a minute ago, probed just now
 RT = Request("digits")
 
@@ -46,6 +46,17 @@ TABLE = [
      p.LOCAL_P95_OVER_BUDGET),
     ("p95 over budget but the cloud is slower", RT, OK._replace(local_p95_ms=25.0, cloud_ms=30.0), B, "local",
      p.OVER_BUDGET_CLOUD_SLOWER),
+    ("the cloud slower on an estimate cloud_recheck_s old: this request re-checks it", RT,
+     OK._replace(local_p95_ms=25.0, cloud_ms=30.0, last_cloud_at=NOW - 5.0), B, "cloud", p.CLOUD_RECHECK),
+    ("an old estimate, breaker open: no re-check", RT,
+     OK._replace(local_p95_ms=25.0, cloud_ms=30.0, last_cloud_at=NOW - 50.0, breaker=p.OPEN), B, "local",
+     p.OVER_BUDGET_CLOUD_SLOWER),
+    ("an old estimate, half-open: the breaker's probe does that job", RT,
+     OK._replace(local_p95_ms=25.0, cloud_ms=30.0, last_cloud_at=NOW - 50.0, breaker=p.HALF_OPEN,
+                 probe_available=True), B, "local", p.OVER_BUDGET_CLOUD_SLOWER),
+    ("an old estimate, a deadline local meets and the cloud's misses: never a re-check", req(30.0),
+     OK._replace(local_p95_ms=25.0, cloud_ms=40.0, last_cloud_at=NOW - 50.0), B, "local",
+     p.OVER_BUDGET_CLOUD_SLOWER),
     ("mJ over budget", RT, OK._replace(local_mj=6.0), B, "cloud", p.LOCAL_ENERGY_OVER_BUDGET),
     ("energy window exhausted", RT, OK._replace(energy_spent_j=30.0), B, "cloud", p.ENERGY_WINDOW_EXHAUSTED),
     ("energy window exhausted, background too", req(tier="background"), OK._replace(energy_spent_j=31.0), B,
@@ -66,6 +77,8 @@ TABLE = [
      p.LOCAL_WITHIN_BUDGET),
     ("deadline: neither meets, local faster", req(5.0), OK._replace(cloud_ms=15.0), B, "local",
      p.DEADLINE_UNMEETABLE_FASTER_LOCAL),
+    ("deadline: neither meets, local faster on an old estimate: re-check", req(5.0),
+     OK._replace(cloud_ms=15.0, last_cloud_at=NOW - 5.0), B, "cloud", p.CLOUD_RECHECK),
     ("deadline: neither meets, cloud faster", req(5.0), OK._replace(local_p95_ms=18.0, cloud_ms=8.0), B, "cloud",
      p.DEADLINE_UNMEETABLE_FASTER_CLOUD),
     ("deadline: neither meets, cloud faster, breaker open", req(5.0),

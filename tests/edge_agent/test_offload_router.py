@@ -15,7 +15,8 @@ from edgefleet.edge_agent.local_api import LocalApi
 from edgefleet.edge_agent.offload import Router
 from edgefleet.edge_agent.offload_client import OffloadClient
 from tests.edge_agent import agent_testkit as kit
-from tests.edge_agent.test_offload_client import DelayProxy, OipServer, X, expected, serve_models
+from tests.edge_agent.test_offload_client import OipServer, X, expected, serve_models
+from tests.netproxy import DelayProxy
 
 STUDENT = expected(1.0)
 TEACHER = expected(5.0)

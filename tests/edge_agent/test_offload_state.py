@@ -120,6 +120,9 @@ def test_state_observes_and_moves_the_hysteresis_memory():
     s.note_decision("m", Decision("local", p.LOCAL_PROBE), 107.0)  # a probe does not move it
     obs = s.observe("m", True, True, 107.0)
     assert (obs.offloaded, obs.switched_at) == (True, 105.0)
+    assert obs.last_cloud_at == 106.0  # the last cloud decision, when it left: the re-check's clock
+    s.note_decision("m", Decision("cloud", p.CLOUD_RECHECK), 108.0)
+    assert s.observe("m", True, True, 108.0).last_cloud_at == 108.0
     s.note_decision("m", Decision("local", p.LOCAL_WITHIN_BUDGET), 111.0)
     assert (s.model("m").offloaded, s.model("m").switched_at) == (False, 111.0)
 
