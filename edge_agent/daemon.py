@@ -12,7 +12,9 @@ Each desired-state document is verified (signature, device, class, expiry, gener
 highest accepted generation is saved (crash-safe) so a replay is refused after a restart too. The same generation
 arriving twice (the retained copy and the HTTP fetch after every connect) is not news and is dropped quietly; an
 older, foreign, expired, forged or garbled document is refused, counted, and named in the reported state's
-`last_error` (sent at once, and again every tick until it got through). The keys the signature is checked against
+`last_error` (sent at once, and again every tick until it got through); only an older one that the broker handed
+over on subscribe (its retained copy, which can lag the database the HTTP fetch read) is refused and counted
+without that alarm. The keys the signature is checked against
 follow the cloud's key rotations (`keyring.py`): a document signed by a key the agent does not know, or one that a
 trusted key no longer signs, makes the agent walk the cloud's signed key lists (through TUF) and save the result in
 `desired_keys.json` before using it. Then the executor plans and applies steps
@@ -93,6 +95,7 @@ class _Event:
     kind: str  # "desired" | "connected" | "stop"
     payload: bytes | None = None
     source: str = ""
+    retained: bool = False  # a desired state the broker kept and handed over on subscribe
 
 
 class _BundleFetcher:
@@ -218,6 +221,8 @@ class Agent:
             self.enrollment,
             on_desired=lambda raw: self.events.put(_Event("desired", raw, self.link.name if self.link else "link")),
             on_connected=lambda: self.events.put(_Event("connected")),
+            on_retained=lambda raw: self.events.put(_Event("desired", raw, self.link.name if self.link else "link",
+                                                           retained=True)),
         )
         self.link_or_http.link = self.link
         self.link.start()
@@ -315,7 +320,7 @@ class Agent:
             if event is not None and event.kind == "connected":
                 self._fetch_desired()
             elif event is not None and event.kind == "desired" and event.payload is not None:
-                self._offer_desired(event.payload, event.source)
+                self._offer_desired(event.payload, event.source, retained=event.retained)
             if self.link_or_http.poll_due():
                 self._fetch_desired()
             stalls: list[str] = []
@@ -347,7 +352,7 @@ class Agent:
         if raw is not None:
             self._offer_desired(raw, "http")
 
-    def _offer_desired(self, raw: bytes, source: str) -> None:
+    def _offer_desired(self, raw: bytes, source: str, *, retained: bool = False) -> None:
         """Verify and accept a desired-state document, or refuse it with a reason the cloud will see."""
         assert self.verifier is not None
         highest = self.store.state.highest_generation
@@ -356,6 +361,16 @@ class Agent:
         except Replayed as exc:
             # The same document arrives twice on every connect (retained message and HTTP fetch): not news.
             if highest is not None and self._generation_of(raw) == highest:
+                return
+            if retained:
+                # The broker's retained copy, handed over on subscribe, can lag the database the HTTP fetch read:
+                # the cloud commits, then publishes, and a device that (re)connects in between gets the older copy
+                # after the newer one. Refused all the same, counted and logged, but not an alarm for the operator:
+                # a replay put there by someone else would be refused the same way, and the cloud's next publish
+                # replaces it. A stale document published live (not on subscribe) still goes into last_error.
+                self._count("refused_stale_retained")
+                log.warning("refused desired state from %s (the broker's retained copy, older than what this device "
+                            "runs; the cloud replaces it on its next publish): %s", source, exc)
                 return
             self._refuse(exc, source)
             return

@@ -30,6 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from time import perf_counter, time
 from typing import Any, NamedTuple
 
@@ -125,6 +126,25 @@ def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+# Runs on the smoke test's input before a model serves. ONNX Runtime's first run of a session allocates its arenas
+# and plans its kernels: measured here on the digits MLP, 557 us, then 54, then 25 us steady. An app's first
+# request should not pay that, nor should the offload policy's p95 carry it for a window (at an emulated 8x it is a
+# 4.5 ms outlier against 0.2 ms runs). Two runs, as the second is still twice the steady time.
+WARM_RUNS = 2
+
+
+def _warm(runtime: Runtime, directory: Path, manifest: Manifest) -> None:
+    """Run the model WARM_RUNS times on its bundle's smoke-test input; a failure is logged, never fatal (the smoke
+    test passed at install, and the request path reports a model that cannot run)."""
+    try:
+        with np.load(directory / manifest.smoke_test.input_file, allow_pickle=False) as npz:
+            inputs = {key: npz[key] for key in npz.files}
+        for _ in range(WARM_RUNS):
+            runtime.run(inputs)
+    except Exception as exc:  # noqa: BLE001 - warming is an optimisation; serving decides the rest
+        log.warning("model %s v%d: warm-up run failed (%s); serving it cold", manifest.name, manifest.version, exc)
+
+
 class InferenceService:
     def __init__(self, installer: Installer, *, runtime_factory: Callable[[str], Runtime] = make_runtime,
                  meter: EnergyMeter | None = None, telemetry: Telemetry | None = None,
@@ -162,6 +182,7 @@ class InferenceService:
             raise RuntimeLoadError(f"model {name} v{version}: {exc}") from None
         runtime = self.runtime_factory(manifest.runtime)
         runtime.load(directory, manifest)  # loaded completely BEFORE the swap
+        _warm(runtime, directory, manifest)
         loaded = Loaded.of(name, version, manifest, runtime)
         with self._lock:
             self._models[name] = loaded

@@ -59,6 +59,9 @@ class CloudLink(Protocol):
 
 class LinkFactory(Protocol):
     def __call__(self, enrollment: EnrollResponse, *, on_desired: Callable[[bytes], None],
-                 on_connected: Callable[[], None]) -> CloudLink:
-        """A link, not yet started, to the cloud named at enrollment."""
+                 on_connected: Callable[[], None],
+                 on_retained: Callable[[bytes], None] | None = None) -> CloudLink:
+        """A link, not yet started, to the cloud named at enrollment. `on_retained` (default: on_desired) takes a
+        document the transport kept and hands over on (re)subscribe, MQTT's retained message: it may be older than
+        what the device already fetched over HTTP, which is not an attack."""
         ...

@@ -62,6 +62,7 @@ class MqttLink:
         *,
         on_desired: Callable[[bytes], None],
         on_connected: Callable[[], None],
+        on_retained: Callable[[bytes], None] | None = None,
         retry_initial_s: float = 1.0,
         retry_max_s: float = 60.0,
         host_override: str | None = None,
@@ -75,6 +76,7 @@ class MqttLink:
         self._port = port_override or broker.port
         self._keepalive = broker.keepalive_s
         self._on_desired = on_desired
+        self._on_retained = on_retained or on_desired
         self._on_connected = on_connected
         self._clock = clock or SystemClock()
         self._connected = threading.Event()
@@ -106,9 +108,11 @@ class MqttLink:
 
     @classmethod
     def from_config(cls, config: AgentConfig, enrollment: EnrollResponse, *, on_desired: Callable[[bytes], None],
-                    on_connected: Callable[[], None], clock: Clock | None = None) -> MqttLink:
+                    on_connected: Callable[[], None], on_retained: Callable[[bytes], None] | None = None,
+                    clock: Clock | None = None) -> MqttLink:
         """The daemon's default `link.LinkFactory`: the broker named at enrollment, unless `[mqtt]` overrides it."""
         return cls(enrollment.broker, config.device_id, on_desired=on_desired, on_connected=on_connected,
+                   on_retained=on_retained,
                    retry_initial_s=config.retry.retry_initial_s, retry_max_s=config.retry.retry_max_s,
                    host_override=config.mqtt.host, port_override=config.mqtt.port, clock=clock)
 
@@ -154,7 +158,9 @@ class MqttLink:
         if msg.topic != self.topics.desired or not msg.payload:
             return  # an empty retained payload is a clear, not a document
         try:
-            self._on_desired(bytes(msg.payload))
+            # MQTT 3.1.1 sets RETAIN on delivery only for a retained message sent because of a new subscription
+            # (section 3.3.1.3); a live publish to our subscription arrives with it clear, retained or not.
+            (self._on_retained if msg.retain else self._on_desired)(bytes(msg.payload))
         except Exception:
             log.exception("desired-state handler failed")
 

@@ -210,7 +210,7 @@ class EnergyWindow:
 
 class ModelState:
     __slots__ = ("latency", "busy", "local_mj", "rtt", "service_ms", "offloaded", "switched_at", "last_local_at",
-                 "last_cloud_at", "cloud_missing_until")
+                 "last_cloud_at", "cloud_missing_until", "cloud_answered")
 
     def __init__(self, window: int, window_s: float) -> None:
         self.latency = LatencyWindow(window, window_s)  # what callers waited
@@ -223,6 +223,7 @@ class ModelState:
         self.last_local_at = _NEVER
         self.last_cloud_at = _NEVER  # when the last cloud call left (the re-check's clock)
         self.cloud_missing_until = _NEVER
+        self.cloud_answered = False  # the first answer warms (see cloud_done), it does not count
 
 
 class OffloadState:
@@ -288,8 +289,16 @@ class OffloadState:
                 self.energy.add(energy_mj / 1000.0, now)
 
     def cloud_done(self, name: str, rtt_ms: float, service_ms: float | None, now: float) -> None:
+        """A cloud answer came back after `rtt_ms`. The first one per model is not a round trip to plan by: it
+        paid for the connection and, on the server, often for loading the model on first use (measured here: ~100
+        ms for the first digits request to `edgefleet-cloud infer`, ~1 ms after), which as the estimator's first
+        sample (SRTT = R, RTTVAR = R/2) would make the cloud look 200 ms away until a re-check. The next answer is
+        the first sample."""
         m = self.model(name)
-        m.rtt.add(rtt_ms)
+        if m.cloud_answered:
+            m.rtt.add(rtt_ms)
+        else:
+            m.cloud_answered = True
         if service_ms is not None:
             m.service_ms.add(service_ms)
         self.breaker.success(now)

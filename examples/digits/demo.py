@@ -16,6 +16,12 @@
 6. Wait for the telemetry to reach the cloud and print a table per device: class, active version, precision, p50/p95
    latency, mJ per inference (estimated from the class's power model, and labelled so), the student's held-out
    accuracy against the teacher's, and MACs per inference of both.
+7. Offload (demo_offload.py): two more rpi4 agents join with the offload router on and their runs emulated at a
+   Pi 4's speed. On pi-porch, the teacher CNN itself under a latency budget (`fleet deploy --p95-ms`) and a
+   battery's energy budget (`offload.energy_j_per_min`), the device serves until this minute's joules are spent
+   and the cloud takes the rest; on pi-gate, a
+   cascade escalates its low-confidence answers to the cloud's teacher. Both apps use the SDK over the agent's
+   unix socket; the figures are printed, and `fleet status` shows each device's offload share and reasons.
 
 The grid is kept small through the spec (4 candidates, 25 epochs) so the demo runs in about a minute on two cores;
 `bench/distill.py` runs the full grid.
@@ -29,8 +35,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,6 +49,8 @@ from rich.table import Table
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import demo_offload  # noqa: E402
+from demo_support import Processes, agent_config, free_port, wait_until  # noqa: E402
 from teacher_cnn import train_teacher  # noqa: E402
 
 from edgefleet.fleet.client import FleetClient  # noqa: E402
@@ -65,85 +71,12 @@ DEMO_SPEC = {"max_candidates": 4, "max_epochs": 25, "patience": 6, "learning_rat
 TEACHER_EPOCHS = 10  # 99 % held-out already (20, the script's default, gains a few tenths for twice the time)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(cond, timeout_s: float, what: str, interval_s: float = 0.1):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = cond()
-            if value:
-                return value
-        except Exception as exc:  # noqa: BLE001 - keep polling until the bound
-            last = exc
-        time.sleep(interval_s)
-    raise SystemExit(f"demo: timed out after {timeout_s:.0f} s waiting for {what}" + (f" ({last})" if last else ""))
-
-
-class Processes:
-    """Every child the demo starts, stopped by its own PID in reverse order."""
-
-    def __init__(self, logdir: Path) -> None:
-        self.logdir = logdir
-        self.procs: list[tuple[str, subprocess.Popen]] = []
-
-    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        log = open(self.logdir / f"{name}.log", "wb")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                                start_new_session=True)
-        self.procs.append((name, proc))
-        return proc
-
-    def check_alive(self) -> None:
-        for name, proc in self.procs:
-            if proc.poll() is not None:
-                tail = (self.logdir / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
-                raise SystemExit(f"demo: {name} exited with {proc.returncode}; last lines:\n" + "\n".join(tail))
-
-    def stop_all(self) -> None:
-        for _, proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for _, proc in reversed(self.procs):
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
 def broker_choice() -> tuple[int, bool]:
     """(port, embedded). The cloud runs the broker itself, secured with per-device logins: a Mosquitto of its own
     with the dynamic-security plugin when the binary exists (`embedded_broker = "auto"` on a free port), else its
     embedded amqtt broker, which checks the same logins in-process."""
     binary = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
     return free_port(), binary is None
-
-
-def agent_config(work: Path, device_id: str, device_class: str, labels: dict[str, str], cloud_url: str,
-                 token: str) -> Path:
-    data = work / "agents" / device_id
-    data.mkdir(parents=True)
-    label_lines = "\n".join(f'{k} = "{v}"' for k, v in labels.items())
-    path = data / "agent.toml"
-    path.write_text(
-        f'device_id = "{device_id}"\n'
-        f'device_class = "{device_class}"\n'
-        f'cloud_url = "{cloud_url}"\n'
-        f'enrollment_token = "{token}"\n'
-        f'data_dir = "{data}"\n\n'
-        f"[labels]\n{label_lines}\n\n"
-        "[api]\nhttp_host = \"127.0.0.1\"\nhttp_port = 0\n"
-        f'unix_socket = "{data / "agent.sock"}"\n\n'
-        "[telemetry]\nwindow_s = 1.0\n\n"
-        "[retry]\nretry_initial_s = 0.5\nretry_max_s = 5.0\n"
-    )
-    return path
 
 
 def infer_all(api_url: str, model: str, version, x: np.ndarray) -> np.ndarray:
@@ -198,12 +131,12 @@ def run(work: Path) -> None:
     logdir.mkdir(parents=True)
     procs = Processes(logdir)
     try:
-        step("[bold]1/6[/] training the teacher CNN on scikit-learn digits and exporting it to ONNX")
+        step("[bold]1/7[/] training the teacher CNN on scikit-learn digits and exporting it to ONNX")
         teacher = train_teacher(work / "teacher", epochs=TEACHER_EPOCHS)
         console.print(f"    teacher held-out accuracy {teacher['accuracy']:.3f}, {teacher['params']:,} parameters, "
                       f"trained in {teacher['train_s']:.1f} s; transfer set {teacher['n_transfer']} images")
 
-        step("[bold]2/6[/] starting the broker, the cloud, a job worker and three agents")
+        step("[bold]2/7[/] starting the broker, the cloud, a job worker and three agents")
         mqtt_port, embedded = broker_choice()
         port = free_port()
         cloud_url = f"http://127.0.0.1:{port}"
@@ -234,7 +167,7 @@ def run(work: Path) -> None:
             cfg = agent_config(work, device_id, device_class, labels, cloud_url, enroll.token)
             procs.start(device_id, [str(BIN / "edgefleet-agent"), "run", "--config", str(cfg)])
 
-        step("[bold]3/6[/] distilling the teacher into one student per class (the worker trains)")
+        step("[bold]3/7[/] distilling the teacher into one student per class (the worker trains)")
         classes = sorted({c for _, c, _ in AGENTS})
         # The held-out digits are the test set: rows neither the teacher nor any student trained on, so the report's
         # figures (and the choice: the least energy within 1 point of the teacher) are honest ones.
@@ -266,7 +199,7 @@ def run(work: Path) -> None:
 
         wait_until(all_enrolled, 60, "three agents to enroll")
 
-        step("[bold]4/6[/] deploying each class's student to that class")
+        step("[bold]4/7[/] deploying each class's student to that class")
         for name in classes:
             client.deploy(DeployRequest(model="digits", version=built[name].version, device_class=name))
 
@@ -277,7 +210,7 @@ def run(work: Path) -> None:
 
         wait_until(in_sync, 90, "every agent to verify, smoke-test and activate its bundle")
 
-        step("[bold]5/6[/] sending the held-out digits through each agent's local inference API")
+        step("[bold]5/7[/] sending the held-out digits through each agent's local inference API")
         held = np.load(teacher["heldout"])
         x, y = held["x"], held["y"]
         versions = {(m.name, m.version): m for m in client.list_models()}
@@ -287,7 +220,7 @@ def run(work: Path) -> None:
             preds = infer_all(api["url"], "digits", versions[("digits", built[device_class].version)], x)
             accuracy[device_id] = float((preds == y).mean())
 
-        step("[bold]6/6[/] waiting for telemetry to reach the cloud")
+        step("[bold]6/7[/] waiting for telemetry to reach the cloud")
 
         def telemetry_in():
             procs.check_alive()
@@ -317,20 +250,35 @@ def run(work: Path) -> None:
         console.print("Latency is measured on this machine's CPU for every class; energy is estimated as the class's "
                       "active watts x busy time (no power sensors here), and labelled so. Accuracy is the student's "
                       "on the device's own runtime and precision; the teacher's is torch on the same digits.")
+
+        step("[bold]7/7[/] offload: two more rpi4 agents join with the offload router on, runs emulated "
+             f"{demo_offload.SLOWDOWN:g}x slower (a Pi 4's speed), apps on them calling the SDK")
+        demo_offload.start_agents(work, procs, BIN, cloud_url, enroll.token)
+        rpi4 = versions[("digits", built["rpi4"].version)]
+        figures = demo_offload.run(work, procs, client, console, teacher_onnx=Path(teacher["model"]),
+                                   version=built["rpi4"].version,
+                                   shape=[1, *[int(d) for d in rpi4.inputs[0].shape[1:]]], x=x, y=y,
+                                   student_acc=accuracy["pi-kitchen"], teacher_acc=teacher["accuracy"])
+        demo_offload.wait_telemetry(procs, client, figures)
+        env = {**os.environ, "EDGEFLEET_URL": cloud_url, "EDGEFLEET_TOKEN": token_file.read_text().strip(),
+               "COLUMNS": "200"}
+        step("what the cloud saw, per device, offload share and reasons included: [bold]fleet status[/]")
+        print(fleet_cli(env, "status"))
         # The question the product exists for, as an operator asks it: per class, the teacher as it would run there
         # against what edgefleet ships (and offloads), each figure labelled measured or estimated.
         step("the teacher against what edgefleet ships, per class: [bold]fleet efficiency digits[/]")
-        env = {**os.environ, "EDGEFLEET_URL": cloud_url, "EDGEFLEET_TOKEN": token_file.read_text().strip(),
-               "COLUMNS": "160"}
-        shown = subprocess.run([str(BIN / "fleet"), "efficiency", "digits"], env=env, capture_output=True,
-                               text=True, timeout=120)
-        if shown.returncode != 0:
-            raise RuntimeError(f"fleet efficiency digits failed ({shown.returncode}): {shown.stderr.strip()}")
-        print(shown.stdout.rstrip())
+        print(fleet_cli(env, "efficiency", "digits"))
         console.print(f"demo finished in {time.monotonic() - t0:.1f} s")
         client.close()
     finally:
         procs.stop_all()
+
+
+def fleet_cli(env: dict[str, str], *args: str) -> str:
+    shown = subprocess.run([str(BIN / "fleet"), *args], env=env, capture_output=True, text=True, timeout=120)
+    if shown.returncode != 0:
+        raise RuntimeError(f"fleet {' '.join(args)} failed ({shown.returncode}): {shown.stderr.strip()}")
+    return shown.stdout.rstrip()
 
 
 def main() -> None:

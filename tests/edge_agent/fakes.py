@@ -70,14 +70,16 @@ class MemoryLink:
         self.timeouts: list[float] = []  # the timeout_s of every publish
         self.late_acks: list[tuple[int, int]] = []  # (epoch, seq) the cloud confirmed after the publish gave up
         self._on_desired: Callable[[bytes], None] | None = None
+        self._on_retained: Callable[[bytes], None] | None = None
         self._on_connected: Callable[[], None] | None = None
         self.enrollment: EnrollResponse | None = None
 
     # LinkFactory
     def attach(self, enrollment: EnrollResponse, *, on_desired: Callable[[bytes], None],
-               on_connected: Callable[[], None]) -> MemoryLink:
+               on_connected: Callable[[], None], on_retained: Callable[[bytes], None] | None = None) -> MemoryLink:
         self.enrollment = enrollment
         self._on_desired, self._on_connected = on_desired, on_connected
+        self._on_retained = on_retained or on_desired
         return self
 
     # CloudLink
@@ -126,10 +128,11 @@ class MemoryLink:
     def disconnect(self) -> None:
         self.up = False
 
-    def deliver(self, raw: bytes) -> None:
-        """A desired-state document arrives on the link (a retained copy, or a fresh publish)."""
+    def deliver(self, raw: bytes, *, retained: bool = False) -> None:
+        """A desired-state document arrives on the link: a fresh publish, or (`retained`) the copy the broker kept,
+        handed over on subscribe."""
         assert self._on_desired is not None, "the daemon has not built its link yet"
-        self._on_desired(raw)
+        (self._on_retained if retained else self._on_desired)(raw)
 
 
 def enrollment(desired_state_keys: list[dict[str, Any]], *, device_id: str = "dev-1",

@@ -138,6 +138,32 @@ def test_an_older_generation_is_refused_and_the_refusal_is_reported(env):
     assert env.link.reported[-1].last_error is None and env.link.reported[-1].generation == 3
 
 
+def test_a_retained_copy_older_than_the_http_fetch_is_refused_without_an_alarm(env):
+    """The broker's retained copy can lag the database (the cloud commits, then publishes): a device that connects
+    in between fetches generation 2 over HTTP and then gets generation 1 on subscribe. Refused and counted, but no
+    last_error; the same document published live is still an alarm."""
+    env.link.deliver(env.doc(1, generation=1))
+    env.pump()
+    env.link.deliver(env.doc(2, generation=2))
+    env.pump()
+    reports = len(env.link.reported)
+    lagging = env.doc(1, generation=1)
+    env.link.deliver(lagging, retained=True)
+    env.pump()
+    assert env.agent.counters == {"refused_stale_retained": 1}
+    assert env.agent.last_error is None and all(r.last_error is None for r in env.link.reported[reports:])
+    assert env.agent.installer.active_version("digits") == 2 and env.agent.store.state.highest_generation == 2
+    env.link.deliver(lagging)  # live: someone published an old document to an established subscription
+    env.pump()
+    assert env.agent.counters["refused_replayed"] == 1
+    assert "not newer than the accepted generation 2" in env.link.reported[-1].last_error
+    # A retained document that is not stale but bad (forged, foreign, garbage) is an alarm wherever it came from.
+    env.link.deliver(b"\x00 garbage", retained=True)
+    env.pump()
+    assert "refused desired state" in env.link.reported[-1].last_error and "not newer" not in \
+        env.link.reported[-1].last_error
+
+
 def test_forged_and_garbage_payloads_are_counted_and_the_loop_goes_on(env):
     env.pump()
     forger = DesiredStateSigner(env.tmp / "forger-keys")

@@ -116,6 +116,29 @@ def test_desired_delivery_status_and_puback(mosquitto):
         watcher.stop()
 
 
+def test_a_retained_desired_state_on_subscribe_goes_to_on_retained_a_live_one_to_on_desired(mosquitto):
+    """The daemon tells the broker's kept copy (which may lag the cloud's database) from a live publish: MQTT
+    3.1.1 sets RETAIN on delivery only for a message sent because of a new subscription."""
+    topics = device_topics("t", "dev-r")
+    watcher = Watcher(mosquitto, "t/devices/dev-r/#", client_id="retainer")
+    watcher.client.publish(topics.desired, b'{"kept":1}', qos=1, retain=True).wait_for_publish(5)
+    live: list[bytes] = []
+    kept: list[bytes] = []
+    info = BrokerInfo(host=mosquitto.host, port=mosquitto.port, topic_prefix="t", keepalive_s=5)
+    link = MqttLink(info, "dev-r", on_desired=live.append, on_retained=kept.append, on_connected=lambda: None,
+                    retry_initial_s=1, retry_max_s=2)
+    link.start()
+    try:
+        wait_for(lambda: kept == [b'{"kept":1}'], 10, what="the retained copy on subscribe")
+        watcher.client.publish(topics.desired, b'{"live":2}', qos=1, retain=True)  # retained, but to a subscriber
+        wait_for(lambda: live == [b'{"live":2}'], 5, what="the live publish")
+        assert kept == [b'{"kept":1}']
+    finally:
+        link.stop()
+        watcher.client.publish(topics.desired, b"", qos=1, retain=True).wait_for_publish(5)
+        watcher.stop()
+
+
 def test_last_will_marks_offline_when_the_agent_dies(mosquitto):
     topics = device_topics("t", "dev-2")
     received: list[bytes] = []

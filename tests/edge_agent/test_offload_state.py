@@ -108,6 +108,8 @@ def test_state_observes_and_moves_the_hysteresis_memory():
     s.local_started()
     s.local_started()
     s.local_done("m", 0.0, None, None, 1, 104.0)  # a run that failed: no sample, no longer in flight
+    s.cloud_done("m", 900.0, service_ms=2.0, now=104.0)  # the first answer warms: a cold model, not a round trip
+    assert s.observe("m", True, True, 104.0).cloud_ms is None
     s.cloud_done("m", 20.0, service_ms=2.0, now=104.0)
     obs = s.observe("m", True, True, 104.0)
     assert obs.local_p95_ms == 13.0 and obs.local_mj == 3.0 and obs.cloud_ms == 40.0

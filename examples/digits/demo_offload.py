@@ -1,0 +1,134 @@
+"""The demo's offload step: two more Raspberry Pi 4 agents join with the offload router on, and apps on them call
+the SDK (`edgefleet.sdk.Client`, over the agent's unix socket) as any app on a device would.
+
+Both agents emulate a Pi 4's speed on this x86 machine: `offload.slowdown_factor = 8` stretches every local run to
+eight times its real time (edge_agent/emulate.py; a Pi 4's A72 cores are about 8x slower than this box on these
+models), and every answer and figure taken under it says `emulated_slowdown`. The cloud they offload to is the
+demo's own (`/v2` on its port), which for a distilled version serves the teacher under the student's name.
+
+- pi-porch, the big model on a battery budget: the operator wants the teacher CNN's accuracy on a Pi
+  (`fleet models push teacher.onnx --name digits-cnn`, then `fleet deploy digits-cnn --device pi-porch --p95-ms
+  5`: its latency budget), and the device may spend 2 J a minute on inference (`offload.energy_j_per_min`: a
+  battery's share). At about 10 mJ a run (estimated: the class's active watts x the emulated busy time), the
+  device serves until this minute's joules are spent and the cloud takes the rest (`energy_window_exhausted`).
+- pi-gate, a cascade: each local answer less sure than 0.9 (max probability) goes to the cloud's teacher and the
+  reply says `escalated`; the held-out digits show what that buys in accuracy and what it costs in traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from demo_support import Processes, agent_config, wait_until
+
+from edgefleet.fleet.client import FleetClient
+from edgefleet.protos.api import DeployRequest
+from edgefleet.sdk import Client
+
+SLOWDOWN = 8.0  # a Pi 4 against this machine on the digits students (edge_agent/emulate.py)
+BIG_MODEL = "digits-cnn"  # the teacher, pushed as a model of its own
+P95_BUDGET_MS = 5.0
+ENERGY_J_PER_MIN = 2.0
+CASCADE_THRESHOLD = 0.9
+OFFLOAD_AGENTS = {  # device id -> its [offload] section
+    "pi-porch": f"\n[offload]\nenabled = true\nslowdown_factor = {SLOWDOWN}\nenergy_j_per_min = {ENERGY_J_PER_MIN}\n",
+    "pi-gate": (f"\n[offload]\nenabled = true\nslowdown_factor = {SLOWDOWN}\n"
+                f'cascade_metric = "max_prob"\ncascade_threshold = {CASCADE_THRESHOLD}\n'),
+}
+
+
+def start_agents(work: Path, procs: Processes, bin_dir: Path, cloud_url: str, token: str) -> None:
+    for device_id, extra in OFFLOAD_AGENTS.items():
+        cfg = agent_config(work, device_id, "rpi4", {"site": device_id.split("-")[1], "offload": "on"}, cloud_url,
+                           token, extra)
+        procs.start(device_id, [str(bin_dir / "edgefleet-agent"), "run", "--config", str(cfg)])
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
+
+
+def _app(socket_path: str, model: str, rows: np.ndarray, shape: list[int]) -> list[dict[str, Any]]:
+    """Send every row once through the SDK, as an app on the device would; one record per request."""
+    records: list[dict[str, Any]] = []
+    with Client(socket=socket_path) as agent:
+        for row in rows:
+            t0 = time.perf_counter()
+            result = agent.infer(model, row.reshape(shape).astype(np.float32))
+            p = result.provenance
+            records.append({"where": p.where, "reason": p.reason, "waited_ms": (time.perf_counter() - t0) * 1000.0,
+                            "escalated": p.escalated, "energy_mj": p.energy_mj,
+                            "pred": int(np.argmax(next(iter(result.outputs.values())))),
+                            "emulated": p.parameters.get("emulated_slowdown") if p.parameters else None})
+    return records
+
+
+def run(work: Path, procs: Processes, client: FleetClient, console: Any, *, teacher_onnx: Path, version: int,
+        shape: list[int], x: np.ndarray, y: np.ndarray, student_acc: float, teacher_acc: float) -> dict[str, Any]:
+    """Put the big model on pi-porch under its budget, drive both apps, print what happened; the figures."""
+    def enrolled():
+        procs.check_alive()
+        return {d.device_id for d in client.list_devices()} >= set(OFFLOAD_AGENTS)
+
+    wait_until(enrolled, 60, "pi-porch and pi-gate to enroll")
+    big = client.push_model(BIG_MODEL, teacher_onnx)
+    client.deploy(DeployRequest(model=BIG_MODEL, version=big.version, device_id="pi-porch", p95_ms=P95_BUDGET_MS))
+    console.print(f"    fleet models push teacher.onnx --name {BIG_MODEL}; fleet deploy {BIG_MODEL} --device pi-porch "
+                  f"--p95-ms {P95_BUDGET_MS:g}", highlight=False)
+
+    def installed():
+        procs.check_alive()
+        active = {(d.device_id, m.name): m.active_version for d in client.list_devices()
+                  if d.device_id in OFFLOAD_AGENTS for m in d.models}
+        return active.get(("pi-porch", BIG_MODEL)) == big.version and active.get(("pi-gate", "digits")) == version
+
+    wait_until(installed, 90, f"pi-porch to install {BIG_MODEL} and pi-gate digits v{version}")
+    sockets = {d: json.loads((work / "agents" / d / "api.json").read_text())["unix_socket"] for d in OFFLOAD_AGENTS}
+
+    porch = _app(sockets["pi-porch"], BIG_MODEL, x, shape)
+    waited = [r["waited_ms"] for r in porch]
+    local = [r for r in porch if r["where"] == "local"]
+    offloaded = 1 - len(local) / len(porch)
+    local_mj = sum(r["energy_mj"] or 0.0 for r in local)
+    porch_acc = float(np.mean([r["pred"] == t for r, t in zip(porch, y)]))
+    reasons = Counter(r["reason"] for r in porch)
+    local_p95 = _percentile([r["waited_ms"] for r in local], 95)
+    each = local_mj / max(1, len(local))
+    console.print(f"    pi-porch: {BIG_MODEL}, {len(porch)} requests: {len(local)} on the device "
+                  f"({local_mj / 1000:.2f} J estimated, {each:.1f} mJ each, p95 {local_p95:.2f} ms against the "
+                  f"{P95_BUDGET_MS:g} ms budget), then the {ENERGY_J_PER_MIN:g} J/min budget was spent: "
+                  f"{offloaded:.0%} offloaded; p50 {_percentile(waited, 50):.2f} ms over all, accuracy "
+                  f"{porch_acc:.3f}", highlight=False)
+    console.print("      reasons: " + ", ".join(f"{k} {n}" for k, n in reasons.most_common()), highlight=False)
+
+    gate = _app(sockets["pi-gate"], "digits", x, shape)
+    escalated = sum(r["escalated"] for r in gate) / len(gate)
+    cascade_acc = float(np.mean([r["pred"] == t for r, t in zip(gate, y)]))
+    gate_waited = [r["waited_ms"] for r in gate]
+    console.print(f"    pi-gate: the cascade (max prob < {CASCADE_THRESHOLD:g} -> the cloud's teacher) escalated "
+                  f"{escalated:.1%} of {len(gate)} held-out digits; accuracy {cascade_acc:.3f} against the "
+                  f"student's {student_acc:.3f} alone and the teacher's {teacher_acc:.3f}; p50 "
+                  f"{_percentile(gate_waited, 50):.2f} ms, p95 {_percentile(gate_waited, 95):.2f} ms",
+                  highlight=False)
+    if not all(r["emulated"] == SLOWDOWN for r in porch + gate):
+        raise SystemExit("demo: an answer from an emulating agent did not carry emulated_slowdown")
+    return {"porch_requests": len(porch), "porch_offloaded": offloaded, "porch_local_j": local_mj / 1000,
+            "porch_reasons": dict(reasons), "gate_escalated": escalated, "gate_accuracy": cascade_acc,
+            "gate_requests": len(gate)}
+
+
+def wait_telemetry(procs: Processes, client: FleetClient, figures: dict[str, Any]) -> None:
+    """Until the cloud holds every decision of both apps (the windows carry their reasons)."""
+    want = {"pi-porch": figures["porch_requests"], "pi-gate": figures["gate_requests"]}
+
+    def arrived():
+        procs.check_alive()
+        rows = {r.device_id: r for r in client.status()}
+        return all(d in rows and sum(rows[d].offload_reasons.values()) >= n for d, n in want.items())
+
+    wait_until(arrived, 60, "the offload reasons from pi-porch and pi-gate in the cloud")
