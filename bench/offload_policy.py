@@ -18,10 +18,13 @@ with its defaults (the deadline rule weighs the device's queue: it keeps what it
 the device's modelled inference energy per request (a cloud answer costs the device no inference energy here; the
 radio is not modelled).
 
-`measure_cascade()`: examples/digits' teacher MLP (64-128-64-10) serves in the "cloud"; a small student MLP
-(64-8-10) trained on the same split serves on the device. Each of the 450 held-out images is one request: cloud
-only, student only, and the cascade (max_prob < 0.9 goes up). `speedup_vs_cloud_only` is cloud-only wall time over
-the cascade's.
+`measure_cascade()`: the digits teacher CNN (examples/digits/teacher_cnn.py, 2.5M MACs, ~99 % held-out) serves in
+the "cloud"; on the device, the student the distillation pipeline ships for rpi4 (trained on the transfer set with
+the teacher's outputs, as `fleet distill` does). The 450 held-out digits are split in two, stratified and seeded:
+225 calibration rows (half), on which the pipeline ranks its candidates and the cascade's threshold is chosen (the
+largest max-probability threshold that escalates at most `CASCADE_TARGET_SHARE` of them, as one would pick it
+before shipping), and 225 test rows no choice saw, on which every figure is reported. Each test row is one request:
+cloud only, student only, and the cascade. `speedup_vs_cloud_only` is cloud-only wall time over the cascade's.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples" / "digits"))
 sys.path.insert(0, str(ROOT))
 
-from train import INPUT_NAME, TARGET_OPSET, load_split, train  # noqa: E402
+from train import INPUT_NAME  # noqa: E402
 
 from edgefleet.cloud.bundles import build_bundle  # noqa: E402
 from edgefleet.cloud.catalog import load_catalog  # noqa: E402
@@ -66,7 +69,10 @@ RPI4_FACTOR = 8.0  # the digits MLP: ~13 us here, ~100 us on a Pi 4's A72 cores 
 ONE_WAY_S = 0.010  # 10 ms each way: a 20 ms round trip
 DEADLINE_MS = 50.0
 OVERLOAD = 1.5
-CASCADE_THRESHOLD = 0.9
+CASCADE_TARGET_SHARE = 0.10  # the cascade's threshold: the largest that escalates at most this share of calibration
+CALIBRATION_ROWS = 225
+# The demo's short distillation (examples/digits/demo.py DEMO_SPEC), for rpi4 only.
+CASCADE_SPEC = {"max_candidates": 4, "max_epochs": 25, "patience": 6, "learning_rate": 1e-2, "augment": "on"}
 
 
 class OneAtATime(InferenceService):
@@ -226,42 +232,77 @@ def measure_policy(seconds: float = 12.0, work: Path | None = None) -> dict[str,
                                 "modelled)"}}
 
 
-def _student(work: Path) -> bytes:
-    from skl2onnx import to_onnx
-    from skl2onnx.common.data_types import FloatTensorType
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def _cascade_models(work: Path) -> dict[str, Any]:
+    """Train the teacher CNN, split its held-out digits into calibration and test rows, distil the rpi4 student
+    (ranked on the calibration rows); the ONNX bytes of both and the rows."""
+    import teacher_cnn
+    from sklearn.model_selection import train_test_split
 
-    X_train, _, y_train, _ = load_split()
-    clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=300, random_state=0)
-    pipe = make_pipeline(StandardScaler(), clf)
-    pipe.fit(X_train, y_train)
-    onx = to_onnx(pipe, initial_types=[(INPUT_NAME, FloatTensorType([None, 64]))],
-                  options={id(clf): {"zipmap": False}}, target_opset=TARGET_OPSET)
-    return onx.SerializeToString()
+    from edgefleet.cloud.distill.pipeline import run_distillation
+    from edgefleet.cloud.distill.spec import DistillSpec
+
+    teacher = teacher_cnn.train_teacher(work / "teacher", epochs=10)
+    held = np.load(teacher["heldout"])
+    x_cal, x_test, y_cal, y_test = train_test_split(held["x"], held["y"], train_size=CALIBRATION_ROWS,
+                                                    random_state=0, stratify=held["y"])
+    calibration = work / "calibration.npz"
+    np.savez(calibration, x=x_cal, y=y_cal)
+    teacher_bytes = Path(teacher["model"]).read_bytes()
+    result = run_distillation(teacher_bytes, Path(teacher["transfer"]), DistillSpec(classes=["rpi4"], **CASCADE_SPEC),
+                              load_catalog(None), {}, work / "pipeline", model_name="digits", test_npz=calibration)
+    chosen = result.chosen["rpi4"]
+    student = chosen.variant.data if chosen.variant.runtime == "onnxruntime" else chosen.fp32_onnx
+    return {"teacher": teacher_bytes, "student": student, "candidate": chosen.candidate,
+            "precision": chosen.variant.precision if chosen.variant.runtime == "onnxruntime" else "fp32",
+            "x_cal": x_cal.astype(np.float32), "y_cal": y_cal, "x_test": x_test.astype(np.float32), "y_test": y_test}
 
 
-def _accuracy(router: Router, X: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+def _max_prob(model: bytes, x: np.ndarray) -> np.ndarray:
+    """The student's confidence per row as the agent computes it (edge_agent/confidence.py), on bare ORT."""
+    import onnxruntime as ort
+
+    from edgefleet.edge_agent.confidence import confidence
+
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return np.array([confidence(dict(zip([o.name for o in session.get_outputs()],
+                                         session.run(None, {name: x[i:i + 1]}), strict=True)), "max_prob", "")
+                     for i in range(len(x))])
+
+
+def choose_threshold(confidences: np.ndarray, target_share: float) -> float:
+    """The largest threshold in 0.50 .. 0.99 that escalates at most `target_share` of these rows."""
+    grid = np.round(np.arange(0.50, 0.995, 0.01), 2)
+    fits = [t for t in grid if float(np.mean(confidences < t)) <= target_share]
+    return float(max(fits)) if fits else 0.5
+
+
+def _predicted(outputs: dict[str, np.ndarray]) -> int:
+    """The class a reply names: argmax of its first float [1, classes] output."""
+    scores = next(v for v in outputs.values() if v.dtype.kind == "f" and v.ndim == 2)
+    return int(np.argmax(scores[0]))
+
+
+def _accuracy(router: Router, name: str, X: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
     """(accuracy, escalated share, wall seconds) over single-row requests."""
     correct = escalated = 0
     started = time.perf_counter()
     for i in range(len(y)):
-        out, params = router.infer_arrays("digits", {INPUT_NAME: X[i:i + 1]})
-        correct += int(out["label"][0] == y[i])
+        out, params = router.infer_arrays("digits", {name: X[i:i + 1]})
+        correct += int(_predicted(out) == y[i])
         escalated += bool(params["escalated"])
     return correct / len(y), escalated / len(y), time.perf_counter() - started
 
 
 def measure_cascade(work: Path | None = None) -> dict[str, Any]:
     work = work or Path(tempfile.mkdtemp(prefix="edgefleet-bench-cascade-"))
-    trained = train(work / "teacher")
-    teacher = Path(trained["model"]).read_bytes()
-    held = np.load(trained["heldout"])
-    X, y = held["X"].astype(np.float32), held["y"]
-    device = _service(work / "device", "digits", _student(work), factor=RPI4_FACTOR)
+    m = _cascade_models(work)
+    threshold = choose_threshold(_max_prob(m["student"], m["x_cal"]), CASCADE_TARGET_SHARE)
+    X, y = m["x_test"], m["y_test"]
+    device = _service(work / "device", "digits", m["student"], factor=RPI4_FACTOR)
     empty = _service(work / "empty", None, None)
-    cloud = _service(work / "cloud", "digits", teacher)
+    cloud = _service(work / "cloud", "digits", m["teacher"])
+    name = device.get("digits").manifest.inputs[0].name
     with LocalApi(cloud) as api:
         proxy = DelayProxy(api.address, ONE_WAY_S, return_delay_s=ONE_WAY_S)
         try:
@@ -269,11 +310,11 @@ def measure_cascade(work: Path | None = None) -> dict[str, Any]:
             cloud_only = Router(empty, clients[0], OffloadConfig(enabled=True))
             student = Router(device, None, OffloadConfig(slowdown_factor=RPI4_FACTOR))
             cascade = Router(device, clients[1], OffloadConfig(
-                enabled=True, cascade_metric="max_prob", cascade_threshold=CASCADE_THRESHOLD,
-                cascade_output="probabilities", slowdown_factor=RPI4_FACTOR))
-            teacher_acc, _, cloud_s = _accuracy(cloud_only, X, y)
-            student_acc, _, student_s = _accuracy(student, X, y)
-            cascade_acc, share, cascade_s = _accuracy(cascade, X, y)
+                enabled=True, cascade_metric="max_prob", cascade_threshold=threshold,
+                slowdown_factor=RPI4_FACTOR))
+            teacher_acc, _, cloud_s = _accuracy(cloud_only, name, X, y)
+            student_acc, _, student_s = _accuracy(student, name, X, y)
+            cascade_acc, share, cascade_s = _accuracy(cascade, name, X, y)
             for c in clients:
                 c.close()
         finally:
@@ -281,8 +322,11 @@ def measure_cascade(work: Path | None = None) -> dict[str, Any]:
     return {"teacher_acc": round(teacher_acc, 4), "student_acc": round(student_acc, 4),
             "cascade_acc": round(cascade_acc, 4), "offloaded_share": round(share, 4),
             "speedup_vs_cloud_only": round(cloud_s / cascade_s, 2),
-            "setup": {"heldout": int(len(y)), "metric": "max_prob", "threshold": CASCADE_THRESHOLD,
-                      "student": "MLP 64-8-10", "teacher": "MLP 64-128-64-10",
+            "setup": {"test_rows": int(len(y)), "calibration_rows": CALIBRATION_ROWS, "metric": "max_prob",
+                      "threshold": threshold, "threshold_rule": f"the largest escalating <= {CASCADE_TARGET_SHARE:.0%} "
+                                                                "of the calibration rows",
+                      "student": f"{m['candidate']} {m['precision']} (distilled for rpi4)",
+                      "teacher": "CNN, 2.5M MACs (examples/digits/teacher_cnn.py)",
                       "emulated_slowdown": RPI4_FACTOR, "emulated_rtt_ms": 2 * ONE_WAY_S * 1000,
                       "ms_per_request": {"cloud_only": round(cloud_s / len(y) * 1000, 2),
                                          "student_only": round(student_s / len(y) * 1000, 2),
