@@ -142,3 +142,43 @@ def test_state_breaker_probe_claim_and_missing_model():
     obs = s.observe("m", True, True, 2.0)
     assert (obs.breaker, obs.cloud_has_model) == (p.CLOSED, False)
     assert s.observe("m", True, True, 62.0).cloud_has_model is True
+
+
+def _route(latencies_ms, budgets, *, step_s=0.05, cloud_ms=5.0):
+    """The policy and its state over a stream of requests, one every `step_s`, the device's run time for each
+    drawn from `latencies_ms` (used when it runs locally); (switches of the offloaded memory, wheres)."""
+    s = OffloadState(window=16, window_s=10.0)
+    switches, wheres, offloaded = 0, [], False
+    for i, ms in enumerate(latencies_ms):
+        now = 1000.0 + i * step_s
+        decision = p.decide(p.Request("m"), s.observe("m", True, True, now), budgets, now)
+        s.note_decision("m", decision, now)
+        if decision.where == p.LOCAL:
+            s.local_started()
+            s.local_done("m", float(ms), float(ms), None, 1, now)
+        else:
+            s.cloud_done("m", cloud_ms, None, now)
+        switches += s.model("m").offloaded != offloaded
+        offloaded = s.model("m").offloaded
+        wheres.append(decision.where)
+    return switches, wheres
+
+
+def test_hysteresis_holds_routing_steady_under_noise_and_lets_a_fast_device_back():
+    """A device whose p95 hovers around its 20 ms budget (run times 16 +- 2.5 ms, seeded noise) for a minute: with no
+    hysteresis the route flaps on every crossing; with the defaults (come back below 16 ms, after 5 s) it switches a
+    few times at most. Then the device gets fast (10 ms) and comes back within the dwell plus the window's refresh."""
+    import numpy as np
+
+    noisy = np.clip(np.random.default_rng(3).normal(16.0, 2.5, 1200), 1.0, None)
+    steady = p.Budgets(p95_ms=20.0)  # hysteresis 0.2, min_dwell_s 5, local_probe_s 1
+    flappy = steady._replace(hysteresis=0.0, min_dwell_s=0.0)
+    flaps, _ = _route(noisy, flappy)
+    holds, wheres = _route(noisy, steady)
+    assert flaps >= 8 and holds <= 2, (flaps, holds)  # seeded: 9 against 1
+    # Offloaded, the device still runs one request a second (the local probe), never more: its figures stay fresh.
+    assert 0 < wheres.count(p.LOCAL) <= 1200 * 0.05 / steady.local_probe_s + 20
+    fast_again = np.concatenate([noisy[:400], np.full(800, 10.0)])
+    _, wheres = _route(fast_again, steady)
+    back = next(i for i in range(400, 1200) if wheres[i:i + 40].count(p.LOCAL) == 40)
+    assert (back - 400) * 0.05 <= steady.min_dwell_s + 16 * steady.local_probe_s + 1.0, back
