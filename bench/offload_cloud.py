@@ -54,25 +54,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 WARMUP_S = 0.5
 
-
-def digits_mlp(seed: int = 0) -> bytes:
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "w1"),
-             numpy_helper.from_array(np.zeros(32, np.float32), "b1"),
-             numpy_helper.from_array(rng.standard_normal((32, 10)).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.zeros(10, np.float32), "b2")]
-    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"]),
-             helper.make_node("Softmax", ["logits"], ["probs"], axis=-1)]
-    graph = helper.make_graph(nodes, "digits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
-                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model.SerializeToString()
+from tests.e2e.onnx_models import digits_mlp  # noqa: E402  (the model the offload tests serve too)
 
 
 def bare_run_p50_us(model: bytes, x: np.ndarray, runs: int = 5000) -> float:

@@ -17,8 +17,9 @@ import json
 import math
 import socket
 import sys
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -259,6 +260,60 @@ def failure(i: int, exc: SdkError, wall_ms: float) -> dict[str, Any]:
 def survivable(exc: SdkError) -> bool:
     """A failure of one request (its deadline, the cloud) rather than of the whole run (no agent, bad inputs)."""
     return not isinstance(exc, (AgentUnavailable, ModelUnknown, InvalidInput))
+
+
+def _kept(i: int, t0: float, rows: list[dict[str, Any]], args: argparse.Namespace, result: Any = None,
+          exc: SdkError | None = None) -> None:
+    """Request i's row (its answer, or the failure it survived) appended to `rows`, and printed unless --json; a
+    failure of the whole run is raised."""
+    wall_ms = (time.perf_counter() - t0) * 1000.0
+    if exc is not None and not survivable(exc):
+        raise exc
+    row = failure(i, exc, wall_ms) if exc is not None else record(i, result, wall_ms)
+    rows.append(row)
+    if not args.json:
+        print_row(row)
+
+
+def timed(i: int, call: Callable[[], Any], rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Run request i (`call`), timed as the app waited, into `rows`."""
+    t0 = time.perf_counter()
+    try:
+        result = call()
+    except SdkError as exc:
+        _kept(i, t0, rows, args, exc=exc)
+    else:
+        _kept(i, t0, rows, args, result)
+
+
+async def timed_async(i: int, call: Callable[[], Awaitable[Any]], rows: list[dict[str, Any]],
+                      args: argparse.Namespace) -> None:
+    """`timed` for a coroutine."""
+    t0 = time.perf_counter()
+    try:
+        result = await call()
+    except SdkError as exc:
+        _kept(i, t0, rows, args, exc=exc)
+    else:
+        _kept(i, t0, rows, args, result)
+
+
+def add_agent_args(parser: argparse.ArgumentParser) -> None:
+    """The model on the agent and how to reach the agent: what app_sync.py and app_async.py share."""
+    parser.add_argument("model", help="the model's name on the agent, e.g. digits")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--socket", help="the agent's unix socket (default: $EDGEFLEET_AGENT_SOCKET or api.json)")
+    where.add_argument("--data-dir", help="the agent's data_dir, where it writes api.json")
+    parser.add_argument("--version", help="a model version the agent has active (default: the active one)")
+    parser.add_argument("--timeout-s", type=positive_float, default=10.0,
+                        help="longest wait for one answer (default 10)")
+
+
+def parser_for(doc: str) -> argparse.ArgumentParser:
+    """An argparse parser whose description is the script docstring's first paragraph and epilog the rest."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="\n\n".join(doc.split("\n\n")[1:]))
 
 
 def _pct(values: list[float], q: float) -> float | None:

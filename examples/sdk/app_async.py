@@ -20,40 +20,31 @@ import argparse
 import asyncio
 import itertools
 import time
+from functools import partial
 
 from _shared import (
+    add_agent_args,
     add_request_args,
     agent_signature,
     describe,
-    failure,
     find_agent,
     input_maker,
     main_guard,
+    parser_for,
     plural,
-    positive_float,
     positive_int,
-    print_row,
-    record,
     report,
-    survivable,
+    timed_async,
 )
 
-from edgefleet.sdk import AsyncClient, SdkError
+from edgefleet.sdk import AsyncClient
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("model", help="the model's name on the agent, e.g. digits")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket", help="the agent's unix socket (default: $EDGEFLEET_AGENT_SOCKET or api.json)")
-    where.add_argument("--data-dir", help="the agent's data_dir, where it writes api.json")
-    parser.add_argument("--version", help="a model version the agent has active (default: the active one)")
+    parser = parser_for(__doc__)
+    add_agent_args(parser)
     parser.add_argument("--concurrency", type=positive_int, default=8,
                         help="requests in flight at once, and the client's connections (default 8)")
-    parser.add_argument("--timeout-s", type=positive_float, default=10.0,
-                        help="longest wait for one answer (default 10)")
     add_request_args(parser)
     return parser.parse_args(argv)
 
@@ -66,20 +57,8 @@ async def drive(args: argparse.Namespace, sock: str, make) -> tuple[list[dict], 
         for i in numbers:  # shared: each worker takes the next request number
             if i >= args.requests:
                 return
-            feed = make(i)
-            t0 = time.perf_counter()
-            try:
-                result = await agent.infer(args.model, feed, deadline_ms=args.deadline_ms, tier=args.tier,
-                                           version=args.version)
-            except SdkError as exc:
-                if not survivable(exc):
-                    raise
-                row = failure(i, exc, (time.perf_counter() - t0) * 1000.0)
-            else:
-                row = record(i, result, (time.perf_counter() - t0) * 1000.0)
-            rows.append(row)
-            if not args.json:
-                print_row(row)
+            await timed_async(i, partial(agent.infer, args.model, make(i), deadline_ms=args.deadline_ms,
+                                         tier=args.tier, version=args.version), rows, args)
 
     async with AsyncClient(sock, timeout_s=args.timeout_s, max_connections=args.concurrency) as agent:
         started = time.perf_counter()

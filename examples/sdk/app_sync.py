@@ -22,37 +22,28 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 from _shared import (
+    add_agent_args,
     add_request_args,
     agent_signature,
     describe,
-    failure,
     find_agent,
     input_maker,
     main_guard,
+    parser_for,
     plural,
-    positive_float,
-    print_row,
-    record,
     report,
-    survivable,
+    timed,
 )
 
-from edgefleet.sdk import Client, SdkError
+from edgefleet.sdk import Client
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("model", help="the model's name on the agent, e.g. digits")
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument("--socket", help="the agent's unix socket (default: $EDGEFLEET_AGENT_SOCKET or api.json)")
-    where.add_argument("--data-dir", help="the agent's data_dir, where it writes api.json")
-    parser.add_argument("--version", help="a model version the agent has active (default: the active one)")
-    parser.add_argument("--timeout-s", type=positive_float, default=10.0,
-                        help="longest wait for one answer (default 10)")
+    parser = parser_for(__doc__)
+    add_agent_args(parser)
     add_request_args(parser)
     return parser.parse_args(argv)
 
@@ -69,20 +60,8 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         started = time.perf_counter()
         for i in range(args.requests):
-            feed = make(i)
-            t0 = time.perf_counter()
-            try:
-                result = agent.infer(args.model, feed, deadline_ms=args.deadline_ms, tier=args.tier,
-                                     version=args.version)
-            except SdkError as exc:
-                if not survivable(exc):
-                    raise
-                row = failure(i, exc, (time.perf_counter() - t0) * 1000.0)
-            else:
-                row = record(i, result, (time.perf_counter() - t0) * 1000.0)
-            rows.append(row)
-            if not args.json:
-                print_row(row)
+            timed(i, partial(agent.infer, args.model, make(i), deadline_ms=args.deadline_ms, tier=args.tier,
+                             version=args.version), rows, args)
         elapsed = time.perf_counter() - started
     report({"model": args.model, "version": version, "socket": sock, "inputs": signature}, rows, elapsed, args)
     return 0

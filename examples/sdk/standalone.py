@@ -24,25 +24,24 @@ import argparse
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from _shared import (
     AppError,
     add_request_args,
     describe,
-    failure,
     input_maker,
     main_guard,
+    parser_for,
     plural,
     positive_float,
-    print_row,
-    record,
     report,
     session_signature,
-    survivable,
+    timed,
 )
 
-from edgefleet.sdk import Client, SdkError
+from edgefleet.sdk import Client
 
 BUDGETS = ("p95_ms", "mj_per_inference", "energy_j_per_min")
 
@@ -55,9 +54,7 @@ def unit_interval(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser = parser_for(__doc__)
     parser.add_argument("model", type=Path, help="the .onnx file to run")
     parser.add_argument("--name", help="the model's name on the cloud (default: the file's stem)")
     parser.add_argument("--cloud-url", help="the cloud's OIP server, e.g. https://cloud.example:8000 (default: none, "
@@ -101,19 +98,7 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         started = time.perf_counter()
         for i in range(args.requests):
-            feed = make(i)
-            t0 = time.perf_counter()
-            try:
-                result = app.infer(app.name, feed, deadline_ms=args.deadline_ms, tier=args.tier)
-            except SdkError as exc:
-                if not survivable(exc):
-                    raise
-                row = failure(i, exc, (time.perf_counter() - t0) * 1000.0)
-            else:
-                row = record(i, result, (time.perf_counter() - t0) * 1000.0)
-            rows.append(row)
-            if not args.json:
-                print_row(row)
+            timed(i, partial(app.infer, app.name, make(i), deadline_ms=args.deadline_ms, tier=args.tier), rows, args)
         elapsed = time.perf_counter() - started
     report({"model": app.name, "path": str(args.model), "cloud_url": args.cloud_url, "inputs": signature}, rows,
            elapsed, args)

@@ -11,8 +11,6 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import pytest
-
 from edgefleet.protos.messages import DesiredModel, DesiredState
 from edgefleet.protos.topics import device_topics
 from tests.cloud_server import MqttProbe, start_cloud_server, tiny_onnx
@@ -20,29 +18,6 @@ from tests.e2e.agent_process import AgentProcess
 from tests.harness import Mosquitto, free_port, wait_for
 
 X4 = [0.5, -1.0, 2.0, 0.25]
-
-
-@pytest.fixture
-def cloud(tmp_path: Path, mosquitto):
-    server = start_cloud_server(tmp_path / "cloud", mqtt=(mosquitto.host, mosquitto.port))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def admin(cloud):
-    with cloud.client() as c:
-        yield c
-
-
-@pytest.fixture
-def agents(tmp_path: Path):
-    started: list[AgentProcess] = []
-    yield started
-    for a in started:
-        a.stop()
 
 
 def enrollment_token(admin) -> str:

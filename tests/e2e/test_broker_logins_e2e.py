@@ -26,14 +26,6 @@ def secured(tmp_path: Path):
         broker.stop()
 
 
-@pytest.fixture
-def agents():
-    started = []
-    yield started
-    for a in started:
-        a.stop()
-
-
 def test_agents_work_with_their_own_logins_on_a_broker_that_refuses_anonymous_clients(tmp_path, secured, agents):
     broker, cloud = secured
     assert mqtt_connack(broker.host, broker.port, client_id="anonymous").is_failure

@@ -12,10 +12,8 @@ import shutil
 from pathlib import Path
 
 from tests.e2e.agent_process import AgentProcess
-from tests.e2e.test_agents_e2e import admin, agents, cloud, device, enrollment_token, push, wait_enrolled, wait_in_sync
+from tests.e2e.test_agents_e2e import device, enrollment_token, push, wait_enrolled, wait_in_sync
 from tests.harness import wait_for
-
-__all__ = ["admin", "agents", "cloud"]  # fixtures shared with test_agents_e2e.py
 
 
 def test_a_copied_config_is_refused_and_the_real_device_keeps_working(tmp_path: Path, cloud, admin, agents):

@@ -9,24 +9,12 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-import pytest
 
-from tests.cloud_server import start_cloud_server
 from tests.e2e.agent_process import AgentProcess
 from tests.harness import wait_for
 from tests.job_kinds import tiny_teacher, tiny_transfer
-
-
-@pytest.fixture
-def cloud(tmp_path: Path, mosquitto):
-    server = start_cloud_server(tmp_path / "cloud", mqtt=(mosquitto.host, mosquitto.port))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def start_worker(server, name: str) -> subprocess.Popen:

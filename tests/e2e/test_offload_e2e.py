@@ -26,7 +26,6 @@ import onnxruntime as ort
 import pytest
 
 from edgefleet.edge_agent import offload_policy as p
-from tests.cloud_server import start_cloud_server
 from tests.e2e.agent_process import AgentProcess
 from tests.e2e.onnx_models import digits_mlp
 from tests.harness import free_port, port_open, wait_for
@@ -52,29 +51,6 @@ def confident_and_doubtful(threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Two rows of ROWS: one the model is sure of (max prob >= threshold), one it doubts."""
     top = expected(ROWS).max(axis=1)
     return ROWS[[int(np.argmax(top))]], ROWS[[int(np.argmin(top))]]
-
-
-@pytest.fixture
-def cloud(tmp_path: Path, mosquitto):
-    server = start_cloud_server(tmp_path / "cloud", mqtt=(mosquitto.host, mosquitto.port))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def admin(cloud):
-    with cloud.client() as c:
-        yield c
-
-
-@pytest.fixture
-def agents():
-    started: list[AgentProcess] = []
-    yield started
-    for a in started:
-        a.stop()
 
 
 def start_agent(agents, tmp_path, cloud, admin, device_id, device_class, offload: str) -> AgentProcess:
