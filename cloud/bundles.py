@@ -251,11 +251,24 @@ def build_bundle(
         budgets=device_class.budgets,
         smoke_test=SmokeTest(input_file=SMOKE_INPUT, expected_file=SMOKE_EXPECTED, rtol=rtol, atol=atol),
         created_at=created_at.astimezone(timezone.utc),
+        emulation_factor=_emulation_factor(model_bytes, model_format, inputs, device_class, precision, runtime),
     )
     mtime = int(created_at.timestamp())
     # manifest.json first: a streaming reader learns what to expect before the large members arrive.
     archive = _tar_gz([(MANIFEST_FILE, manifest.to_wire())] + sorted(members), mtime)
     return archive, manifest
+
+
+def _emulation_factor(model_bytes: bytes, model_format: str, inputs: list[TensorSpec], device_class: DeviceClassInfo,
+                      precision: str, runtime: str) -> float | None:
+    """The cost model's slowdown of this class against the build machine for this model (costmodel.emulation_factor),
+    for agents that emulate their class; None for a TFLite file or a model the counter cannot read."""
+    if model_format != "onnx":
+        return None
+    from edgefleet.cloud.distill.costmodel import emulation_factor
+
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in inputs[0].shape]
+    return emulation_factor(model_bytes, shape, device_class, precision, runtime)
 
 
 __all__ = ["build_bundle", "model_file_for", "read_npz", "run_reference", "run_reference_litert", "smoke_expected",

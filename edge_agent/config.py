@@ -200,6 +200,7 @@ class OffloadConfig:
     breaker_open_s: float = 5.0  # first open period; doubles per failed probe
     breaker_max_open_s: float = 60.0
     slowdown_factor: float = 1.0  # >1: emulate a slower device class (edge_agent/emulate.py)
+    emulate_class: bool = False  # true: each model slowed by its bundle's emulation_factor (the class's cost model)
 
 
 def _check_offload(source: str, offload: dict[str, Any]) -> None:
@@ -224,6 +225,9 @@ def _check_offload(source: str, offload: dict[str, Any]) -> None:
     if offload.get("slowdown_factor", 1.0) < 1:
         raise ConfigError(f"{source}: 'offload.slowdown_factor' must be >= 1 (1: no emulation, 8: about an rpi4 "
                           f"on this class of x86), got {offload['slowdown_factor']!r}")
+    if offload.get("emulate_class") and offload.get("slowdown_factor", 1.0) != 1:
+        raise ConfigError(f"{source}: 'offload.emulate_class' and 'offload.slowdown_factor' both set the emulated "
+                          "speed; keep one (emulate_class takes each model's factor from the class's cost model)")
     metric = offload.get("cascade_metric", "")
     threshold = offload.get("cascade_threshold")
     if metric and metric not in CASCADE_METRICS:

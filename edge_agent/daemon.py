@@ -127,10 +127,13 @@ class Agent:
         self.store = StateStore(config.state_path)
         self.installer = Installer(config.models_dir)
         self.telemetry = Telemetry.from_config(config)
-        # offload.slowdown_factor > 1 emulates a slower class on this machine (edge_agent/emulate.py, logged).
+        # offload.slowdown_factor > 1, or emulate_class, emulates a slower class on this machine (emulate.py, logged).
+        # The serving runtimes get [runtime]'s thread counts, as the executor's smoke tests do.
+        factor = None if config.offload.emulate_class else config.offload.slowdown_factor
+        runtimes = partial(make_runtime, intra_op_threads=config.runtime.intra_op_threads,
+                           inter_op_threads=config.runtime.inter_op_threads)
         self.service = InferenceService(self.installer, meter=NullMeter(), telemetry=self.telemetry,
-                                        clock=self.clock.now,
-                                        runtime_factory=slowed_factory(make_runtime, config.offload.slowdown_factor))
+                                        clock=self.clock.now, runtime_factory=slowed_factory(runtimes, factor))
         # The offload router (edge_agent/offload.py) only when offload is on: off, requests take the service's
         # own path, with no policy's bookkeeping on it.
         self.router = Router.from_config(config, self.service, telemetry=self.telemetry) \

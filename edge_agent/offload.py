@@ -77,6 +77,7 @@ class Router:
             window=config.latency_window, window_s=config.latency_window_s)
         self.cascade = bool(config.cascade_metric) and config.cascade_threshold is not None
         self.slowdown = config.slowdown_factor
+        self.emulate_class = config.emulate_class
         self.counts: dict[tuple[str, str], int] = {}  # (model, reason) -> requests, since start
         self._lock = threading.Lock()
         self._budgets: dict[tuple[str, int], Budgets] = {}
@@ -211,8 +212,9 @@ class Router:
                   "variant": prov.variant, "latency_ms": round(waited_ms, 4),
                   "energy_mj": None if prov.energy_mj is None else round(prov.energy_mj, 6),
                   "energy_source": prov.energy_source, "escalated": False, "confidence": None}
-        if self.slowdown != 1.0:
-            params["emulated_slowdown"] = self.slowdown
+        slowdown = self._emulated(name)
+        if slowdown != 1.0:
+            params["emulated_slowdown"] = slowdown
         if cascade:
             score = confidence(result, self.config.cascade_metric, self.config.cascade_output)
             params["confidence"] = None if score is None else round(score, 6)
@@ -250,8 +252,9 @@ class Router:
         cloud.update({"reason": LOW_CONFIDENCE, "escalated": True, "confidence": params["confidence"],
                       "latency_ms": round(waited_ms + cloud["latency_ms"], 4), "energy_mj": params["energy_mj"],
                       "energy_source": params["energy_source"]})
-        if self.slowdown != 1.0:
-            cloud["emulated_slowdown"] = self.slowdown
+        slowdown = self._emulated(name)
+        if slowdown != 1.0:
+            cloud["emulated_slowdown"] = slowdown
         return result, cloud
 
     def _cloud(self, name: str, inputs: dict[str, np.ndarray], version: str | None, outputs: list[str] | None,
@@ -264,9 +267,17 @@ class Router:
             log.debug("cloud inference of %s failed (%s); answering locally", name, exc)
             return self._local(name, inputs, version, outputs, Request(name), _FALLBACK)
         params["reason"] = decision.reason
-        if self.slowdown != 1.0:
-            params["emulated_slowdown"] = self.slowdown
+        slowdown = self._emulated(name)
+        if slowdown != 1.0:
+            params["emulated_slowdown"] = slowdown
         return result, params
+
+    def _emulated(self, name: str) -> float:
+        """The slowdown this device emulates for `name`: the config's, or (emulate_class) the loaded model's own."""
+        if not self.emulate_class:
+            return self.slowdown
+        loaded = self.service._models.get(name)
+        return float(getattr(loaded.runtime, "factor", 1.0)) if loaded is not None else 1.0
 
     def _cloud_call(self, name: str, inputs: dict[str, np.ndarray], version: str | None,
                     outputs: list[str] | None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -336,7 +347,8 @@ class Router:
             return {"enabled": self.client is not None, "url": self.client.url if self.client else None,
                     "breaker": self.state.breaker.state(now), "local_inflight": self.state.inflight,
                     "energy_j_last_min": self.state.energy.total(now),
-                    "emulated_slowdown": self.slowdown, "models": models, "reasons": reasons}
+                    "emulated_slowdown": "class" if self.emulate_class else self.slowdown, "models": models,
+                    "reasons": reasons}
 
 
 def _first(*values: float | None) -> float | None:

@@ -18,6 +18,7 @@ from edgefleet.protos.base import SHA256_RE, Message, Name, Versioned
 from edgefleet.protos.limits import (
     INT64_MAX,
     MAX_CORES,
+    MAX_EMULATION_FACTOR,
     MAX_ENERGY_MJ,
     MAX_LATENCY_MS,
     MAX_LIST_ENTRIES,
@@ -113,6 +114,9 @@ class Manifest(Versioned):
     budgets: Budgets = Budgets()
     smoke_test: SmokeTest
     created_at: datetime
+    # The cost model's predicted time of this bundle on its class over the same on the build machine (x86-cpu):
+    # the slowdown an agent emulating the class on such a machine applies (`offload.emulate_class`). None: unknown.
+    emulation_factor: float | None = Field(default=None, ge=1.0, le=MAX_EMULATION_FACTOR, allow_inf_nan=False)
 
 
 __all__ = ["Budgets", "DeviceClassInfo", "FileEntry", "Manifest", "SmokeTest", "TensorSpec"]

@@ -59,6 +59,7 @@ MAX_PATH_CHARS = 255  # a file name or TUF target path (bundles.target_path is S
 MAX_CORES = 4096
 MAX_MODEL_MB = 1_048_576.0  # 1 TiB
 MAX_TOLERANCE = 1_000.0  # a smoke-test rtol/atol beyond this checks nothing
+MAX_EMULATION_FACTOR = 10_000.0  # a device class emulated more than 10,000x slower than the build machine is a typo
 # Times: after the Unix epoch (a device clock cannot read earlier) and far from datetime's year-9999 end, so every
 # time converts to UTC and fits both databases.
 EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=timezone.utc)

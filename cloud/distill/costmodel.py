@@ -136,6 +136,31 @@ def default_calibration(cls: DeviceClassInfo) -> Calibration:
                        **{**figures, "gmacs_per_s": dict(figures["gmacs_per_s"])})
 
 
+# The machine an emulating agent runs on is taken to be like the build machine: x86-cpu's measured figures.
+EMULATION_REFERENCE = "x86-cpu"
+
+
+def emulation_factor(onnx_bytes: bytes, input_shape: Sequence[int], cls: DeviceClassInfo, precision: str = "fp32",
+                     runtime: str = "onnxruntime", cal: Calibration | None = None) -> float | None:
+    """How many times longer the cost model predicts one sample of this model takes on `cls` (its calibration
+    `cal`, default the class's figures) than on the build machine (`EMULATION_REFERENCE`'s measured figures): the
+    slowdown an agent on such an x86 box applies to emulate the class (edge_agent/emulate.py). At least 1 (a
+    faster class is not emulated), 2 decimals; None for a model the counter cannot read (several inputs, an
+    operator neither counter knows) or a class with no figures of its own."""
+    if cal is None and cls.name not in DEFAULTS:
+        return None
+    try:
+        counts = count_ops(onnx_bytes, input_shape)
+    except Exception:  # noqa: BLE001 - no count, no factor: the agent then runs at this machine's speed
+        return None
+    figures = DEFAULTS[EMULATION_REFERENCE]
+    reference = Calibration(EMULATION_REFERENCE, active_watts=1.0, idle_watts=0.0,
+                            **{**figures, "gmacs_per_s": dict(figures["gmacs_per_s"])})
+    here = latency_ms(counts.macs, reference, precision)
+    there = latency_ms(counts.macs, cal or default_calibration(cls), precision, runtime)
+    return round(max(1.0, there / here), 2) if here > 0 else None
+
+
 def latency_ms(macs: float, cal: Calibration, precision: str, runtime: str = "onnxruntime") -> float:
     extra = cal.int8_overhead_ms if precision == "int8" else 0.0
     work = macs / (cal.gmacs_per_s[precision] * 1e9) * 1e3
@@ -261,8 +286,9 @@ def count_ops(onnx_bytes: bytes, input_shape: Sequence[int]) -> OpCounts:
         return _count_own(model, graph_inputs[0].name, shape, len(onnx_bytes))
 
 
-__all__ = ["Calibration", "DEFAULTS", "MAX_REFIT_FACTOR", "Measured", "Observation", "OpCounts", "Prediction",
-           "count_ops", "default_calibration", "latency_ms", "measure_here", "predict", "refit", "refit_moves"]
+__all__ = ["Calibration", "DEFAULTS", "EMULATION_REFERENCE", "MAX_REFIT_FACTOR", "Measured", "Observation",
+           "OpCounts", "Prediction", "count_ops", "default_calibration", "emulation_factor", "latency_ms",
+           "measure_here", "predict", "refit", "refit_moves"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -17,11 +17,12 @@
    latency, mJ per inference (estimated from the class's power model, and labelled so), the student's held-out
    accuracy against the teacher's, and MACs per inference of both.
 7. Offload (demo_offload.py): two more rpi4 agents join with the offload router on and their runs emulated at a
-   Pi 4's speed. On pi-porch, the teacher CNN itself under a latency budget (`fleet deploy --p95-ms`) and a
-   battery's energy budget (`offload.energy_j_per_min`), the device serves until this minute's joules are spent
-   and the cloud takes the rest; on pi-gate, a
-   cascade escalates its low-confidence answers to the cloud's teacher. Both apps use the SDK over the agent's
-   unix socket; the figures are printed, and `fleet status` shows each device's offload share and reasons.
+   Pi 4's speed (`offload.emulate_class`: each bundle's factor from the class's cost model). On pi-porch, the
+   teacher CNN itself under a latency budget (`fleet deploy --p95-ms`) and a battery's energy budget
+   (`offload.energy_j_per_min`), the device serves until this minute's joules are spent and the cloud takes the
+   rest; on pi-gate, a cascade escalates its low-confidence answers to the cloud's teacher. Both apps use the SDK
+   over the agent's unix socket; the figures are printed, and `fleet status` shows each device's offload share
+   and reasons.
 
 The grid is kept small through the spec (4 candidates, 25 epochs) so the demo runs in about a minute on two cores;
 `bench/distill.py` runs the full grid.
@@ -251,8 +252,8 @@ def run(work: Path) -> None:
                       "active watts x busy time (no power sensors here), and labelled so. Accuracy is the student's "
                       "on the device's own runtime and precision; the teacher's is torch on the same digits.")
 
-        step("[bold]7/7[/] offload: two more rpi4 agents join with the offload router on, runs emulated "
-             f"{demo_offload.SLOWDOWN:g}x slower (a Pi 4's speed), apps on them calling the SDK")
+        step("[bold]7/7[/] offload: two more rpi4 agents join with the offload router on, their runs emulated at "
+             "a Pi 4's speed (the class's cost model), apps on them calling the SDK")
         demo_offload.start_agents(work, procs, BIN, cloud_url, enroll.token)
         rpi4 = versions[("digits", built["rpi4"].version)]
         figures = demo_offload.run(work, procs, client, console, teacher_onnx=Path(teacher["model"]),

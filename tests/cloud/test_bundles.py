@@ -102,6 +102,22 @@ def test_mlp_bundle_members_manifest_and_smoke_files():
     assert expected["y"].shape == (1, 3)
 
 
+def test_the_manifest_carries_the_class_cost_models_emulation_factor():
+    """What an agent with offload.emulate_class slows each run by: the cost model's time on the class over the
+    build machine's, for this model (costmodel.emulation_factor); none where it cannot be counted."""
+    from edgefleet.cloud.distill import costmodel as cm
+
+    data = mlp_bytes()
+    factors = {name: build(data, name)[1].emulation_factor for name in ("rpi4", "rpi5", "x86-cpu")}
+    macs = cm.count_ops(data, (4,)).macs
+    ref, pi4 = cm.default_calibration(builtin_catalog()["x86-cpu"]), cm.default_calibration(builtin_catalog()["rpi4"])
+    assert factors["rpi4"] == round(cm.latency_ms(macs, pi4, "fp32") / cm.latency_ms(macs, ref, "fp32"), 2)
+    assert factors["rpi4"] > factors["rpi5"] > 1.0 == factors["x86-cpu"]  # the build machine emulates nothing
+    custom = builtin_catalog()["rpi4"].model_copy(update={"name": "my-board"})
+    assert build(data, device_class=custom)[1].emulation_factor is None  # no figures of its own: not guessed
+    assert build(two_input_bytes())[1].emulation_factor is None  # two inputs: the counter takes one
+
+
 def test_build_is_byte_for_byte_deterministic():
     data = mlp_bytes()
     first, _ = build(data)

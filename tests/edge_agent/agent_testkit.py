@@ -62,7 +62,7 @@ def sha(data: bytes) -> str:
 
 def bundle_files(name: str = "digits", version: int = 1, device_class: str = DEVICE_CLASS, *,
                  model: bytes | None = None, expected_override: dict[str, np.ndarray] | None = None,
-                 runtime: str = "onnxruntime") -> dict[str, bytes]:
+                 runtime: str = "onnxruntime", emulation_factor: float | None = None) -> dict[str, bytes]:
     """The files of a bundle, manifest.json included, consistent with each other."""
     model = model or affine_model(scale=float(version + 1))
     smoke_in = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
@@ -79,6 +79,8 @@ def bundle_files(name: str = "digits", version: int = 1, device_class: str = DEV
                        "rtol": 1e-5, "atol": 1e-6},
         "created_at": T0.isoformat(),
     }
+    if emulation_factor is not None:
+        manifest["emulation_factor"] = emulation_factor
     return {"manifest.json": json.dumps(manifest).encode(), **files}
 
 

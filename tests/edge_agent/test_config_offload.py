@@ -77,6 +77,8 @@ slowdown_factor = 8
     ('url = "cloud.local:8000"', "'offload.url' must start with http:// or https://"),
     ("hysteresis = 1", "'offload.hysteresis' must be in [0, 1)"),
     ("slowdown_factor = 0.5", "'offload.slowdown_factor' must be >= 1"),
+    ("slowdown_factor = 8\nemulate_class = true", "'offload.emulate_class' and 'offload.slowdown_factor' both"),
+    ('emulate_class = "yes"', "'offload.emulate_class' must be"),
     ('cascade_metric = "max-prob"\ncascade_threshold = 0.5', "is 'max-prob' (did you mean 'max_prob'?)"),
     ('cascade_metric = "margin"', "'offload.cascade_threshold' is not"),
     ("cascade_threshold = 0.5", "'offload.cascade_metric' is not"),

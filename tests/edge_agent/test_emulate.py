@@ -73,3 +73,35 @@ def test_factor_one_is_the_factory_itself_and_below_one_is_refused():
         slowed_factory(make_runtime, 0.5)
     with pytest.raises(ValueError, match="must be >= 1"):
         SlowedRuntime(make_runtime("onnxruntime"), 0.0)
+
+
+def test_emulate_class_takes_each_models_factor_from_its_bundle(tmp_path, caplog):
+    """`offload.emulate_class`: the factor is the one the cloud's cost model wrote into each bundle's manifest; a
+    bundle without one runs at full speed, said in the log. The router labels each answer with its model's factor."""
+    from edgefleet.edge_agent.config import OffloadConfig
+    from edgefleet.edge_agent.offload import Router
+
+    timed: list[Timed] = []
+
+    def real(name: str, **options) -> Timed:
+        timed.append(Timed(make_runtime(name, **options)))
+        return timed[-1]
+
+    with caplog.at_level(logging.INFO, logger="edgefleet.edge_agent.emulate"):
+        factory = slowed_factory(real, None)
+        service = serve_models(tmp_path, {"slow": (1, 1.0), "plain": (1, 1.0)}, runtime_factory=factory,
+                               emulation={"slow": 30.0})
+    assert "EMULATING this device's class" in caplog.text
+    assert "model plain v1: its bundle carries no emulation_factor" in caplog.text
+    factors = {name: loaded.runtime.factor for name, loaded in service._models.items()}
+    assert factors == {"slow": 30.0, "plain": 1.0}
+    router = Router(service, None, OffloadConfig(emulate_class=True))
+    for name, factor in factors.items():
+        started = time.perf_counter()
+        out, params = router.infer_arrays(name, {"x": X})
+        waited_s = time.perf_counter() - started
+        np.testing.assert_array_equal(out["y"], expected(1.0))
+        runtime = service._models[name].runtime.inner
+        assert waited_s >= factor * runtime.runs[-1]
+        assert params.get("emulated_slowdown") == (factor if factor != 1.0 else None)
+    assert router.snapshot()["emulated_slowdown"] == "class"

@@ -52,13 +52,15 @@ def expected(scale: float, x: np.ndarray = X) -> np.ndarray:
     return kit.ort_run(softmax_model(scale), {"x": x})["y"]
 
 
-def serve_models(root: Path, models: dict[str, tuple[int, float]], runtime_factory=None) -> InferenceService:
+def serve_models(root: Path, models: dict[str, tuple[int, float]], runtime_factory=None,
+                 emulation: dict[str, float] | None = None) -> InferenceService:
     """An InferenceService serving {name: (version, softmax scale)} from real bundles, with a modelled meter and
-    telemetry (clock fixed at kit.T0)."""
+    telemetry (clock fixed at kit.T0); `emulation`: {name: the manifest's emulation_factor}."""
     installer = Installer(root / "models")
     for name, (version, scale) in models.items():
         archive = root / f"{name}-{version}.tar.gz"
-        archive.write_bytes(kit.make_bundle(kit.bundle_files(name, version, model=softmax_model(scale))))
+        archive.write_bytes(kit.make_bundle(kit.bundle_files(name, version, model=softmax_model(scale),
+                                                             emulation_factor=(emulation or {}).get(name))))
         staging = installer.new_staging(name, version)
         unpack_bundle(archive, staging)
         installer.promote(name, version, staging)
