@@ -118,6 +118,19 @@ def test_the_manifest_carries_the_class_cost_models_emulation_factor():
     assert build(two_input_bytes())[1].emulation_factor is None  # two inputs: the counter takes one
 
 
+@pytest.mark.parametrize("garbage", [0.5, 0, -3, 1e9, "7x", float("inf"), float("nan"), [7]])
+def test_a_manifest_with_a_garbage_emulation_factor_is_refused_naming_the_field(garbage):
+    """A bundle whose manifest says it runs 0.5x, NaN or "7x" slower is refused whole, before anything installs."""
+    from edgefleet.protos.base import MessageError
+
+    _, manifest = build(mlp_bytes())
+    doc = json.loads(manifest.to_wire())
+    doc["emulation_factor"] = garbage
+    with pytest.raises(MessageError) as info:
+        parse_message(json.dumps(doc, allow_nan=True).encode(), Manifest)
+    assert info.value.field == "emulation_factor" or "emulation_factor" in str(info.value)
+
+
 def test_build_is_byte_for_byte_deterministic():
     data = mlp_bytes()
     first, _ = build(data)
