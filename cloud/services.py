@@ -168,7 +168,7 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
         "unknown_device" or "rate_limited" (past the device's token bucket: not stored, counted). Raises when the
         database fails: then nothing was stored and nothing may be acknowledged."""
         now = time.monotonic()
-        admitted = [self._limiter.take(m.device_id, max(1, len(m.windows)), now) for m in msgs]
+        admitted = [self._limiter.take(m.device_id, max(1, _size(m)), now) for m in msgs]
         batches = [_batch_in(m) for m, ok in zip(msgs, admitted, strict=True) if ok]
         stored = iter(self.store.add_telemetry_many(batches, _now()) if batches else [])
         outcomes = [next(stored) if ok else "rate_limited" for ok in admitted]
@@ -226,6 +226,10 @@ def _batch_in(msg: TelemetryBatch | BatchIn) -> BatchIn:
         return msg
     return BatchIn(msg.device_id, msg.epoch, msg.seq, [w.__dict__.copy() for w in msg.windows], msg.dropped_windows,
                    msg.merged_windows)
+
+
+def _size(msg: TelemetryBatch | BatchIn) -> int:
+    return msg.size if isinstance(msg, BatchIn) else len(msg.windows)
 
 
 def _desired_models_of(device: Device) -> dict[str, int]:

@@ -74,7 +74,7 @@ _WINDOW_DEFAULTS: tuple[tuple[str, Any], ...] = tuple(
     (c.name, c.default.arg if c.default is not None else None)
     for c in TelemetryWindowRow.__table__.columns if c.name not in ("id", *_IDENTITY))
 _WINDOW_KEYS = frozenset(name for name, _ in _WINDOW_DEFAULTS)
-_STORED_KEYS = _WINDOW_KEYS | {"reasons"}  # `reasons` go to telemetry_reasons (`_reason_rows`)
+_STORED_KEYS = _WINDOW_KEYS | {"reasons"}  # `reasons` go to telemetry_reasons (`reason_rows`)
 _ALL_FIELDS = itemgetter(*(name for name, _ in _WINDOW_DEFAULTS))
 _ROW_COLUMNS = (*_IDENTITY, *(name for name, _ in _WINDOW_DEFAULTS))
 
@@ -105,9 +105,20 @@ _CLAIM_PG = (
     "ON CONFLICT (device_id, epoch, seq) DO NOTHING RETURNING device_id, epoch, seq")
 
 
+# A stored window's own columns in COPY order (after the batch's identity): the order of `BatchIn.rows`.
+WINDOW_COLUMNS = tuple(name for name, _ in _WINDOW_DEFAULTS)
+
+
 @dataclass(frozen=True)
 class BatchIn:
-    """One telemetry batch to store: its identity (device_id, epoch, seq) and its windows as column dicts."""
+    """One telemetry batch to store: its identity (device_id, epoch, seq) and its windows, in one of two forms.
+
+    `windows`: column dicts (`TelemetryWindow.model_dump()`'s keys, or fewer: the store fills in column defaults and
+    refuses keys it has no column for). Or, from a decoder that has checked every rule already
+    (cloud/telemetry_decode.py's fast path), `rows`: one tuple per window in `WINDOW_COLUMNS` order, with
+    `reason_rows` the telemetry_reasons rows of their `reasons`, and `windows` left empty; the store writes those as
+    they are, with no per-window work in Python (tests/cloud/test_telemetry_decode.py proves them equal to the rows
+    the dict form gives)."""
 
     device_id: str
     epoch: int
@@ -115,6 +126,13 @@ class BatchIn:
     windows: list[dict[str, Any]]
     dropped_windows: int = 0
     merged_windows: int = 0
+    rows: list[tuple[Any, ...]] | None = None
+    reason_rows: list[dict[str, Any]] | None = None
+
+    @property
+    def size(self) -> int:
+        """How many windows the batch holds, in either form."""
+        return len(self.rows) if self.rows is not None else len(self.windows)
 
 
 class TelemetryStoreMixin:
@@ -167,13 +185,17 @@ class TelemetryStoreMixin:
                     b = batches[i]
                     outcomes[i] = STORED
                     tally["telemetry_batches"] += 1
-                    tally["telemetry_windows"] += len(b.windows)
+                    tally["telemetry_windows"] += b.size
                     tally["telemetry_dropped_windows"] += b.dropped_windows
                     tally["telemetry_merged_windows"] += b.merged_windows
+                    if b.rows is not None:
+                        identity = (b.device_id, b.epoch, b.seq)
+                        rows.extend([identity + r for r in b.rows])
+                        reasons.extend(b.reason_rows or ())
                     for w in b.windows:
                         if w.get("reasons"):
-                            reasons.extend(_reason_rows(b.device_id, w))
-                        rows.append(_window_row(b, w))
+                            reasons.extend(reason_rows(b.device_id, w))
+                        rows.append(window_row(b, w))
             # Everything not stored nor unknown is a replay: stored before, or a second copy within this call.
             tally["telemetry_replayed"] += outcomes.count(REPLAYED)
             if rows:
@@ -365,7 +387,7 @@ def _aware(value: Any) -> Any:
     return value
 
 
-def _window_row(b: BatchIn, w: dict[str, Any]) -> tuple[Any, ...]:
+def window_row(b: BatchIn, w: dict[str, Any]) -> tuple[Any, ...]:
     """One window as a row in `_ROW_COLUMNS` order."""
     if not _STORED_KEYS.issuperset(w):
         raise ValueError(f"window of {b.device_id} seq {b.seq} has field(s) {sorted(set(w) - _WINDOW_KEYS)} that "
@@ -379,11 +401,17 @@ def _window_row(b: BatchIn, w: dict[str, Any]) -> tuple[Any, ...]:
     return (b.device_id, b.epoch, b.seq, *[w.get(name, default) for name, default in _WINDOW_DEFAULTS])
 
 
-def _reason_rows(device_id: str, w: dict[str, Any]) -> list[dict[str, Any]]:
+def reason_rows(device_id: str, w: dict[str, Any]) -> list[dict[str, Any]]:
     """A window's `reasons` as telemetry_reasons rows (the window dict is left as it is: a failed transaction is
     retried with the same batches)."""
-    return [{"device_id": device_id, "model": w["model"], "version": w["version"], "where": w.get("where", "local"),
-             "end": w["end"], "reason": reason, "count": n} for reason, n in w["reasons"].items() if n > 0]
+    return reasons_as_rows(device_id, w["model"], w["version"], w.get("where", "local"), w["end"], w["reasons"])
+
+
+def reasons_as_rows(device_id: str, model: str, version: int, where: str, end: datetime,
+                    reasons: dict[str, int]) -> list[dict[str, Any]]:
+    """telemetry_reasons rows: one per reason counted above zero."""
+    return [{"device_id": device_id, "model": model, "version": version, "where": where, "end": end,
+             "reason": reason, "count": n} for reason, n in reasons.items() if n > 0]
 
 
 def _raw(s: Session) -> Any:

@@ -12,6 +12,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from edgefleet.cloud.store_telemetry import WINDOW_COLUMNS, BatchIn, reason_rows, window_row
 from edgefleet.cloud.telemetry_decode import decode_batch
 from edgefleet.edge_agent.outbox import Outbox
 from edgefleet.edge_agent.telemetry import Telemetry
@@ -80,11 +81,20 @@ def test_what_the_fast_path_accepts_pydantic_accepts_with_equal_fields(batch, wi
         raise AssertionError(f"the fast path accepted what pydantic refuses ({exc}): {raw!r}") from None
     assert (fast.device_id, fast.epoch, fast.seq, fast.dropped_windows, fast.merged_windows) == (
         slow.device_id, slow.epoch, slow.seq, slow.dropped_windows, slow.merged_windows)
-    assert fast.windows == [w.model_dump() for w in slow.windows]
-    for got, want in zip(fast.windows, slow.windows, strict=True):  # equal, and of the same types (0 vs 0.0)
-        for key, value in want.model_dump().items():
-            assert type(got[key]) is type(value) or isinstance(value, datetime), (key, got[key], value)
-    assert (fast.device_id, fast.epoch, fast.seq) == (slow.device_id, slow.epoch, slow.seq)
+    rows, reasons = store_rows(slow)
+    assert fast.size == len(fast.rows) == len(rows) and fast.windows == []
+    assert [(fast.device_id, fast.epoch, fast.seq, *r) for r in fast.rows] == rows
+    for got, want in zip(fast.rows, rows, strict=True):  # equal, and of the same types (0 vs 0.0)
+        for column, a, b in zip(WINDOW_COLUMNS, got, want[3:], strict=True):
+            assert type(a) is type(b) or isinstance(b, datetime), (column, a, b)
+    assert fast.reason_rows == reasons
+
+
+def store_rows(batch: TelemetryBatch) -> tuple[list[tuple], list[dict]]:
+    """What the store writes for a pydantic-parsed batch: its window rows and its reason rows."""
+    b = BatchIn(batch.device_id, batch.epoch, batch.seq, [w.model_dump() for w in batch.windows])
+    reasons = [r for w in b.windows if w.get("reasons") for r in reason_rows(b.device_id, w)]
+    return [window_row(b, w) for w in b.windows], reasons
 
 
 def test_the_batches_a_real_agent_sends_take_the_fast_path(tmp_path):
@@ -96,5 +106,28 @@ def test_the_batches_a_real_agent_sends_take_the_fast_path(tmp_path):
     [batch] = telemetry.flush(t0 + timedelta(seconds=60))
     raw = batch.to_wire()
     fast = decode_batch(raw)
-    assert fast is not None and len(fast.windows) == len(batch.windows) == 6
-    assert fast.windows == [w.model_dump() for w in parse_message(raw, TelemetryBatch).windows]
+    assert fast is not None and fast.size == len(batch.windows) == 6
+    rows, reasons = store_rows(parse_message(raw, TelemetryBatch))
+    assert [(fast.device_id, fast.epoch, fast.seq, *r) for r in fast.rows] == rows and fast.reason_rows == reasons
+
+
+def test_a_text_seen_valid_as_a_meter_is_not_thereby_a_valid_name():
+    """The fast path remembers valid names and meter texts to match each once; a meter text is no name."""
+    def raw(window: dict[str, Any]) -> bytes:
+        return json.dumps({**BASE_BATCH, "windows": [{**BASE_WINDOW, **window}]}).encode()
+
+    assert decode_batch(raw({"energy_meter": "ina3221 rail 1"})) is not None
+    assert decode_batch(raw({"model": "ina3221 rail 1"})) is None
+    try:
+        parse_message(raw({"model": "ina3221 rail 1"}), TelemetryBatch)
+    except MessageError:
+        pass
+    else:
+        raise AssertionError("pydantic accepted a model name with spaces")
+
+
+def test_a_time_with_sub_microsecond_digits_goes_the_slow_way_a_float_with_seven_digits_does_not():
+    base = json.dumps({**BASE_BATCH, "windows": [BASE_WINDOW]}, separators=(",", ":"))  # as agents send
+    assert decode_batch(base.replace('"2026-12-01T10:01:00Z"', '"2026-12-01T10:01:00.1234567Z"').encode()) is None
+    seven = base.replace('"p99_ms":3.0', '"p99_ms":12.3456789')  # ":12.3456789" as a time's seconds would read
+    assert '":12.3456789' in seven and decode_batch(seven.encode()) is not None

@@ -180,3 +180,28 @@ def test_offload_reasons_are_stored_once_and_left_in_the_batch_for_a_retry(store
     far = NOW + timedelta(days=30)
     assert store.telemetry_retention(far, NOW - timedelta(days=400), NOW - timedelta(days=400))["reasons_deleted"] == 3
     assert reason_rows(store) == []
+
+
+def test_the_fast_decoders_rows_store_what_the_window_dicts_store(store):
+    """The same windows, once as dicts (pydantic's path) on d1 and once as the fast decoder's rows on d2: the
+    database ends up holding the same windows, reasons and counters for each."""
+    import json
+
+    from edgefleet.cloud.telemetry_decode import decode_batch
+
+    ws = [window(0, reasons={"local_within_budget": 6}), window(1, where="cloud", reasons={"low_confidence": 3}),
+          window(2)]
+    wire = [{**w, "start": w["start"].isoformat(), "end": w["end"].isoformat()} for w in ws]
+    raw = json.dumps({"schema_version": 1, "kind": "telemetry", "device_id": "d2", "epoch": 1, "seq": 1,
+                      "sent_at": NOW.isoformat(), "windows": wire, "dropped_windows": 2, "merged_windows": 1})
+    fast = decode_batch(raw.encode())
+    assert fast is not None and fast.rows is not None and fast.size == 3
+    assert store.add_telemetry_many([BatchIn("d1", 1, 1, ws, 2, 1), fast], NOW) == [STORED, STORED]
+    assert store.add_telemetry_many([fast], NOW) == [REPLAYED]
+    d1 = [r[1:] for r in stored_windows(store) if r[0] == "d1"]
+    d2 = [r[1:] for r in stored_windows(store) if r[0] == "d2"]
+    assert d1 == d2 and len(d1) == 3
+    reasons = reason_rows(store)
+    assert [r[1:] for r in reasons if r[0] == "d1"] == [r[1:] for r in reasons if r[0] == "d2"] != []
+    assert counters(store) == {**dict.fromkeys(COUNTERS, 0), "telemetry_batches": 2, "telemetry_windows": 6,
+                               "telemetry_replayed": 1, "telemetry_dropped_windows": 4, "telemetry_merged_windows": 2}
