@@ -182,6 +182,8 @@ class Router:
             self._count(name, params["reason"])
         if self.client is not None and self.telemetry is not None:  # and in the window that holds the request
             version_no = params.get("model_version")
+            if params["where"] != LOCAL:
+                version_no = self._telemetry_version(name, version, version_no)
             self.telemetry.count_reason(name, params["where"], params["reason"],
                                         version_no if isinstance(version_no, int) else None)
         return result, params
@@ -287,7 +289,8 @@ class Router:
         try:
             response = self.client.infer(name, inputs, version=version, outputs=outputs)
         except CloudUnavailable:
-            self._cloud_record(name, (time.perf_counter() - started) * 1000.0, inputs, ok=False)
+            self._cloud_record(name, (time.perf_counter() - started) * 1000.0, inputs, ok=False,
+                               version=self._telemetry_version(name, version, None))
             with self._lock:
                 self.state.cloud_failed(self.monotonic())
             raise
@@ -306,7 +309,8 @@ class Router:
         with self._lock:
             self.state.cloud_done(name, rtt_ms, service_ms, self.monotonic())
         version_text = response.model_version
-        self._cloud_record(name, rtt_ms, inputs, ok=True, version=version_text)
+        self._cloud_record(name, rtt_ms, inputs, ok=True,
+                           version=self._telemetry_version(name, version, version_text))
         params: dict[str, Any] = {
             "where": "cloud", "reason": "", "model_version": int(version_text) if version_text and
             version_text.isdigit() else version_text, "variant": server.get("variant") or "cloud",
@@ -317,16 +321,26 @@ class Router:
             params["cloud_energy_source"] = server.get("energy_source", "none")
         return response.outputs, params
 
+    def _telemetry_version(self, name: str, asked: str | None, served: object) -> int:
+        """The version a cloud answer is counted under: the one the app asked for; else the one this device runs,
+        whatever version the cloud answered with (an offload is this device's model served elsewhere: a version's
+        offload share, energy and a rollout's gates must see it); else the cloud's; else 0."""
+        if asked is not None and asked.isdigit():
+            return int(asked)
+        loaded = self.service._models.get(name)
+        if loaded is not None:
+            return loaded.version
+        if isinstance(served, int):
+            return served
+        if isinstance(served, str) and served.isdigit():
+            return int(served)
+        return 0
+
     def _cloud_record(self, name: str, latency_ms: float, inputs: dict[str, np.ndarray], *, ok: bool,
-                      version: str | None = None) -> None:
+                      version: int) -> None:
         if self.telemetry is None:
             return
-        if version is not None and version.isdigit():
-            number = int(version)
-        else:
-            loaded = self.service._models.get(name)
-            number = loaded.version if loaded is not None else 0
-        self.telemetry.record(name, number, latency_ms, self.service.clock(), ok=ok, where="cloud",
+        self.telemetry.record(name, version, latency_ms, self.service.clock(), ok=ok, where="cloud",
                               rows=batch_rows(inputs))
 
     # -- what a person looks at ---------------------------------------------------------------------------------------

@@ -163,7 +163,8 @@ def test_the_cloud_killed_mid_run_every_request_still_answers(world, tmp_path):
         assert r.infer_arrays("digits", {"x": X})[1]["reason"] == p.LOCAL_ENERGY_OVER_BUDGET
     finally:
         revived.stop()
-    assert cloud_windows(device)[("digits", 2, "cloud")] == (3, 3)  # the three failed attempts, counted
+    # Under the device's version 2, whichever version answered: three answers and the three failed attempts.
+    assert cloud_windows(device)[("digits", 2, "cloud")] == (6, 3)
     assert r.counts[("digits", p.CLOUD_FAILED_FALLBACK)] == 3 and r.counts[("big", p.CLOUD_BREAKER_OPEN)] == 1
 
 
@@ -282,3 +283,26 @@ def test_offload_off_counts_no_reasons(world):
     r.infer_arrays("digits", {"x": X})
     [w] = [w for b in device.telemetry.flush(kit.T0, force=True) for w in b.windows]
     assert (w.count, w.reasons) == (1, {})
+
+
+def test_an_offloaded_request_counts_under_the_version_this_device_runs(world):
+    """The cloud answers with its own version (9 here); the device runs 2. Unless the app asked for a version, the
+    request is this device's model served elsewhere: its window, its reason and so a version's offload share go
+    under 2, and the answer still says what served it."""
+    device, cloud = world
+    r = router(device, cloud.url, Tick(), mj_per_inference=1e-6)
+    reasons = []
+    for _ in range(3):
+        out, params = r.infer_arrays("digits", {"x": X})
+        reasons.append((params["where"], params["model_version"]))
+    assert reasons[-1] == ("cloud", 9), reasons  # offloaded (energy over budget): the cloud's own version answered
+    asked_out, asked = r.infer_arrays("digits", {"x": X}, version="9")  # asked for, and not on this device
+    assert (asked["where"], asked["model_version"]) == ("cloud", 9)
+    _, big = r.infer_arrays("big", {"x": X})  # not on this device at all: the cloud's version
+    windows = [w for b in device.telemetry.flush(kit.T0, force=True) for w in b.windows]
+    by_key = {(w.model, w.version, w.where): w for w in windows}
+    cloud_v2 = by_key[("digits", 2, "cloud")]
+    assert cloud_v2.count == sum(1 for where, _ in reasons if where == "cloud") and sum(cloud_v2.reasons.values()) \
+        == cloud_v2.count
+    assert by_key[("digits", 9, "cloud")].count == 1 and by_key[("big", 4, "cloud")].count == 1
+    assert device.telemetry.reasons_unplaced == 0
