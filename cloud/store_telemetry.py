@@ -215,7 +215,7 @@ class TelemetryStoreMixin:
         if self._dialect == "postgresql":
             # One statement over arrays: no per-row bind parameters to render, and a plan PostgreSQL can cache.
             params = {"d": [b.device_id for b in batches], "e": [b.epoch for b in batches],
-                      "q": [b.seq for b in batches], "w": [len(b.windows) for b in batches],
+                      "q": [b.seq for b in batches], "w": [b.size for b in batches],
                       "dw": [b.dropped_windows for b in batches], "mw": [b.merged_windows for b in batches],
                       "now": now}
             raw = _raw(s)
@@ -223,7 +223,7 @@ class TelemetryStoreMixin:
         claim = (self._insert(t).on_conflict_do_nothing(index_elements=[t.device_id, t.epoch, t.seq])
                  .returning(t.device_id, t.epoch, t.seq))
         # RETURNING, not rowcount: rowcount of ON CONFLICT DO NOTHING differs between drivers.
-        params = [{"device_id": b.device_id, "epoch": b.epoch, "seq": b.seq, "windows": len(b.windows),
+        params = [{"device_id": b.device_id, "epoch": b.epoch, "seq": b.seq, "windows": b.size,
                    "dropped_windows": b.dropped_windows, "merged_windows": b.merged_windows, "received_at": now}
                   for b in batches]
         return {(d, int(e), int(q)) for d, e, q in s.execute(claim, params)}

@@ -201,6 +201,10 @@ def test_the_fast_decoders_rows_store_what_the_window_dicts_store(store):
     d1 = [r[1:] for r in stored_windows(store) if r[0] == "d1"]
     d2 = [r[1:] for r in stored_windows(store) if r[0] == "d2"]
     assert d1 == d2 and len(d1) == 3
+    with store.engine.connect() as conn:  # the batch claims, which the roll-ups and sent == stored checks read
+        claims = sorted(tuple(r) for r in conn.execute(sa.text(
+            "SELECT device_id, windows, dropped_windows, merged_windows FROM telemetry_batches")))
+    assert claims == [("d1", 3, 2, 1), ("d2", 3, 2, 1)]
     reasons = reason_rows(store)
     assert [r[1:] for r in reasons if r[0] == "d1"] == [r[1:] for r in reasons if r[0] == "d2"] != []
     assert counters(store) == {**dict.fromkeys(COUNTERS, 0), "telemetry_batches": 2, "telemetry_windows": 6,
