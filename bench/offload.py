@@ -23,13 +23,16 @@ The other sections come from their own scripts (bench/offload_cloud.py, offload_
 offload_policy.py); a script that is missing or fails leaves a note in its section instead of stopping the run.
 Every figure depends on the machine and its load: the JSON says which machine, cores and load average.
 
-Measured on the 2-core container (shared with other work), onnxruntime 1.32, bare session.run p50 14.7 us:
-at load average 0.5, embedded_p50 3.0 us, unix_p50 116-118 us (p99 181-186), http_binary_p50 348-350 us,
-service_bookkeeping_us 5.6-6.1; at load ~1, unix_p50 173-205 us, http_binary_p50 436-500 us. agent_rss_mb 102
-(a bare python + onnxruntime + this model: 56). Where the unix figure
-goes, single-threaded over a socketpair (no scheduling at all: 105 us of CPU): four JSON header codings (~12 us),
-tensor descriptors both ways (~10), ONNX Runtime's Python wrapper (~5), the service's bookkeeping (~6), frame
-reads and writes and their syscalls (~15), the rest Python call overhead at this machine's speed.
+`sdk_detail` also has `bare_c_session_run_p50_us` (ONNX Runtime's C session under its Python wrapper, which the
+agent and the embedded SDK call: common/ort_direct.py) with `embedded_over_c_session_p50_us`, the SDK's own work;
+`unix_echo_floor_us` {same_core, two_cores}, two bare Python processes exchanging 300 and 100 bytes over a unix
+socket, pinned (the floor under any unix-socket API here); `unix_p50_same_core_us`, the unix path with the agent's
+threads and this process on one core. `--agent-python` runs the agent from another interpreter: a lean
+`.[agent]` venv gives the device's memory figure (the dev venv's httpx also loads its CLI's click, rich, pygments).
+
+Figures and how to read them: bench/README.md (2026-12-03, load ~0.6: embedded_p50 0.16-0.22 us, unix_p50
+116-128 us, on one core 66-69 us in all against an echo floor of 4 us on one core and 53-59 on two; agent_rss_mb
+98-99 in a lean venv).
 """
 
 from __future__ import annotations
@@ -101,15 +104,16 @@ def _wait(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def start_agent(work: Path) -> tuple[subprocess.Popen, dict[str, Any]]:
-    """A real agent process serving the digits model, its cloud unreachable; (process, its api.json)."""
+def start_agent(work: Path, python: str) -> tuple[subprocess.Popen, dict[str, Any]]:
+    """A real agent process (run by `python`) serving the digits model, its cloud unreachable; (process, its
+    api.json)."""
     data = work / "data"
     kit.install_digits(data / "models", tmp=work)
     config = work / "agent.toml"
     config.write_text(f'device_id = "bench-1"\ndevice_class = "x86-cpu"\ncloud_url = "http://127.0.0.1:9"\n'
                       f'enrollment_token = "tok"\ndata_dir = "{data}"\n[api]\nhttp_port = 0\n'
                       f'unix_socket = "{work / "api.sock"}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "edgefleet.edge_agent.main", "--log-level", "WARNING", "run",
+    proc = subprocess.Popen([python, "-m", "edgefleet.edge_agent.main", "--log-level", "WARNING", "run",
                              "--config", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     api_json = data / "api.json"
     try:
@@ -132,7 +136,74 @@ def bare_rss_mb(model_path: Path) -> float:
     return int(out.stdout.strip()) / 1024
 
 
-def measure_sdk(runs: int) -> tuple[dict[str, float], float, dict[str, Any]]:
+def unix_echo_floor_us(runs: int, cpus: tuple[int, int]) -> float:
+    """The floor under any unix-socket API here: p50 of a 300-byte request and a 100-byte reply between two Python
+    processes doing nothing else (a forked echo server), the client pinned to cpus[0] and the server to cpus[1].
+    Measured here: about 4 us on one core (a direct switch), about 50 on two (a wake-up on the other core, twice),
+    so where the scheduler puts an app and the agent moves the unix figure by tens of microseconds."""
+    import socket
+
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-echo-"))
+    path = str(work / "echo.sock")
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen(1)
+    before = os.sched_getaffinity(0)
+    pid = os.fork()
+    if pid == 0:  # the child: echo until the parent closes
+        os.sched_setaffinity(0, {cpus[1]})
+        conn, _ = server.accept()
+        while conn.recv(65536):
+            conn.sendall(b"r" * 100)
+        os._exit(0)
+    server.close()
+    os.sched_setaffinity(0, {cpus[0]})
+    client = socket.socket(socket.AF_UNIX)
+    client.connect(path)
+    message = b"q" * 300
+
+    def once() -> None:
+        client.sendall(message)
+        client.recv(65536)
+
+    try:
+        samples = timed(once, runs)
+    finally:
+        client.close()
+        os.waitpid(pid, 0)
+        os.sched_setaffinity(0, before)
+    return round(p50(samples), 2)
+
+
+def _on_one_core(pid: int, measure: Any) -> Any:
+    """`measure()` with this process and every thread of process `pid` on one core; affinities restored after."""
+    cpu = min(os.sched_getaffinity(0))
+    tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    saved = {tid: os.sched_getaffinity(tid) for tid in tids}
+    mine = os.sched_getaffinity(0)
+    try:
+        for tid in tids:
+            os.sched_setaffinity(tid, {cpu})
+        os.sched_setaffinity(0, {cpu})
+        return measure()
+    finally:
+        os.sched_setaffinity(0, mine)
+        for tid, cpus in saved.items():
+            try:
+                os.sched_setaffinity(tid, cpus)
+            except ProcessLookupError:
+                pass
+
+
+def echo_floors(runs: int) -> dict[str, float]:
+    cpus = sorted(os.sched_getaffinity(0))
+    floors = {"same_core": unix_echo_floor_us(runs, (cpus[0], cpus[0]))}
+    if len(cpus) > 1:
+        floors["two_cores"] = unix_echo_floor_us(runs, (cpus[0], cpus[1]))
+    return floors
+
+
+def measure_sdk(runs: int, agent_python: str) -> tuple[dict[str, float], float, dict[str, Any]]:
     work = Path(tempfile.mkdtemp(prefix="edgefleet-offload-"))
     model_path = work / "digits.onnx"
     model_path.write_bytes(kit.digits_mlp())
@@ -140,24 +211,29 @@ def measure_sdk(runs: int) -> tuple[dict[str, float], float, dict[str, Any]]:
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     expected = sess.run(None, {"input": x})[0]
     bare = lambda: sess.run(None, {"input": x})  # noqa: E731
+    c_names = [o.name for o in sess.get_outputs()]
+    bare_c = lambda: sess._sess.run(c_names, {"input": x}, None)  # noqa: E731 - the C session under the wrapper
 
     embedded = Client.standalone(model_path)
     assert np.array_equal(embedded.infer("digits", x).outputs["probabilities"], expected)
     # Interleaved rounds: the machine's load drifts; each path's figure is the median over all its rounds.
-    bare_s, emb_s = [], []
+    bare_s, bare_c_s, emb_s = [], [], []
     for _ in range(5):
         bare_s += timed(bare, runs // 5)
+        bare_c_s += timed(bare_c, runs // 5)
         emb_s += timed(lambda: embedded.infer("digits", x), runs // 5)
     bare_s.sort()
+    bare_c_s.sort()
     emb_s.sort()
 
     bookkeeping = service_bookkeeping_us(work, x, runs)
-    proc, info = start_agent(work)
+    proc, info = start_agent(work, agent_python)
     try:
         client = Client(info["unix_socket"], timeout_s=30)
         _wait(lambda: _ready(client, x), 60, "the agent served digits")
         assert np.array_equal(client.infer("digits", x).outputs["probabilities"], expected)
         unix_s = timed(lambda: client.infer("digits", x), runs)
+        unix_same_core = _on_one_core(proc.pid, lambda: p50(timed(lambda: client.infer("digits", x), runs)))
         body, hl = oip_codec.encode_request({"input": x})
         conn = http.client.HTTPConnection(info["http_host"], info["http_port"], timeout=30)
         headers = {"Content-Type": "application/octet-stream", oip_codec.HEADER_LENGTH: str(hl)}
@@ -186,8 +262,12 @@ def measure_sdk(runs: int) -> tuple[dict[str, float], float, dict[str, Any]]:
     floor = p50(bare_s)
     overhead = {"embedded_p50": round(p50(emb_s) - floor, 2), "unix_p50": round(p50(unix_s) - floor, 2),
                 "unix_p99": round(p99(unix_s) - floor, 2), "http_binary_p50": round(p50(http_s) - floor, 2)}
-    detail = {"bare_session_run_p50_us": round(floor, 2), "embedded_p50_us": round(p50(emb_s), 2),
+    detail = {"bare_session_run_p50_us": round(floor, 2), "bare_c_session_run_p50_us": round(p50(bare_c_s), 2),
+              "embedded_over_c_session_p50_us": round(p50(emb_s) - p50(bare_c_s), 2),
+              "unix_echo_floor_us": echo_floors(runs), "agent_python": agent_python,
+              "embedded_p50_us": round(p50(emb_s), 2),
               "unix_p50_us": round(p50(unix_s), 2), "unix_p99_us": round(p99(unix_s), 2),
+              "unix_p50_same_core_us": round(unix_same_core, 2),
               "http_binary_p50_us": round(p50(http_s), 2), "runs": runs, "service_bookkeeping_us": bookkeeping,
               "agent_vmhwm_mb": round(rss.get("VmHWM", 0.0), 1), "bare_ort_process_rss_mb": round(
                   bare_rss_mb(model_path), 1)}
@@ -275,6 +355,11 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="print one JSON object (the default prints it indented)")
     ap.add_argument("--runs", type=int, default=5000, help="timed calls per SDK path")
     ap.add_argument("--seconds", type=float, default=3.0, help="per load point of the cloud benchmarks")
+    ap.add_argument("--agent-python", default=sys.executable,
+                    help="the interpreter that runs the agent process (default: this one). A device installs "
+                         "'.[agent]' only; this dev venv also holds the CLI's and cloud's libraries, some of which "
+                         "the agent's imports pull in where present (httpx loads click, rich and pygments for its "
+                         "own CLI): give a lean venv's python for the device's figure (bench/README.md)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     args = ap.parse_args()
     only = {s.strip() for s in args.only.split(",") if s.strip()}
@@ -285,7 +370,7 @@ def main() -> None:
                                        "load_avg_1m": round(os.getloadavg()[0], 2), "onnxruntime": ort.__version__,
                                        "platform": platform.platform()}}
     if "sdk" in only:
-        result = _section("sdk", lambda: measure_sdk(args.runs))
+        result = _section("sdk", lambda: measure_sdk(args.runs, args.agent_python))
         if isinstance(result, tuple):
             out["sdk_overhead_us"], out["agent_rss_mb"], out["sdk_detail"] = result
         else:

@@ -121,24 +121,75 @@ class DeadlineReader(io.RawIOBase):
     the whole message (an HTTP request, a frame) instead. Wrap it in `io.BufferedReader`: one recv then usually
     brings a whole small frame. `received` counts the bytes read, so a server can tell an idle connection from
     a message cut short.
-    """
 
-    def __init__(self, sock: socket.socket) -> None:
+    `kernel_timeouts=True` (the SDK's frames, both ends): the socket is made blocking and waits by the kernel's own
+    SO_RCVTIMEO, set only when the time left falls below it by more than `_SLACK_S` (a frame read within its
+    deadline then costs one recv, where a Python socket timeout costs an ioctl to set it and a poll before every
+    recv: 4 of the 6 syscalls an SDK request cost the agent). A read may so wait up to `_SLACK_S` past the deadline.
+    Where the platform refuses the option (a struct timeval it lays out otherwise), Python's timeouts are used.
+    `send_timeout(sock, s)` is the writing side's counterpart (SO_SNDTIMEO)."""
+
+    def __init__(self, sock: socket.socket, *, kernel_timeouts: bool = False) -> None:
         self.sock = sock
         self.deadline = math.inf
         self.received = 0
+        self._rcvtimeo: float | None = None  # the SO_RCVTIMEO set; None: Python's timeouts
+        if kernel_timeouts and _set_timeo(sock, socket.SO_RCVTIMEO, _MAX_TIMEO_S):
+            sock.settimeout(None)
+            self._rcvtimeo = _MAX_TIMEO_S
+
+    @property
+    def kernel(self) -> bool:
+        """True when reads wait by SO_RCVTIMEO (the socket is blocking)."""
+        return self._rcvtimeo is not None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError("the read deadline passed")
-        self.sock.settimeout(remaining)
+        while True:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the read deadline passed")
+            current = self._rcvtimeo
+            if current is None:
+                self.sock.settimeout(remaining)
+                break
+            if current > remaining + _SLACK_S:
+                _set_timeo(self.sock, socket.SO_RCVTIMEO, remaining)
+                self._rcvtimeo = remaining
+            try:
+                n = self.sock.recv_into(buffer)
+            except BlockingIOError:  # SO_RCVTIMEO ran out; the deadline decides (a lower one may be set above)
+                self._rcvtimeo = min(current, remaining)
+                continue
+            self.received += n
+            return n
         n = self.sock.recv_into(buffer)
         self.received += n
         return n
+
+
+_SLACK_S = 0.1  # how far past its deadline a read with kernel timeouts may wait
+_MAX_TIMEO_S = 3600.0  # SO_RCVTIMEO before any deadline: an hour (zero would mean for ever)
+_TIMEVAL = struct.Struct("ll")  # struct timeval {time_t tv_sec; suseconds_t tv_usec} where both are a C long
+
+
+def _set_timeo(sock: socket.socket, option: int, seconds: float) -> bool:
+    """SO_RCVTIMEO / SO_SNDTIMEO to `seconds` (at least a millisecond); False where the platform refuses it."""
+    seconds = max(seconds, 0.001)
+    whole = int(seconds)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, _TIMEVAL.pack(whole, int((seconds - whole) * 1e6)))
+    except (OSError, struct.error):
+        return False
+    return True
+
+
+def send_timeout(sock: socket.socket, seconds: float) -> bool:
+    """Writes on a blocking `sock` give up after `seconds` (BlockingIOError) by the kernel's SO_SNDTIMEO: no poll
+    before each send. False where the platform refuses it (then use `sock.settimeout`)."""
+    return _set_timeo(sock, socket.SO_SNDTIMEO, seconds)
 
 
 # -- writing -----------------------------------------------------------------------------------------------------------
@@ -343,4 +394,4 @@ def decode_request(frame: Frame) -> FrameRequest:
 __all__ = ["DATATYPES", "ERROR", "HEAD", "MAGIC", "MAX_HEADER_BYTES", "NUMPY_TO_DATATYPE", "REQUEST", "RESPONSE",
            "TIERS", "DeadlineReader", "Frame", "FrameEOF", "FrameError", "FrameRequest", "decode_request",
            "decode_tensors", "encode_error", "encode_request", "encode_response", "join", "make_frame", "parse_head",
-           "read_frame"]
+           "read_frame", "send_timeout"]

@@ -39,6 +39,7 @@ from edgefleet.common.oip_frames import (
     encode_error,
     encode_response,
     read_frame,
+    send_timeout,
 )
 from edgefleet.edge_agent.errors import EdgefleetError, InferenceError
 
@@ -111,8 +112,11 @@ def answer(api: Any, frame: Any) -> list[Any] | bytes:
                             reason="internal", id=request_id)
 
 
-def _send(sock: socket.socket, reply: list[Any] | bytes, timeout_s: float) -> bool:
-    sock.settimeout(timeout_s)  # a client that stops reading is dropped, as on the HTTP API
+def _send(sock: socket.socket, reply: list[Any] | bytes, timeout_s: float | None) -> bool:
+    """Write a reply; False when the peer is gone or stopped reading for `timeout_s` (a client that stops reading is
+    dropped, as on the HTTP API). `timeout_s` None: the socket's SO_SNDTIMEO already bounds every write."""
+    if timeout_s is not None:
+        sock.settimeout(timeout_s)
     try:
         if isinstance(reply, bytes):
             sock.sendall(reply)
@@ -133,9 +137,12 @@ class FrameHandler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         api = self.server.api  # type: ignore[attr-defined]
         sock: socket.socket = self.request
-        reader = DeadlineReader(sock)
-        rfile = io.BufferedReader(reader, _SMALL)
         timeout_s = api.read_timeout_s
+        # Kernel timeouts (SO_RCVTIMEO, SO_SNDTIMEO): a small request then costs the agent a recv and a send, no
+        # poll or ioctl around them (oip_frames.DeadlineReader).
+        reader = DeadlineReader(sock, kernel_timeouts=send_timeout(sock, timeout_s))
+        write_timeout_s: float | None = None if reader.kernel else timeout_s
+        rfile = io.BufferedReader(reader, _SMALL)
         while True:
             reader.deadline = time.monotonic() + timeout_s
             mark = reader.received
@@ -144,7 +151,7 @@ class FrameHandler(socketserver.BaseRequestHandler):
             except FrameEOF:
                 return
             except FrameError as exc:
-                sent = _send(sock, encode_error(exc.status, str(exc), reason="bad_frame"), timeout_s)
+                sent = _send(sock, encode_error(exc.status, str(exc), reason="bad_frame"), write_timeout_s)
                 if exc.in_step and sent:
                     continue  # read whole, only its header was bad: the next frame starts where it ended
                 return
@@ -152,9 +159,9 @@ class FrameHandler(socketserver.BaseRequestHandler):
                 if reader.received != mark:  # cut short mid-frame; an idle connection just closes
                     _send(sock, encode_error(408, f"the frame did not arrive whole within {timeout_s:g} s "
                                                   "(api.read_timeout_s); send every byte its head announces",
-                                             reason="timeout"), timeout_s)
+                                             reason="timeout"), write_timeout_s)
                 return
             except OSError:
                 return
-            if not _send(sock, answer(api, frame), timeout_s):
+            if not _send(sock, answer(api, frame), write_timeout_s):
                 return

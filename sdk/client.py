@@ -46,6 +46,7 @@ from edgefleet.common.oip_frames import (
     decode_tensors,
     encode_request,
     read_frame,
+    send_timeout,
 )
 from edgefleet.sdk.errors import AgentUnavailable, InvalidInput, SdkError, from_reply
 
@@ -160,7 +161,9 @@ class _Conn:
             raise AgentUnavailable(f"cannot connect to the agent at {path}: {why}; {hint}".rstrip("; ")) from None
         self.path = path
         self.sock = sock
-        self.reader = DeadlineReader(sock)
+        # Kernel timeouts (SO_RCVTIMEO, SO_SNDTIMEO) once, not a Python timeout set per call: a request then costs
+        # a send and a recv, no ioctl or poll around them (oip_frames.DeadlineReader).
+        self.reader = DeadlineReader(sock, kernel_timeouts=send_timeout(sock, timeout_s))
         self.rfile = io.BufferedReader(self.reader, _SMALL)
         self.used = False
 
@@ -168,7 +171,8 @@ class _Conn:
         """Send one request frame and read its reply frame. ConnectionError when the agent had closed the
         connection before reading any of it (safe to send again); other errors as they come."""
         sock = self.sock
-        sock.settimeout(timeout_s)
+        if not self.reader.kernel:
+            sock.settimeout(timeout_s)
         mark = self.reader.received
         try:
             if sum(HEAD.unpack_from(parts[0])[4:]) <= _SMALL:  # the head says how long the rest is
@@ -178,6 +182,8 @@ class _Conn:
                     sock.sendall(part)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise ConnectionError(str(exc)) from None
+        except BlockingIOError:  # SO_SNDTIMEO: the agent stopped reading
+            raise TimeoutError("the agent took no more of the request") from None
         self.reader.deadline = time.monotonic() + timeout_s
         try:
             return read_frame(self.rfile, max_payload=MAX_REPLY_BYTES)

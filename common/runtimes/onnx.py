@@ -11,11 +11,14 @@ run -> InferenceError for bad inputs (INVALID_ARGUMENT) and RuntimeLoadError for
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgefleet.common.errors import InferenceError, RuntimeLoadError
+from edgefleet.common.ort_direct import direct_run
 from edgefleet.protos.messages import Manifest, TensorSpec
 
 # ONNX Runtime type strings -> numpy dtype names (the ones protos.oip can carry).
@@ -53,6 +56,7 @@ class OnnxRuntime:
         self.intra_op_threads = intra_op_threads
         self.inter_op_threads = inter_op_threads
         self._session = None
+        self._run: Callable[[dict[str, Any]], list[Any]] | None = None
         self._inputs: list[TensorSpec] = []
         self._outputs: list[TensorSpec] = []
         self.providers: list[str] = []
@@ -78,6 +82,7 @@ class OnnxRuntime:
             raise RuntimeLoadError(f"onnxruntime could not load {manifest.model_file}: {exc}") from None
         with self._lock:
             self._session = session
+            self._run = direct_run(session)
             self.providers = session.get_providers()
             self._inputs = [_spec(a) for a in session.get_inputs()]
             self._outputs = [_spec(a) for a in session.get_outputs()]
@@ -91,11 +96,11 @@ class OnnxRuntime:
         return list(self._outputs)
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        session = self._session
-        if session is None:
+        run = self._run
+        if run is None:
             raise RuntimeLoadError("onnxruntime session is not loaded (or was closed)")
         try:
-            results = session.run(None, inputs)
+            results = run(inputs)
         except Exception as exc:  # noqa: BLE001 - wrap onnxruntime's exception types at the boundary
             text = str(exc)
             if "INVALID_ARGUMENT" in text or "Invalid" in type(exc).__name__:
@@ -108,3 +113,4 @@ class OnnxRuntime:
         # Dropping the reference frees the session once no run holds it; ORT has no explicit close.
         with self._lock:
             self._session = None
+            self._run = None

@@ -68,3 +68,52 @@ def test_registry_messages():
     assert type(make_runtime("litert")).__name__ == "LiteRtRuntime"  # registered; see test_runtime_litert.py
     with pytest.raises(RuntimeLoadError, match="unknown to this agent"):
         make_runtime("tensorflow")
+
+
+def test_the_direct_run_answers_and_refuses_as_the_wrapper_does(tmp_path):
+    """common/ort_direct.py skips onnxruntime's Python wrapper on the hot path: same outputs, the same refusals
+    (a missing input through the wrapper's own message, names, dtypes and shapes from the C session), and an
+    execution provider failure handed to the wrapper, whose fallback builds the session taken from then on."""
+    import onnxruntime as ort
+
+    from edgefleet.common.ort_direct import direct_run
+
+    directory, manifest = model_dir(tmp_path)
+    session = ort.InferenceSession(str(directory / manifest.model_file), providers=["CPUExecutionProvider"])
+    run = direct_run(session)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(run({"x": x})[0], session.run(None, {"x": x})[0])
+    for feed, error, text in [({}, ValueError, "missing from input feed"),
+                              ({"x": x, "z": x}, Exception, "Invalid input name: z"),
+                              ({"x": x.astype(np.float64)}, Exception, "Unexpected input data type"),
+                              ({"x": np.ones((2, 4), np.float32)}, Exception, "invalid dimensions")]:
+        with pytest.raises(error, match=text):
+            run(feed)
+        with pytest.raises(error, match=text):
+            session.run(None, feed)
+
+    class Flaky:  # a session whose C run fails once as a CUDA provider would: the wrapper takes that run
+        def __init__(self) -> None:
+            self.inner, self.wrapper_runs = session, 0
+            self._sess = self
+
+        def get_outputs(self):
+            return session.get_outputs()
+
+        def get_inputs(self):
+            return session.get_inputs()
+
+        def run(self, names, feed, options=None):
+            if names is None:  # the wrapper's signature: run(None, feed)
+                self.wrapper_runs += 1
+                self._sess = session._sess  # as set_providers builds a new C session
+                return session.run(None, feed)
+            from onnxruntime.capi.onnxruntime_pybind11_state import EPFail
+
+            raise EPFail("CUDA failure 2: out of memory")
+
+    flaky = Flaky()
+    run = direct_run(flaky)
+    np.testing.assert_array_equal(run({"x": x})[0], session.run(None, {"x": x})[0])
+    np.testing.assert_array_equal(run({"x": x})[0], session.run(None, {"x": x})[0])
+    assert flaky.wrapper_runs == 1  # the second run went to the new C session directly

@@ -61,3 +61,52 @@ def test_limits_and_garbage():
         F.encode_request("m", {"x": np.array(["text"])})
     with pytest.raises(F.FrameError, match="negative"):
         F.decode_tensors([["x", "FP32", [-1]]], memoryview(b""), "input")
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel_timeouts", "python_timeouts"])
+def test_a_deadline_reader_waits_no_longer_than_its_deadline(kernel):
+    """Both ways of waiting: SO_RCVTIMEO on a blocking socket (the SDK's frames) and Python's socket timeouts. A
+    read within the deadline returns what came; a peer that sends a byte now and then cannot stretch a read past
+    the deadline (plus the kernel mode's slack); a passed deadline is TimeoutError before any wait."""
+    import socket
+    import time
+
+    a, b = socket.socketpair()
+    try:
+        reader = F.DeadlineReader(a, kernel_timeouts=kernel)
+        assert reader.kernel is kernel and (not kernel or a.gettimeout() is None)  # kernel mode: blocking
+        buf = bytearray(16)
+        b.sendall(b"abc")
+        reader.deadline = time.monotonic() + 5.0
+        assert reader.readinto(buf) == 3 and bytes(buf[:3]) == b"abc" and reader.received == 3
+        reader.deadline = time.monotonic() + 0.3
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            while True:  # nothing comes: the read gives up at the deadline
+                reader.readinto(buf)
+        waited = time.monotonic() - started
+        assert 0.25 <= waited <= 0.3 + F._SLACK_S + 0.2, waited
+        reader.deadline = time.monotonic() - 1.0
+        with pytest.raises(TimeoutError, match="deadline passed"):
+            reader.readinto(buf)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_send_timeout_bounds_a_write_to_a_peer_that_stops_reading():
+    import socket
+    import time
+
+    a, b = socket.socketpair()
+    try:
+        a.settimeout(None)
+        assert F.send_timeout(a, 0.2)
+        started = time.monotonic()
+        with pytest.raises(BlockingIOError):
+            while True:  # b never reads: the buffers fill, then the kernel gives up after 0.2 s
+                a.send(b"x" * 65536)
+        assert time.monotonic() - started < 5.0
+    finally:
+        a.close()
+        b.close()
