@@ -2,9 +2,11 @@
 
 Theory: `serve` builds a `CloudRuntime` (settings -> `Fleet.from_settings`, which migrates the database -> the admin
 token -> the MQTT side (cloud/mqtt_runtime.py: a broker when settings ask for one, who provisions device logins, the
-bridge wired as the Fleet's publish) -> a refresher thread), then runs uvicorn in the main thread. uvicorn owns
-SIGINT/SIGTERM: it stops serving, returns, and the runtime stops the refresher, the bridge, the dynsec client and
-the broker in that order (the clients before the broker they talk to).
+bridge wired as the Fleet's publish) -> with `agent_channel_port`, the gRPC agent channel (cloud/agent_channel.py),
+the Fleet's publish then fanning out to the bridge and the channel's streams -> a refresher thread), then runs uvicorn
+in the main thread. uvicorn owns SIGINT/SIGTERM: it stops serving, returns, and the runtime stops the agent channel,
+the refresher, the bridge, the dynsec client and the broker in that order (the clients before the broker they talk
+to).
 
 `infer` runs the offload data plane alone (cloud/inference/standalone.py): the Open Inference Protocol at /v2 over
 the same database and blobs, no MQTT, so offload traffic scales on its own machines.
@@ -62,6 +64,7 @@ class CloudRuntime:
         self._refresher: threading.Thread | None = None
         self._maintainer: threading.Thread | None = None
         self.grpc: Any = None  # cloud/inference/grpc_server.py GrpcHandle when grpc_port is set
+        self.agent_channel: Any = None  # cloud/agent_channel.py AgentChannelHandle when agent_channel_port is set
 
     def start(self) -> CloudRuntime:
         from edgefleet.cloud.api import create_app
@@ -78,6 +81,8 @@ class CloudRuntime:
                 self.broker, self.bridge = self.mqtt_side.broker, self.mqtt_side.bridge
                 self.fleet.publish = self.bridge.publish
                 self.fleet.broker_accounts = self.mqtt_side.accounts
+            if s.agent_channel_port is not None:
+                self._start_agent_channel()
             self._refresher = threading.Thread(target=self._refresh_loop, name="edgefleet-refresh", daemon=True)
             self._refresher.start()
             self._maintainer = threading.Thread(target=self._maintain_loop, name="edgefleet-telemetry-upkeep",
@@ -97,6 +102,23 @@ class CloudRuntime:
             self.stop()
             raise
         return self
+
+    def _start_agent_channel(self) -> None:
+        """The gRPC agent channel; desired states then go out on MQTT (when on) and on the agents' streams."""
+        from edgefleet.cloud.agent_channel import FanOut, start_agent_channel
+
+        assert self.fleet is not None
+        s = self.settings
+        host = s.agent_channel_host or s.host
+        self.agent_channel = start_agent_channel(
+            self.fleet, host=host, port=s.agent_channel_port or 0, max_message_kb=s.agent_channel_max_message_kb,
+            keepalive_s=s.agent_channel_keepalive_s, keepalive_timeout_s=s.agent_channel_keepalive_timeout_s,
+            min_ping_s=s.agent_channel_min_ping_s, max_streams=s.agent_channel_max_streams,
+            tls_cert=s.agent_channel_tls_cert, tls_key=s.agent_channel_tls_key,
+            ingest_batch=s.mqtt_ingest_batch, ingest_wait_s=s.mqtt_ingest_wait_s)
+        publishers = [p for p in (self.fleet.publish, self.agent_channel.hub.publish) if p is not None]
+        self.fleet.publish = FanOut(*publishers)
+        log.info("agent channel (gRPC) on %s:%d", host, self.agent_channel.port)
 
     def _refresh_loop(self) -> None:
         """Re-sign desired states past half their life and the TUF timestamp before it expires."""
@@ -126,6 +148,9 @@ class CloudRuntime:
                 return
 
     def stop(self) -> None:
+        if self.agent_channel is not None:
+            self.agent_channel.stop(1.0)  # streams closed: agents reconnect with backoff
+            self.agent_channel = None
         if self.grpc is not None:
             self.grpc.stop(1.0)  # health NOT_SERVING, then 1 s for calls in flight
             self.grpc = None
@@ -181,6 +206,9 @@ def serve(
     config: Path | None = typer.Option(None, "--config", help="TOML settings file (or EDGEFLEET_CONFIG)."),
     grpc_port: int | None = typer.Option(None, "--grpc-port", help="Also serve the Open Inference Protocol over "
                                          "gRPC (inference.GRPCInferenceService) on this port; 0: a free one."),
+    agent_channel_port: int | None = typer.Option(None, "--agent-channel-port", help="Also serve the gRPC agent "
+                                                  "channel (edgefleet.v1.AgentChannel) on this port, for agents "
+                                                  "with transport = \"grpc\"; 0: a free one."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the REST API (with the offload inference server at /v2), the TUF repository, the MQTT bridge and (when
@@ -192,7 +220,8 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one line per plugin at every start
     overrides: dict[str, Any] = {k: v for k, v in (("host", host), ("port", port), ("data_dir", data_dir),
-                                                   ("grpc_port", grpc_port)) if v is not None}
+                                                   ("grpc_port", grpc_port),
+                                                   ("agent_channel_port", agent_channel_port)) if v is not None}
     try:
         settings = Settings(config_file=config, **overrides)
         runtime = CloudRuntime(settings).start()

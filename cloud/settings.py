@@ -174,6 +174,26 @@ class Settings(BaseSettings):
     grpc_tls_cert: Path | None = None
     grpc_tls_key: Path | None = None
 
+    # The gRPC agent channel (cloud/agent_channel.py, docs/protocol.md "gRPC"): agents with transport = "grpc"
+    # connect here. None: off (MQTT and HTTP only). agent_channel_host None: the same interface as `host`.
+    agent_channel_port: int | None = Field(default=None, ge=0, le=65535)
+    agent_channel_host: str | None = None
+    # PEM files; both or neither. Unset: plaintext (behind a TLS-terminating proxy, or on localhost).
+    agent_channel_tls_cert: Path | None = None
+    agent_channel_tls_key: Path | None = None
+    # 30 s ping, 10 s to answer: a stalled stream is dropped (and the device marked offline) within 40 s, about
+    # when the broker's last will fires for an MQTT agent (1.5 x its 30 s keepalive). Agents may ping as often as
+    # every agent_channel_min_ping_s; faster is answered with GOAWAY (gRPC's too_many_pings).
+    agent_channel_keepalive_s: float = Field(default=30.0, gt=0)
+    agent_channel_keepalive_timeout_s: float = Field(default=10.0, gt=0)
+    agent_channel_min_ping_s: float = Field(default=10.0, gt=0)
+    # 1 MiB per gRPC message: above the contract's 256 KiB (MAX_MESSAGE_BYTES), so a payload over the contract is
+    # refused and counted while its stream lives on; past this, gRPC ends the stream (RESOURCE_EXHAUSTED).
+    agent_channel_max_message_kb: int = Field(default=1024, gt=MAX_MESSAGE_BYTES // 1024, le=64 * 1024)
+    # Streams open at once: each holds a server thread and a reader thread. Past it a connect is refused
+    # (RESOURCE_EXHAUSTED) and the agent backs off; larger fleets run more cloud replicas.
+    agent_channel_max_streams: int = Field(default=1000, ge=1, le=100_000)
+
     # Background jobs (distillation), run by `edgefleet-cloud worker`. 60 s lease, renewed every third of it: a
     # killed worker's job is claimed again within a minute, and a GC pause or a slow database round trip does not
     # lose a live one. 3 attempts: a job that kills its worker every time (out of memory) fails instead of looping.
