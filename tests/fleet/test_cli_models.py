@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tests.fleet.test_cli import Cli
+from tests.fleet.cli_runner import IsolatedCli as Cli
 from tests.harness import http_server
 
 LITERT_CLASS = {"name": "pi-litert", "cores": 4, "memory_mb": 4096, "runtimes": ["litert"],
