@@ -115,6 +115,8 @@ def start_agent_channel(fleet: Fleet, *, host: str = "127.0.0.1", port: int = 0,
         ("grpc.max_receive_message_length", max_bytes), ("grpc.max_send_message_length", max_bytes),
         ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+        # grpcio 1.85 times an unanswered ping out by this; keepalive_timeout_ms alone let a stall go 40 s+.
+        ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", int(min_ping_s * 1000)),

@@ -13,6 +13,7 @@ Example:
     cloud_url = "http://cloud.local:8000"
     enrollment_token = "..."
     data_dir = "/var/lib/edgefleet"        # relative paths are relative to the config file
+    transport = "mqtt"                     # or "grpc": the cloud's agent channel, [grpc] below
     [labels]
     site = "kitchen"
     [api]
@@ -25,6 +26,10 @@ Example:
     outbox_max_mb = 16
     [link]
     ack_timeout_s = 5                      # then the HTTP fallback carries the report or batch
+    [grpc]                                 # with transport = "grpc" (pip install 'edgefleet[agent,grpc]')
+    target = "cloud.local:8082"            # host:port of `edgefleet-cloud serve --agent-channel-port`
+    tls = true
+    ca_file = "/etc/edgefleet/cloud-ca.pem"  # empty: the system's roots
     [reconcile]
     max_rounds = 20
     [offload]                              # docs/offload.md: the policy, its reasons and every key
@@ -149,6 +154,48 @@ class MqttConfig:
     port: int | None = None
 
 
+TRANSPORTS = ("mqtt", "grpc")
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    """The gRPC agent channel (edge_agent/link_grpc.py), used with transport = "grpc"."""
+
+    target: str = ""  # host:port of the cloud's agent channel (edgefleet-cloud serve --agent-channel-port)
+    tls: bool = False
+    ca_file: str = ""  # PEM roots that sign the cloud's certificate; empty: the system's (implies tls when set)
+    # 30 s ping, 10 s to answer: a stream stalled without closing is given up within 40 s and reconnected. The
+    # cloud lets agents ping every agent_channel_min_ping_s (10 s) at most.
+    keepalive_s: float = 30.0
+    keepalive_timeout_s: float = 10.0
+
+
+def _check_grpc(source: str, transport: str, grpc: dict[str, Any]) -> None:
+    """The transport and the [grpc] section beyond their types; one ConfigError line naming the key and the fix."""
+    if transport not in TRANSPORTS:
+        close = difflib.get_close_matches(transport, TRANSPORTS, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{source}: 'transport' is {transport!r}{hint}; use \"mqtt\" or \"grpc\"")
+    target = grpc.get("target", "")
+    if transport == "grpc" and not target:
+        raise ConfigError(f"{source}: transport = \"grpc\" needs 'grpc.target', the cloud's agent channel as "
+                          "host:port (edgefleet-cloud serve --agent-channel-port)")
+    if target:
+        host, _, port = target.rpartition(":")
+        if "://" in target or "/" in target:
+            raise ConfigError(f"{source}: 'grpc.target' must be host:port, not a URL, got {target!r}; e.g. "
+                              "\"cloud.local:8082\" (grpc.tls = true for TLS)")
+        if not host.strip("[]") or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{source}: 'grpc.target' must be host:port with a port from 1 to 65535, got "
+                              f"{target!r}")
+    for key in ("keepalive_s", "keepalive_timeout_s"):
+        if key in grpc and grpc[key] <= 0:
+            raise ConfigError(f"{source}: 'grpc.{key}' must be > 0, got {grpc[key]!r}; leave it out for the default")
+    if grpc.get("ca_file") and grpc.get("tls") is False:
+        raise ConfigError(f"{source}: 'grpc.ca_file' is set but 'grpc.tls' is false; set tls = true (a CA is for "
+                          "checking the cloud's TLS certificate) or drop ca_file")
+
+
 @dataclass(frozen=True)
 class LinkConfig:
     # How long a report or telemetry batch waits for the link's acknowledgement (MQTT: PUBACK) before it goes over
@@ -253,6 +300,7 @@ class AgentConfig:
     cloud_url: str
     data_dir: Path
     enrollment_token: str = ""
+    transport: str = "mqtt"  # "mqtt" | "grpc": how the link reaches the cloud (HTTP is the fallback of both)
     labels: dict[str, str] = field(default_factory=dict)
     api: ApiConfig = ApiConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
@@ -261,6 +309,7 @@ class AgentConfig:
     runtime: RuntimeConfig = RuntimeConfig()
     energy: EnergyConfig = EnergyConfig()
     mqtt: MqttConfig = MqttConfig()
+    grpc: GrpcConfig = GrpcConfig()
     link: LinkConfig = LinkConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
     offload: OffloadConfig = OffloadConfig()
@@ -304,11 +353,13 @@ _SECTIONS: dict[str, type] = {
     "runtime": RuntimeConfig,
     "energy": EnergyConfig,
     "mqtt": MqttConfig,
+    "grpc": GrpcConfig,
     "link": LinkConfig,
     "reconcile": ReconcileConfig,
     "offload": OffloadConfig,
 }
-_TOP_LEVEL = {"device_id": str, "device_class": str, "cloud_url": str, "data_dir": str, "enrollment_token": str}
+_TOP_LEVEL = {"device_id": str, "device_class": str, "cloud_url": str, "data_dir": str, "enrollment_token": str,
+              "transport": str}
 _REQUIRED = ("device_id", "device_class", "cloud_url", "data_dir")
 _TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
@@ -424,6 +475,8 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config", base_dir: 
             raise ConfigError(f"{source}: '{section}.{key}' must be > 0, got {value!r}")
     _check_energy(source, sections.get("energy", {}))
     _check_offload(source, sections.get("offload", {}))
+    grpc = sections.get("grpc", {})
+    _check_grpc(source, top.get("transport", "mqtt"), grpc)
     # The cloud refuses a telemetry window longer than the contract's MAX_WINDOW_S (protos/limits.py).
     window_s = sections.get("telemetry", {}).get("window_s", TelemetryConfig.window_s)
     if not 0 < window_s <= MAX_WINDOW_S:
@@ -436,6 +489,9 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config", base_dir: 
     unix_socket = api.get("unix_socket", "")
     if unix_socket and not Path(unix_socket).is_absolute() and base_dir is not None:
         api["unix_socket"] = str(base_dir / unix_socket)
+    ca_file = grpc.get("ca_file", "")
+    if ca_file and not Path(ca_file).expanduser().is_absolute() and base_dir is not None:
+        grpc["ca_file"] = str(base_dir / ca_file)
     built = {name: cls(**sections.get(name, {})) for name, cls in _SECTIONS.items()}
     return AgentConfig(data_dir=data_dir, **top, **built)
 

@@ -4,9 +4,9 @@ Theory of operation. One loop thread owns every decision; other threads only put
 thread hands over desired-state payloads and "connected", the local API's threads run inferences and record
 telemetry. At start the daemon serves whatever `models/*/current` names before touching the network, so a device
 that reboots without a network keeps answering. Then it enrolls (once; the answer is kept in state.json), opens its
-`CloudLink` (MQTT today) and, on every (re)connect, fetches the full desired state over HTTP: the cloud's database is
-the source of truth, the link's copy only a fast path. While the link is down the fetch repeats every
-`link.desired_poll_s`, and reports and telemetry go over HTTP (`fallback.LinkOrHttp`).
+`CloudLink` (MQTT, or gRPC with transport = "grpc") and, on every (re)connect, fetches the full desired state over
+HTTP: the cloud's database is the source of truth, the link's copy only a fast path. While the link is down the
+fetch repeats every `link.desired_poll_s`, and reports and telemetry go over HTTP (`fallback.LinkOrHttp`).
 
 Each desired-state document is verified (signature, device, class, expiry, generation) before it is accepted; the
 highest accepted generation is saved (crash-safe) so a replay is refused after a restart too. The same generation
@@ -22,9 +22,10 @@ until nothing is left (`Executor.converge`, at most `reconcile.max_rounds` round
 `last_error` too), waking again when a back-off ends and at the latest every `reconcile.tick_s`. Telemetry windows
 close every `telemetry.window_s` into the disk outbox and leave it only once the link or HTTP acknowledged them.
 
-Seams, each defaulting to the production part: `link_factory` (`link.LinkFactory`, default `MqttLink.from_config`),
-`client` (`cloud_client.CloudApi`), `clock` (`clock.Clock`, the only source of time here) and `trust_factory` (the
-executor's TUF `TargetVerifier`). `run_once` is one turn of the loop, so a unit test can drive it without threads.
+Seams, each defaulting to the production part: `link_factory` (`link.LinkFactory`, default `MqttLink.from_config`,
+or `GrpcLink.from_config` with transport = "grpc"), `client` (`cloud_client.CloudApi`), `clock` (`clock.Clock`, the
+only source of time here) and `trust_factory` (the executor's TUF `TargetVerifier`). `run_once` is one turn of the
+loop, so a unit test can drive it without threads.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from edgefleet.edge_agent.inference import InferenceService
 from edgefleet.edge_agent.installer import Installer
 from edgefleet.edge_agent.keyring import advance, load_ring, save_ring
 from edgefleet.edge_agent.link import CloudLink, LinkFactory
+from edgefleet.edge_agent.link_grpc import GrpcLink, require_grpc
 from edgefleet.edge_agent.link_mqtt import MqttLink
 from edgefleet.edge_agent.local_api import LocalApi
 from edgefleet.edge_agent.meters import NullMeter
@@ -118,7 +120,10 @@ class Agent:
         self.config = config
         self.clock = clock or SystemClock()
         self.client = client if client is not None else CloudClient(config.cloud_url)
-        self.link_factory = link_factory or partial(MqttLink.from_config, config, clock=self.clock)
+        # transport = "grpc": the cloud's agent channel (link_grpc.py, which loads grpc only when it starts).
+        default_link = GrpcLink.from_config if config.transport == "grpc" else MqttLink.from_config
+        self.link_factory = link_factory or partial(default_link, config, clock=self.clock)
+        self._default_link = link_factory is None
         self._meter_key: tuple | None = None  # the device class the meter was picked for (_set_meter)
         self.trust_factory = trust_factory or (lambda enrollment: BundleTrust(
             config.tuf_dir, enrollment.tuf_metadata_url, trusted_root=enrollment.tuf_root))
@@ -169,6 +174,8 @@ class Agent:
 
     def run(self) -> None:
         """Serve, enroll, connect and reconcile until `stop()`."""
+        if self.config.transport == "grpc" and self._default_link:
+            require_grpc()  # a lean install without grpcio: say how to install it, before anything starts
         self.start_serving()
         try:
             if not self.connect():
