@@ -358,3 +358,46 @@ def test_regenerating_gives_exactly_the_committed_files():
         assert (protos / name).read_text(encoding="utf-8") == text, f"{name} is stale"
     assert agent_channel_codegen.main(["--check"]) == 0
     assert "from edgefleet.protos import agent_channel_pb2 as" in fresh["agent_channel_pb2_grpc.py"]
+
+
+def test_with_mqtt_on_too_a_deploy_reaches_both_transports(tmp_path, streams, mosquitto):
+    from edgefleet.protos.topics import device_topics
+    from tests.cloud_server import MqttProbe
+
+    cloud = start_cloud_server(tmp_path / "cloud", mqtt=(mosquitto.host, mosquitto.port), agent_channel_port=0)
+    probe = None
+    try:
+        dev = enroll(cloud, "dev-1")
+        s = streams(port_of(cloud), dev.device_token)
+        s.next("desired")
+        topic = device_topics(cloud.settings.mqtt_topic_prefix, "dev-1").desired
+        probe = MqttProbe(mosquitto.host, mosquitto.port, topics=(topic,))
+        deploy(cloud, "dev-1")
+        over_grpc = s.next("desired").desired
+        generation = parse_message(over_grpc, SignedDesiredState).payload.generation
+        over_mqtt = probe.wait_for(topic, lambda m: parse_message(m.payload, SignedDesiredState).payload.generation
+                                   == generation)
+        assert over_mqtt.payload == over_grpc  # one document, the same bytes on both
+    finally:
+        if probe is not None:
+            probe.stop()
+        cloud.stop()
+
+
+def test_settings_refuse_a_message_limit_under_the_contracts(tmp_path):
+    from edgefleet.cloud.errors import Invalid
+    from edgefleet.cloud.settings import Settings
+
+    with pytest.raises(Invalid, match="agent_channel_max_message_kb"):
+        Settings(data_dir=tmp_path, agent_channel_max_message_kb=256)
+    with pytest.raises(Invalid, match="both a certificate and its key"):
+        start_cloud_server(tmp_path / "cloud", agent_channel_port=0, agent_channel_tls_cert=tmp_path / "c.pem")
+
+
+def test_serve_has_the_port_option():
+    from typer.testing import CliRunner
+
+    from edgefleet.cloud.main import app
+
+    result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--agent-channel-port" in result.output

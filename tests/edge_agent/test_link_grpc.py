@@ -336,3 +336,95 @@ def test_without_grpcio_the_agent_says_how_to_install_it():
                   "try:\n    require_grpc()\nexcept ConfigError as exc:\n    print(exc)\n")
     assert run.returncode == 0, run.stderr
     assert "pip install 'edgefleet[agent,grpc]'" in run.stdout and "transport = \"mqtt\"" in run.stdout
+
+
+def test_a_real_agent_over_grpc_installs_reports_and_refuses_hostile_pushes(tmp_path):
+    """`edgefleet-agent run` with transport = "grpc" against a cloud without MQTT: the deployment arrives on the
+    stream, is verified and installed, reports come back; a foreign and a replayed document pushed down the stream
+    are refused by the daemon's usual verification and named in last_error."""
+    from edgefleet.protos import agent_channel_pb2 as pb
+    from tests.e2e.agent_process import AgentProcess
+
+    cloud = start_cloud_server(tmp_path / "cloud", agent_channel_port=0)
+    agent = None
+    try:
+        with cloud.client() as admin:
+            token = admin.post("/api/v1/enrollment-tokens", json={"note": "grpc"}).json()["token"]
+            agent = AgentProcess(tmp_path / "agents", "pi-1", "rpi4", cloud.base_url, token)
+            agent.config.write_text('transport = "grpc"\n' + agent.config.read_text()
+                                    + f'[grpc]\ntarget = "{target_of(cloud)}"\n')
+            agent.start()
+            hub = cloud.runtime.agent_channel.hub
+            wait_for(lambda: hub.connected() == ["pi-1"], 20, what="the agent's stream")
+            old = cloud.fleet.desired_state("pi-1")
+            deploy(cloud, "pi-1", name="tiny")
+
+            def in_sync() -> bool:
+                view = cloud.fleet.get_device("pi-1")
+                return bool(view.models) and view.models[0].state == "active"
+            wait_for(in_sync, 30, what="the model active on the agent")
+            assert agent.infer("tiny", [0.5, -1.0, 2.0, 0.25], [1, 4])["model_name"] == "tiny"
+            assert "from grpc" in agent.log_text()  # the deployment came down the stream
+            assert cloud.fleet.get_device("pi-1").online
+
+            enroll(cloud, "pi-2")
+            foreign = cloud.fleet.desired_state("pi-2")
+            stream = hub.stream_of("pi-1")
+            assert stream is not None
+            stream.send(pb.CloudMessage(desired=foreign.to_wire()))
+            wait_for(lambda: "pi-2" in (cloud.fleet.get_device("pi-1").last_error or ""), 20,
+                     what="the foreign document refused")
+            stream.send(pb.CloudMessage(desired=old.to_wire()))  # signed, its own, but older: a replay
+            wait_for(lambda: "refused desired state from grpc" in (cloud.fleet.get_device("pi-1").last_error or "")
+                     and "pi-2" not in cloud.fleet.get_device("pi-1").last_error, 20, what="the replay refused")
+            assert agent.infer("tiny", [0.5, -1.0, 2.0, 0.25], [1, 4])["model_name"] == "tiny"  # still serving
+            assert agent.stop() == 0
+            agent = None
+            wait_for(lambda: not cloud.fleet.get_device("pi-1").online, what="the goodbye")
+    finally:
+        if agent is not None:
+            agent.stop()
+        cloud.stop()
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, PEM files; the certificate is its own CA."""
+    import ipaddress
+    from datetime import timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edgefleet test cloud")])
+    now = datetime.now(timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=1))
+            .not_valid_after(now + timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cloud.pem", tmp_path / "cloud.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_with_a_certificate_and_key(tmp_path, links):
+    cert, key = _self_signed(tmp_path)
+    cloud = start_cloud_server(tmp_path / "cloud", agent_channel_port=0, agent_channel_tls_cert=cert,
+                               agent_channel_tls_key=key)
+    try:
+        enrollment = enroll(cloud)
+        rec = Recorder()
+        link = links(target_of(cloud), enrollment, rec, ca_file=cert)
+        assert rec.desired.get(timeout=10) == cloud.fleet.desired_state("dev-1").to_wire()
+        assert link.publish_status(DeviceStatus(device_id="dev-1", online=True, at=_now()), 10)
+        plain = links(target_of(cloud), enrollment, Recorder())  # plaintext to a TLS port: never connects
+        wait_for(lambda: plain.attempts >= 2, what="plaintext retries")
+        assert not plain.connected and plain.sessions == 0
+    finally:
+        cloud.stop()
