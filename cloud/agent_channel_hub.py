@@ -83,6 +83,7 @@ class DeviceStream:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._lock = threading.Lock()
         self._generation = -1  # the highest generation pushed
+        self._last = b""  # the document pushed last, as sent
         self._closed = False
 
     def send(self, message: Any) -> bool:
@@ -93,12 +94,14 @@ class DeviceStream:
             return True
 
     def push_desired(self, doc: SignedDesiredState) -> bool:
-        """Queue a desired state unless this stream already carried a newer one; True when queued."""
+        """Queue a desired state unless this stream already carried a newer one, or this very document (a connect
+        that re-signed an expiring one publishes it, then pushes it); True when queued."""
+        wire = doc.to_wire()
         with self._lock:
-            if self._closed or doc.payload.generation < self._generation:
+            if self._closed or doc.payload.generation < self._generation or wire == self._last:
                 return False
-            self._generation = doc.payload.generation
-            self._queue.put(pb.CloudMessage(desired=doc.to_wire()))
+            self._generation, self._last = doc.payload.generation, wire
+            self._queue.put(pb.CloudMessage(desired=wire))
             return True
 
     def close(self, *, superseded: bool = False) -> None:

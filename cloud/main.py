@@ -212,7 +212,7 @@ def serve(
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Run the REST API (with the offload inference server at /v2), the TUF repository, the MQTT bridge and (when
-    needed) an embedded broker."""
+    needed) an embedded broker; with --agent-channel-port, the gRPC agent channel too."""
     import uvicorn
 
     from edgefleet.cloud.settings import Settings

@@ -401,3 +401,39 @@ def test_serve_has_the_port_option():
 
     result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--agent-channel-port" in result.output
+
+
+def _doc(generation: int, keyid: str = "k") -> SignedDesiredState:
+    from datetime import timedelta
+
+    from edgefleet.protos.messages import DesiredState, Signature
+
+    now = _now()
+    payload = DesiredState(device_id="dev-1", device_class="rpi4", generation=generation, issued_at=now,
+                           expires_at=now + timedelta(days=1))
+    return SignedDesiredState(payload=payload, signatures=[Signature(keyid=keyid, sig="00")])
+
+
+def test_a_stream_never_goes_back_in_generations_nor_repeats_a_document():
+    from edgefleet.cloud.agent_channel_hub import DeviceStream
+
+    stream = DeviceStream("dev-1")
+    pushed = [stream.push_desired(d) for d in (_doc(3), _doc(3), _doc(2), _doc(3, keyid="k2"), _doc(4))]
+    assert pushed == [True, False, False, True, True]  # the same generation re-signed is news; the same bytes not
+    stream.close()
+    assert not stream.push_desired(_doc(5))
+    assert [desired_of(m).payload.generation for m in stream.outbound()] == [3, 3, 4]
+
+
+def test_fan_out_reaches_every_publisher_even_when_one_fails():
+    from edgefleet.cloud.agent_channel_hub import FanOut
+
+    got: list[str] = []
+
+    def broken(device_id: str, doc: SignedDesiredState) -> None:
+        raise RuntimeError("broker gone")
+
+    fan = FanOut(broken, lambda device_id, doc: got.append(device_id))
+    with pytest.raises(RuntimeError, match="broker gone"):  # the Fleet logs and counts it (publish_failed)
+        fan("dev-1", _doc(1))
+    assert got == ["dev-1"]
