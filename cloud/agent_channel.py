@@ -254,6 +254,8 @@ class _Servicer(pb_grpc.AgentChannelServicer):
                          daemon=True).start()
         log.info("device %s connected over gRPC from %s", stream.device_id, context.peer())
         yield from stream.outbound()
+        if self.hub.stopping:
+            raise Unavailable("the cloud is stopping; the agent reconnects with backoff")
         if stream.superseded:
             raise Superseded("this device connected again on another stream; this one is closed (two agents "
                              "with one device id take turns: give each its own)")

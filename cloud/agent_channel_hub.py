@@ -155,6 +155,10 @@ class AgentHub:
         if self._worker is not None:
             self._worker.join(10)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def attach(self, device_id: str) -> DeviceStream | None:
         """A new stream for the device, closing its older one; None once the hub is stopping."""
         stream = DeviceStream(device_id)

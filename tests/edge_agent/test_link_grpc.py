@@ -208,7 +208,7 @@ def test_telemetry_is_confirmed_only_after_the_commit(cloud, links, monkeypatch)
     assert (counters["telemetry_batches"], counters["telemetry_replayed"]) == (1, 1)
 
 
-def test_the_link_reconnects_after_the_cloud_is_stopped_and_restarted(tmp_path, links):
+def test_the_link_reconnects_after_the_cloud_is_stopped_and_restarted(tmp_path, links, caplog):
     cloud = start_cloud_server(tmp_path / "cloud", agent_channel_port=0)
     port = cloud.runtime.agent_channel.port
     try:
@@ -216,8 +216,11 @@ def test_the_link_reconnects_after_the_cloud_is_stopped_and_restarted(tmp_path, 
         rec = Recorder()
         link = links(f"127.0.0.1:{port}", enrollment, rec)
         rec.desired.get(timeout=10)
+        stream = cloud.runtime.agent_channel.hub.stream_of("dev-1")
         cloud.stop()  # mid-stream
         wait_for(lambda: not link.connected, what="the link to notice")
+        assert stream is not None and stream.closed
+        assert any("UNAVAILABLE" in r.getMessage() and "cloud is stopping" in r.getMessage() for r in caplog.records)
         assert not link.publish_status(DeviceStatus(device_id="dev-1", online=True, at=_now()), 5)
         cloud = start_cloud_server(tmp_path / "cloud", agent_channel_port=port)  # same data, same port
         assert rec.desired.get(timeout=15) == cloud.fleet.desired_state("dev-1").to_wire()
