@@ -39,12 +39,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from urllib.parse import quote
 
 from edgefleet.common.backoff import full_jitter_delay
 from edgefleet.common.fsutil import private_dir
 from edgefleet.common.runtimes import make_runtime
-from edgefleet.edge_agent.apply import Executor, TargetVerifier
+from edgefleet.edge_agent.apply import Executor, Fetcher, TargetVerifier
 from edgefleet.edge_agent.clock import Clock, SystemClock
 from edgefleet.edge_agent.cloud_client import CloudApi, CloudClient
 from edgefleet.edge_agent.config import AgentConfig
@@ -59,6 +58,7 @@ from edgefleet.edge_agent.errors import (
     TrustError,
 )
 from edgefleet.edge_agent.fallback import LinkOrHttp
+from edgefleet.edge_agent.fetch import GrpcBundleFetcher, HttpBundleFetcher
 from edgefleet.edge_agent.identity import DeviceKey
 from edgefleet.edge_agent.inference import InferenceService
 from edgefleet.edge_agent.installer import Installer
@@ -98,19 +98,6 @@ class _Event:
     payload: bytes | None = None
     source: str = ""
     retained: bool = False  # a desired state the broker kept and handed over on subscribe
-
-
-class _BundleFetcher:
-    """apply.Fetcher over the cloud's TUF targets endpoint, resumable with Range."""
-
-    def __init__(self, client: CloudApi, targets_url: str, max_bytes: int) -> None:
-        self.client = client
-        self.targets_url = targets_url.rstrip("/") + "/"
-        self.max_bytes = max_bytes
-
-    def fetch(self, target_path: str, dest: Path, *, expected_length: int | None = None) -> None:
-        url = self.targets_url + quote(target_path)
-        self.client.download(url, dest, max_bytes=expected_length if expected_length is not None else self.max_bytes)
 
 
 class Agent:
@@ -299,8 +286,10 @@ class Agent:
         self._set_meter(enrollment)
         # The keys pinned at enrollment, moved along every key rotation this agent has followed since.
         self.verifier = DesiredStateVerifier(ring=load_ring(self._keys_path, enrollment.desired_state_keys))
-        fetcher = _BundleFetcher(self.client, enrollment.tuf_targets_url,
-                                 int(self.config.limits.bundle_max_mb * 1024 * 1024))
+        max_bytes = int(self.config.limits.bundle_max_mb * 1024 * 1024)
+        fetcher: Fetcher = HttpBundleFetcher(self.client, enrollment.tuf_targets_url, max_bytes)
+        if self.config.transport == "grpc":  # bundles over the channel too, HTTP when it cannot serve (fetch.py)
+            fetcher = GrpcBundleFetcher(lambda: self.link, fetcher, max_bytes)
         trust = self.trust_factory(enrollment)
         self.key_source = trust if isinstance(trust, KeyDocumentSource) else None
         self.executor = Executor(self.config, self.store, self.installer, fetcher, trust,

@@ -11,8 +11,9 @@ link is down or the acknowledgement did not come in time; the daemon then sends 
 HTTP, and a telemetry batch leaves the disk outbox only after one of the two acknowledged it. Publishing a message
 twice is harmless: reported state is last-writer-wins and the cloud ignores a telemetry seq it already stored.
 
-`MqttLink` (link_mqtt.py) implements it today; a gRPC link is next. The daemon builds its link with a `LinkFactory`
-once enrolled, because the enrollment answer names the broker.
+`MqttLink` (link_mqtt.py) and `GrpcLink` (link_grpc.py, the cloud's agent channel; `transport = "grpc"`) implement
+it. The daemon builds its link with a `LinkFactory` once enrolled, because the enrollment answer names the broker.
+With gRPC, bundles come over the same channel too (`FetchArtifact`, fetch.py), HTTP when it cannot serve.
 """
 
 from __future__ import annotations

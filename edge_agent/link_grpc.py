@@ -31,7 +31,7 @@ import logging
 import queue
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,26 @@ class GrpcLink:
         roots = self._ca_file.read_bytes() if self._ca_file is not None else None  # None: the system's roots
         return grpc.secure_channel(self.target, grpc.ssl_channel_credentials(root_certificates=roots),
                                    options=options)
+
+    def fetch_artifact(self, target: str, offset: int) -> Iterator[tuple[int, bytes, int]]:
+        """`FetchArtifact`: the bundle a TUF target path names, from byte `offset`, as (offset, data, size) chunks,
+        on a channel of its own (closed when the iterator ends or is dropped). Raises `grpc.RpcError` as gRPC
+        does; edge_agent/fetch.py maps the codes. A stall is found by the same keepalive as the stream's."""
+        require_grpc()
+        import grpc
+
+        from edgefleet.protos import agent_channel_pb2 as pb
+        from edgefleet.protos import agent_channel_pb2_grpc as pb_grpc
+
+        channel = self._channel(grpc)
+        try:
+            metadata = [("authorization", f"Bearer {self._token}"), (DEVICE_ID_HEADER, self.device_id)]
+            call = pb_grpc.AgentChannelStub(channel).FetchArtifact(pb.FetchRequest(target=target, offset=offset),
+                                                                   metadata=metadata)
+            for chunk in call:
+                yield int(chunk.offset), bytes(chunk.data), int(chunk.size)
+        finally:
+            channel.close()
 
     def _session(self, grpc: Any, pb_grpc: Any) -> bool:
         """One stream, until it ends; True when it got as far as the desired state."""
