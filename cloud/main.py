@@ -26,6 +26,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import typer
 
@@ -106,6 +107,7 @@ class CloudRuntime:
     def _start_agent_channel(self) -> None:
         """The gRPC agent channel; desired states then go out on MQTT (when on) and on the agents' streams."""
         from edgefleet.cloud.agent_channel import FanOut, start_agent_channel
+        from edgefleet.protos.messages import AgentChannelInfo
 
         assert self.fleet is not None
         s = self.settings
@@ -118,7 +120,11 @@ class CloudRuntime:
             ingest_batch=s.mqtt_ingest_batch, ingest_wait_s=s.mqtt_ingest_wait_s)
         publishers = [p for p in (self.fleet.publish, self.agent_channel.hub.publish) if p is not None]
         self.fleet.publish = FanOut(*publishers)
-        log.info("agent channel (gRPC) on %s:%d", host, self.agent_channel.port)
+        advertised = s.agent_channel_public_target or \
+            f"{urlsplit(s.public_url or '').hostname or host}:{self.agent_channel.port}"
+        self.fleet.agent_channel = AgentChannelInfo(target=advertised, tls=s.agent_channel_tls_cert is not None)
+        log.info("agent channel (gRPC) on %s:%d, advertised to agents as %s", host, self.agent_channel.port,
+                 advertised)
 
     def _refresh_loop(self) -> None:
         """Re-sign desired states past half their life and the TUF timestamp before it expires."""
@@ -151,6 +157,8 @@ class CloudRuntime:
         if self.agent_channel is not None:
             self.agent_channel.stop(1.0)  # streams closed: agents reconnect with backoff
             self.agent_channel = None
+            if self.fleet is not None:
+                self.fleet.agent_channel = None
         if self.grpc is not None:
             self.grpc.stop(1.0)  # health NOT_SERVING, then 1 s for calls in flight
             self.grpc = None

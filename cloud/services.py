@@ -38,7 +38,14 @@ from edgefleet.cloud.trust import DesiredStateSigner, TufRepository
 from edgefleet.common.fsutil import private_dir
 from edgefleet.protos.api import DeviceStatusRow, DeviceView, StatsView, TelemetrySummary
 from edgefleet.protos.limits import MAX_SHORT_TEXT_CHARS, clip_text
-from edgefleet.protos.messages import DeviceClassInfo, DeviceStatus, ModelStatus, ReportedState, TelemetryBatch
+from edgefleet.protos.messages import (
+    AgentChannelInfo,
+    DeviceClassInfo,
+    DeviceStatus,
+    ModelStatus,
+    ReportedState,
+    TelemetryBatch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +67,9 @@ class Fleet(ModelsFacade, DeployFacade, DistillFacade, BrokerLoginFacade, Identi
         self.signer = signer
         self.catalog = dict(catalog)  # from files; classes added through the API live in the database
         self.publish = publish
+        # Where agents with transport = "grpc" connect (`GET /api/v1/agent-channel`); set by the runtime that runs
+        # the channel (cloud/main.py), None while it is off.
+        self.agent_channel: AgentChannelInfo | None = None
         # Serialises commit + publish in this process, so retained MQTT messages go out in generation order.
         self._publish_lock = threading.Lock()
         # A flood from one device is refused past its bucket, so it cannot take the ingest from the others.

@@ -178,6 +178,9 @@ class Settings(BaseSettings):
     # connect here. None: off (MQTT and HTTP only). agent_channel_host None: the same interface as `host`.
     agent_channel_port: int | None = Field(default=None, ge=0, le=65535)
     agent_channel_host: str | None = None
+    # What `GET /api/v1/agent-channel` tells agents to connect to (host:port), for an agent whose [grpc] target is
+    # empty. None: public_url's host and the bound port. Set it behind a load balancer or a proxy.
+    agent_channel_public_target: str | None = Field(default=None, min_length=3, max_length=300)
     # PEM files; both or neither. Unset: plaintext (behind a TLS-terminating proxy, or on localhost).
     agent_channel_tls_cert: Path | None = None
     agent_channel_tls_key: Path | None = None

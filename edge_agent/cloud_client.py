@@ -27,6 +27,7 @@ from edgefleet.edge_agent.errors import (
     MessageRefused,
 )
 from edgefleet.protos.messages import (
+    AgentChannelInfo,
     EnrollRequest,
     EnrollResponse,
     MessageError,
@@ -62,6 +63,18 @@ class CloudApi(Protocol):
     def set_token(self, token: str) -> None: ...
 
     def desired_state_raw(self, url: str) -> bytes | None: ...
+
+    def agent_channel(self) -> AgentChannelInfo:
+        """Where this cloud's gRPC agent channel is (`GET /api/v1/agent-channel`), for transport = "grpc" with no
+        `[grpc] target`. AgentError when the cloud runs none."""
+        resp = self._request("GET", "/api/v1/agent-channel")
+        if resp.status_code != 200:
+            raise AgentError(f"the cloud names no gRPC agent channel ({resp.status_code}): {_server_message(resp)}; "
+                             "set [grpc] target in the agent config, or transport = \"mqtt\"")
+        try:
+            return parse_message(resp.content, AgentChannelInfo)
+        except MessageError as exc:
+            raise AgentError(f"the cloud's agent channel answer is not understood: {exc}") from None
 
     def post_reported(self, msg: ReportedState) -> None: ...
 
@@ -129,6 +142,18 @@ class CloudClient:
         if resp.status_code != 200:
             raise AgentError(f"fetching the desired state failed ({resp.status_code}): {_server_message(resp)}")
         return resp.content
+
+    def agent_channel(self) -> AgentChannelInfo:
+        """Where this cloud's gRPC agent channel is (`GET /api/v1/agent-channel`), for transport = "grpc" with no
+        `[grpc] target`. AgentError when the cloud runs none."""
+        resp = self._request("GET", "/api/v1/agent-channel")
+        if resp.status_code != 200:
+            raise AgentError(f"the cloud names no gRPC agent channel ({resp.status_code}): {_server_message(resp)}; "
+                             "set [grpc] target in the agent config, or transport = \"mqtt\"")
+        try:
+            return parse_message(resp.content, AgentChannelInfo)
+        except MessageError as exc:
+            raise AgentError(f"the cloud's agent channel answer is not understood: {exc}") from None
 
     def post_reported(self, msg: ReportedState) -> None:
         self._post_json(f"/api/v1/devices/{msg.device_id}/reported", msg.to_wire())

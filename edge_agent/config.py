@@ -27,7 +27,7 @@ Example:
     [link]
     ack_timeout_s = 5                      # then the HTTP fallback carries the report or batch
     [grpc]                                 # with transport = "grpc" (pip install 'edgefleet[agent,grpc]')
-    target = "cloud.local:8082"            # host:port of `edgefleet-cloud serve --agent-channel-port`
+    target = "cloud.local:8082"            # host:port; leave it out to use the one the cloud names
     tls = true
     ca_file = "/etc/edgefleet/cloud-ca.pem"  # empty: the system's roots
     [reconcile]
@@ -161,7 +161,9 @@ TRANSPORTS = ("mqtt", "grpc")
 class GrpcConfig:
     """The gRPC agent channel (edge_agent/link_grpc.py), used with transport = "grpc"."""
 
-    target: str = ""  # host:port of the cloud's agent channel (edgefleet-cloud serve --agent-channel-port)
+    # host:port of the cloud's agent channel (edgefleet-cloud serve --agent-channel-port); "": the one the cloud
+    # names (GET /api/v1/agent-channel, asked before each stream until it answers).
+    target: str = ""
     tls: bool = False
     ca_file: str = ""  # PEM roots that sign the cloud's certificate; empty: the system's (implies tls when set)
     # 30 s ping, 10 s to answer: a stream stalled without closing is given up within 40 s and reconnected. The
@@ -177,9 +179,6 @@ def _check_grpc(source: str, transport: str, grpc: dict[str, Any]) -> None:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"{source}: 'transport' is {transport!r}{hint}; use \"mqtt\" or \"grpc\"")
     target = grpc.get("target", "")
-    if transport == "grpc" and not target:
-        raise ConfigError(f"{source}: transport = \"grpc\" needs 'grpc.target', the cloud's agent channel as "
-                          "host:port (edgefleet-cloud serve --agent-channel-port)")
     if target:
         host, _, port = target.rpartition(":")
         if "://" in target or "/" in target:

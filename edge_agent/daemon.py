@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from edgefleet.common.backoff import full_jitter_delay
 from edgefleet.common.fsutil import private_dir
@@ -108,7 +109,9 @@ class Agent:
         self.clock = clock or SystemClock()
         self.client = client if client is not None else CloudClient(config.cloud_url)
         # transport = "grpc": the cloud's agent channel (link_grpc.py, which loads grpc only when it starts).
-        default_link = GrpcLink.from_config if config.transport == "grpc" else MqttLink.from_config
+        # With no [grpc] target the link asks the cloud where its channel is (GET /api/v1/agent-channel).
+        default_link: Any = partial(GrpcLink.from_config, discover=self.client.agent_channel) \
+            if config.transport == "grpc" else MqttLink.from_config
         self.link_factory = link_factory or partial(default_link, config, clock=self.clock)
         self._default_link = link_factory is None
         self._meter_key: tuple | None = None  # the device class the meter was picked for (_set_meter)

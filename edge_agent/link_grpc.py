@@ -38,8 +38,9 @@ from typing import Any
 from edgefleet.common.backoff import Backoff
 from edgefleet.edge_agent.clock import Clock, SystemClock
 from edgefleet.edge_agent.config import AgentConfig
-from edgefleet.edge_agent.errors import ConfigError
+from edgefleet.edge_agent.errors import AgentError, ConfigError
 from edgefleet.protos.messages import (
+    AgentChannelInfo,
     DeviceStatus,
     EnrollResponse,
     MessageError,
@@ -98,8 +99,13 @@ class GrpcLink:
         keepalive_timeout_s: float = 10.0,
         clock: Clock | None = None,
         rand: random.Random | None = None,
+        discover: Callable[[], AgentChannelInfo] | None = None,
     ) -> None:
+        # target "": ask `discover` (the cloud's GET /api/v1/agent-channel) before each stream until it answers.
+        if not target and discover is None:
+            raise ConfigError("the gRPC link needs a target (host:port) or a way to discover it")
         self.target = target
+        self._discover = discover
         self.device_id = device_id
         self._token = device_token
         self._on_desired = on_desired
@@ -130,13 +136,27 @@ class GrpcLink:
     @classmethod
     def from_config(cls, config: AgentConfig, enrollment: EnrollResponse, *, on_desired: Callable[[bytes], None],
                     on_connected: Callable[[], None], on_retained: Callable[[bytes], None] | None = None,
-                    clock: Clock | None = None) -> GrpcLink:
-        """The daemon's `link.LinkFactory` for transport = "grpc": `[grpc] target`, the token from enrollment."""
+                    clock: Clock | None = None, discover: Callable[[], AgentChannelInfo] | None = None) -> GrpcLink:
+        """The daemon's `link.LinkFactory` for transport = "grpc": `[grpc] target`, else what `discover` (the
+        cloud's `GET /api/v1/agent-channel`) names; the token from enrollment."""
         g = config.grpc
         return cls(g.target, config.device_id, enrollment.device_token, on_desired=on_desired,
                    on_connected=on_connected, on_retained=on_retained, tls=g.tls, ca_file=g.ca_file or None,
                    retry_initial_s=config.retry.retry_initial_s, retry_max_s=config.retry.retry_max_s,
-                   keepalive_s=g.keepalive_s, keepalive_timeout_s=g.keepalive_timeout_s, clock=clock)
+                   keepalive_s=g.keepalive_s, keepalive_timeout_s=g.keepalive_timeout_s, clock=clock,
+                   discover=None if g.target else discover)
+
+    def _resolve(self) -> str:
+        """The target to dial: the configured one, or the one the cloud names (asked until it answers; a cloud
+        that names another later is followed at the next stream). Raises CloudUnavailable or AgentError."""
+        if self._discover is None:
+            return self.target
+        info = self._discover()
+        if info.target != self.target:
+            log.info("the cloud names its gRPC agent channel %s%s", info.target, " (TLS)" if info.tls else "")
+        self.target = info.target
+        self._tls = self._tls or info.tls
+        return self.target
 
     @property
     def connected(self) -> bool:
@@ -210,6 +230,8 @@ class GrpcLink:
         from edgefleet.protos import agent_channel_pb2 as pb
         from edgefleet.protos import agent_channel_pb2_grpc as pb_grpc
 
+        if not self.target:
+            self._resolve()  # CloudUnavailable / AgentError: the fetcher takes HTTP
         channel = self._channel(grpc)
         try:
             metadata = [("authorization", f"Bearer {self._token}"), (DEVICE_ID_HEADER, self.device_id)]
@@ -227,6 +249,11 @@ class GrpcLink:
         out: queue.Queue[Any] = queue.Queue()
         up = False
         self.attempts += 1
+        try:
+            self._resolve()
+        except AgentError as exc:
+            log.warning("gRPC link: %s", exc)
+            return False
         channel = self._channel(grpc)
         try:
             metadata = [("authorization", f"Bearer {self._token}"), (DEVICE_ID_HEADER, self.device_id)]

@@ -71,6 +71,14 @@ class BrokerInfo(Message):
     keepalive_s: int = Field(default=30, ge=5, le=65535)  # MQTT's keep alive is a 16-bit field
 
 
+class AgentChannelInfo(Message):
+    """Where agents with `transport = "grpc"` connect: `GET /api/v1/agent-channel` (a device's or the admin's token).
+    Not part of EnrollResponse, so an agent that predates the channel enrolls at a cloud that has it."""
+
+    target: str = Field(min_length=3, max_length=300)  # host:port
+    tls: bool = False
+
+
 class EnrollResponse(Versioned):
     kind: Literal["enroll_response"] = "enroll_response"
     device_id: DeviceId
@@ -84,5 +92,5 @@ class EnrollResponse(Versioned):
     desired_state_url: str  # GET with the device token returns the current SignedDesiredState
 
 
-__all__ = ["ENROLL_PROOF_PURPOSE", "BrokerInfo", "EnrollProof", "EnrollRequest", "EnrollResponse",
+__all__ = ["ENROLL_PROOF_PURPOSE", "AgentChannelInfo", "BrokerInfo", "EnrollProof", "EnrollRequest", "EnrollResponse",
            "enroll_proof_bytes"]

@@ -10,7 +10,7 @@ the import for every one of them:
 
     base.py       Message, Versioned, SCHEMA_VERSION, MessageError, device ids and names
     bundle.py     Budgets, DeviceClassInfo, TensorSpec, FileEntry, SmokeTest, Manifest
-    enroll.py     EnrollRequest (with EnrollProof), BrokerInfo, EnrollResponse
+    enroll.py     EnrollRequest (with EnrollProof), BrokerInfo, EnrollResponse, AgentChannelInfo
     state.py      desired state (signed) and its keys, reported state, device status
     telemetry.py  TelemetryWindow (requests and rows), TelemetryBatch, TelemetryAck
 
@@ -51,6 +51,7 @@ from edgefleet.protos.base import (
 from edgefleet.protos.bundle import Budgets, DeviceClassInfo, FileEntry, Manifest, SmokeTest, TensorSpec
 from edgefleet.protos.enroll import (
     ENROLL_PROOF_PURPOSE,
+    AgentChannelInfo,
     BrokerInfo,
     EnrollProof,
     EnrollRequest,
@@ -129,7 +130,8 @@ def parse_message(raw: bytes | str | dict[str, Any], expected: type[Message] | N
 
 __all__ = [
     "DESIRED_KEYS_TARGET", "DEVICE_ID_RE", "ENROLL_PROOF_PURPOSE", "MAX_MESSAGE_BYTES", "NAME_RE", "SCHEMA_VERSION",
-    "SHA256_RE", "BrokerInfo", "Budgets", "DesiredModel", "DesiredState", "DesiredStateKeys", "DeviceClassInfo",
+    "SHA256_RE", "AgentChannelInfo", "BrokerInfo", "Budgets", "DesiredModel", "DesiredState", "DesiredStateKeys",
+    "DeviceClassInfo",
     "DeviceId", "DeviceStatus", "EnrollProof", "EnrollRequest", "EnrollResponse", "FileEntry", "Manifest", "Message",
     "MessageError", "ModelBudgets", "ModelStatus", "Name", "ReportedState", "Signature", "SignedDesiredState",
     "SignedDesiredStateKeys", "SmokeTest", "TelemetryAck", "TelemetryBatch", "TelemetryWindow", "TensorSpec",

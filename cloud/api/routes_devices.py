@@ -17,9 +17,10 @@ from fastapi.concurrency import run_in_threadpool
 
 from edgefleet.cloud.api.deps import AdminDep, DeviceOrAdminDep, EnrollDep, FleetDep, check_own_device
 from edgefleet.cloud.api.handlers import error_responses
-from edgefleet.cloud.errors import Invalid, RateLimited, Refused, TooLarge
+from edgefleet.cloud.errors import Invalid, NotFound, RateLimited, Refused, TooLarge
 from edgefleet.protos.api import DeviceView
 from edgefleet.protos.messages import (
+    AgentChannelInfo,
     EnrollRequest,
     EnrollResponse,
     Message,
@@ -55,6 +56,17 @@ def _same_device(path_id: str, body_id: str) -> None:
 def enroll(req: EnrollRequest, fleet: FleetDep, who: EnrollDep) -> EnrollResponse:
     """Enroll a device with an enrollment token; the answer holds its device token (shown once) and trust roots."""
     return fleet.enroll(req, enrolled_by=who.token_hash)
+
+
+@router.get("/agent-channel", response_model=AgentChannelInfo, responses=error_responses(404))
+def agent_channel(fleet: FleetDep, who: DeviceOrAdminDep) -> AgentChannelInfo:
+    """Where agents with `transport = "grpc"` connect (host:port, and whether it is TLS), for an agent whose
+    `[grpc] target` is empty. 404 while the cloud runs no agent channel."""
+    info = fleet.agent_channel
+    if info is None:
+        raise NotFound("this cloud runs no gRPC agent channel: start it with `edgefleet-cloud serve "
+                       "--agent-channel-port PORT`, or give the agent transport = \"mqtt\"")
+    return info
 
 
 @router.get("/devices/{device_id}/desired", response_model=SignedDesiredState, responses=error_responses(404))
