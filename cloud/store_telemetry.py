@@ -287,7 +287,7 @@ class TelemetryStoreMixin:
                 select(u.c.device_id, u.c.model, u.c.version, func.sum(u.c.count).label("count"),
                        func.sum(u.c.errors).label("errors"), func.sum(u.c.rows).label("rows"),
                        func.sum(u.c.windows).label("windows"),
-                       *((func.sum(u.c[f"{f}_sum"]) / func.nullif(func.sum(u.c[f"{f}_weight"]), 0)).label(f)
+                       *(_mean(func.sum(u.c[f"{f}_sum"]), func.sum(u.c[f"{f}_weight"])).label(f)
                          for f in _WEIGHTED),
                        func.max(u.c.p99_ms).label("p99_ms"), _label_of(u.c.energy_source).label("energy_source"),
                        func.max(u.c.end).label("window_end"))
@@ -361,6 +361,17 @@ def _window_sums(*where: Any, hour: Any = None) -> Any:
                    func.max(w.p99_ms).label("p99_ms"), _label_of(w.energy_source).label("energy_source"),
                    func.max(w.end).label("end"))
             .where(*where).group_by(*([w.device_id, w.model, w.version] + ([hour] if hour is not None else []))))
+
+
+# A weighted sum below this is a mean of 0: PostgreSQL raises "value out of range: underflow" where a quotient
+# rounds to zero from a non-zero dividend (a subnormal latency such as 5e-324 ms over 3 requests), and Python would
+# give 0.0 or a subnormal. Far below any real figure (weights stay under 1e20, so larger sums divide safely).
+_TINY_SUM = 1e-300
+
+
+def _mean(total: Any, weight: Any) -> Any:
+    """total / weight in SQL: NULL for no weight, 0.0 for a sum too small to divide (see _TINY_SUM)."""
+    return case((func.coalesce(weight, 0) == 0, None), (func.abs(total) < _TINY_SUM, 0.0), else_=total / weight)
 
 
 def _label_of(source: Any) -> Any:

@@ -209,3 +209,16 @@ def test_the_fast_decoders_rows_store_what_the_window_dicts_store(store):
     assert [r[1:] for r in reasons if r[0] == "d1"] == [r[1:] for r in reasons if r[0] == "d2"] != []
     assert counters(store) == {**dict.fromkeys(COUNTERS, 0), "telemetry_batches": 2, "telemetry_windows": 6,
                                "telemetry_replayed": 1, "telemetry_dropped_windows": 4, "telemetry_merged_windows": 2}
+
+
+def test_a_subnormal_figure_does_not_break_the_summary(store):
+    """5e-324 ms is a valid latency on the wire (>= 0); its mean over 3 requests rounds to zero, which PostgreSQL
+    refuses as an underflow unless the summary guards it (store_telemetry._mean). The summary answers, with 0."""
+    tiny = window(0, count=4, errors=1, rows=4, p50_ms=5e-324, p95_ms=5e-324, p99_ms=5e-324, mean_ms=5e-324,
+                  row_ms=5e-324, mean_mj=5e-324, row_mj=5e-324, row_net_mj=5e-324)
+    assert store.add_telemetry_many([BatchIn("d1", 0, 1, [tiny])], NOW) == [STORED]
+    [agg] = store.telemetry_summary(NOW - timedelta(hours=1))["d1"]
+    assert agg.count == 4 and agg.p50_ms == 0.0 and agg.mean_mj == 0.0
+    store.telemetry_rollup()  # and through the hourly roll-up
+    [agg] = store.telemetry_summary(NOW - timedelta(hours=3))["d1"]
+    assert agg.count == 4 and agg.p50_ms in (0.0, 5e-324)
