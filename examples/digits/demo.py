@@ -2,7 +2,8 @@
 
 1. Train the teacher CNN on scikit-learn's bundled digits and export it to ONNX with its transfer set
    (examples/digits/teacher_cnn.py; 450 held-out digits kept aside).
-2. Start the cloud (`edgefleet-cloud serve`, SQLite and a local blob folder in a temporary data directory), which
+2. Start the cloud (`edgefleet-cloud serve`, SQLite and a local blob folder in a temporary data directory, its gRPC
+   agent channel on: orin-dock connects over it, the other agents over MQTT), which
    runs the broker itself with a login per device (Mosquitto with its dynamic-security plugin when the binary exists,
    else its embedded amqtt broker; an anonymous client is refused), a job worker beside it
    (`edgefleet-cloud worker`, the only process that trains), and three agents of different classes
@@ -66,6 +67,9 @@ AGENTS = [  # (device id, class, labels)
     ("orin-dock", "jetson-orin-nano", {"site": "dock"}),
     ("gw-hall", "x86-cpu", {"site": "hall", "tier": "gateway"}),
 ]
+# orin-dock talks to the cloud over the gRPC agent channel instead of MQTT (the same messages, one stream; bundles
+# over FetchArtifact). No [grpc] target: it asks the cloud where the channel is (GET /api/v1/agent-channel).
+GRPC_AGENT = "orin-dock"
 # A short build for the demo: 4 candidates, 25 epochs. 1e-2 rather than the default 3e-3: at 3e-3 small students
 # stop early while still improving (bench/distill.py measured 95.1 % vs 98.0 % held-out for dscnn2d-w0.5-d2).
 DEMO_SPEC = {"max_candidates": 4, "max_epochs": 25, "patience": 6, "learning_rate": 1e-2, "augment": "on"}
@@ -148,8 +152,10 @@ def run(work: Path) -> None:
             "EDGEFLEET_PUBLIC_URL": cloud_url,
             "EDGEFLEET_WORKER_POLL_S": "0.2",
         }
+        channel_port = free_port()
         procs.start("cloud", [str(BIN / "edgefleet-cloud"), "serve", "--host", "127.0.0.1", "--port", str(port),
-                              "--data-dir", str(work / "cloud")], env=cloud_env)
+                              "--data-dir", str(work / "cloud"), "--agent-channel-port", str(channel_port)],
+                    env=cloud_env)
         token_file = work / "cloud" / "admin.token"
 
         def cloud_up():
@@ -161,11 +167,13 @@ def run(work: Path) -> None:
         procs.start("worker", [str(BIN / "edgefleet-cloud"), "worker", "--data-dir", str(work / "cloud"),
                                "--id", "demo-worker"], env=cloud_env)
         console.print(f"    broker: {'embedded amqtt' if embedded else 'mosquitto (run by the cloud)'} on {mqtt_port}, "
-                      f"a login per device; cloud {cloud_url}")
+                      f"a login per device; cloud {cloud_url}, its gRPC agent channel on {channel_port}; "
+                      f"{GRPC_AGENT} connects over gRPC (transport = \"grpc\"), the others over MQTT")
         client = FleetClient(cloud_url, token_file.read_text().strip())
         enroll = client.create_enrollment_token(EnrollmentTokenRequest(note="demo"))
         for device_id, device_class, labels in AGENTS:
-            cfg = agent_config(work, device_id, device_class, labels, cloud_url, enroll.token)
+            cfg = agent_config(work, device_id, device_class, labels, cloud_url, enroll.token,
+                               transport="grpc" if device_id == GRPC_AGENT else "mqtt")
             procs.start(device_id, [str(BIN / "edgefleet-agent"), "run", "--config", str(cfg)])
 
         step("[bold]3/7[/] distilling the teacher into one student per class (the worker trains)")
@@ -210,6 +218,14 @@ def run(work: Path) -> None:
             return len(rows) == len(AGENTS) and all(r.state == "in_sync" for r in rows) and rows
 
         wait_until(in_sync, 90, "every agent to verify, smoke-test and activate its bundle")
+        grpc_log = (logdir / f"{GRPC_AGENT}.log").read_text(errors="replace")
+        over_grpc = [line.split("downloaded ", 1)[1] for line in grpc_log.splitlines()
+                     if "over the gRPC channel" in line and "downloaded " in line]
+        if not over_grpc:
+            raise SystemExit(f"demo: {GRPC_AGENT} did not download its bundle over the gRPC channel; see "
+                             f"{logdir / GRPC_AGENT}.log")
+        console.print(f"    {GRPC_AGENT} (transport = \"grpc\", the channel found through the cloud): bundle "
+                      f"{over_grpc[-1]}", highlight=False)
 
         step("[bold]5/7[/] sending the held-out digits through each agent's local inference API")
         held = np.load(teacher["heldout"])

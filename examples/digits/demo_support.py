@@ -63,9 +63,10 @@ class Processes:
 
 
 def agent_config(work: Path, device_id: str, device_class: str, labels: dict[str, str], cloud_url: str,
-                 token: str, extra: str = "") -> Path:
+                 token: str, extra: str = "", *, transport: str = "mqtt") -> Path:
     """An agent's TOML: its own data dir under `work`, the local API on a free port and a unix socket, 1 s
-    telemetry windows; `extra`: more sections (e.g. [offload])."""
+    telemetry windows, `transport` ("grpc": the cloud's agent channel, found through the cloud); `extra`: more
+    sections (e.g. [offload])."""
     data = work / "agents" / device_id
     data.mkdir(parents=True)
     label_lines = "\n".join(f'{k} = "{v}"' for k, v in labels.items())
@@ -75,7 +76,8 @@ def agent_config(work: Path, device_id: str, device_class: str, labels: dict[str
         f'device_class = "{device_class}"\n'
         f'cloud_url = "{cloud_url}"\n'
         f'enrollment_token = "{token}"\n'
-        f'data_dir = "{data}"\n\n'
+        f'data_dir = "{data}"\n'
+        f'transport = "{transport}"\n\n'
         f"[labels]\n{label_lines}\n\n"
         "[api]\nhttp_host = \"127.0.0.1\"\nhttp_port = 0\n"
         f'unix_socket = "{data / "agent.sock"}"\n\n'
