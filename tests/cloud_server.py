@@ -2,7 +2,7 @@
 
     start_cloud_server(data_dir: Path, *, db_url: str | None = None,
                        mqtt: tuple[str, int] | Literal["embedded"] | None = None,
-                       **settings: Any) -> CloudServer
+                       http_port: int | None = None, **settings: Any) -> CloudServer
         Runs `edgefleet.cloud.main.CloudRuntime` (the same wiring as `edgefleet-cloud serve`: Fleet.from_settings
         with migrations, admin token, broker, MQTT bridge, refresher) and uvicorn in a background thread on a port
         the OS picked. `data_dir` is the cloud's own (created). `db_url`: None for SQLite in data_dir, or the
@@ -11,6 +11,9 @@
         pass `**Mosquitto(..., dynsec=True).cloud_settings()` for a secured one); "embedded" starts amqtt on a free
         port, secured like the real default (device logins checked in-process; `mqtt_auth="none"` opens it).
         `wait_mqtt=False` starts without waiting for the bridge (a broker that is down on purpose).
+        `http_port`: the HTTP port (default: one the OS picked); with the same data_dir, a cloud restarted where the
+        agents already point. `agent_channel_port=0` (a `Settings` field) also serves the gRPC agent channel on a free
+        port (`target_of(server)` is its host:port); a fixed port keeps it there across a restart.
         `settings`: any other `Settings` field (max_model_mb=1, desired_state_ttl_s=60, refresh_interval_s=...).
 
     CloudServer: .base_url ("http://127.0.0.1:PORT"), .admin_token, .data_dir, .settings, .fleet, .runtime,
@@ -18,6 +21,11 @@
         .client(token=...) -> httpx.Client, .stop() (idempotent; also a context manager).
 
     cloud_server(data_dir, **same) -> context manager yielding a CloudServer, stopped on exit.
+
+    target_of(server) -> "127.0.0.1:PORT", the agent channel's target (an agent's `[grpc] target`).
+    push_desired(server, device_id, raw: bytes, timeout_s=10) -> sends `raw` down that device's agent-channel stream
+        as a desired state, bypassing the cloud's checks (a hostile push: a replay, another device's, garbage);
+        waits for the device's stream (`stream=` a stream to wait past, e.g. the one before a restart).
 
     tiny_onnx(n_in=4, n_out=2) -> bytes: a valid MatMul ONNX model (x: [1, n_in] float32 -> y: [1, n_out]).
     enroll_device(admin: httpx.Client, device_id, device_class="rpi4", labels=None) -> EnrollResponse: makes an
@@ -62,14 +70,14 @@ from tests.harness import free_port, wait_for
 class AppServer:
     """Any ASGI app under uvicorn in a daemon thread, on a socket bound before Settings need the port."""
 
-    def __init__(self, sock: socket.socket | None = None) -> None:
+    def __init__(self, sock: socket.socket | None = None, port: int = 0) -> None:
         if sock is None:
             # IPPROTO_TCP named, as getaddrinfo gives it to `edgefleet-cloud serve`: asyncio sets TCP_NODELAY only on
             # connections of a socket whose proto says TCP. Without it each answer on a kept-alive connection
             # (uvicorn writes head and body apart) waited ~45 ms for the client's delayed ACK (Nagle).
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", 0))
+            sock.bind(("127.0.0.1", port))
         self.sock = sock
         self.port: int = sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -151,11 +159,12 @@ def start_cloud_server(
     db_url: str | None = None,
     mqtt: tuple[str, int] | Literal["embedded"] | None = None,
     wait_mqtt: bool = True,
+    http_port: int | None = None,
     **settings: Any,
 ) -> CloudServer:
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
-    http = AppServer()  # bound first: public_url (in enrollment answers) needs the port
+    http = AppServer(port=http_port or 0)  # bound first: public_url (in enrollment answers) needs the port
     # The bridge's reconnect backoff at test scale (the agents' in tests/e2e use 0.2 s .. 1 s): with the default 30 s
     # cap, a broker started late could wait for a full-jitter draw of up to 30 s.
     values: dict[str, Any] = {"data_dir": data_dir, "host": "127.0.0.1", "port": http.port,
@@ -182,6 +191,30 @@ def start_cloud_server(
         base_url=http.base_url, admin_token=token, data_dir=cfg.data_dir, settings=cfg, runtime=runtime,
         mqtt_host=cfg.mqtt_host if mqtt else None, mqtt_port=cfg.mqtt_port if mqtt else None, _http=http,
     )
+
+
+def target_of(cloud: CloudServer) -> str:
+    """The cloud's agent channel as an agent's `[grpc] target` (the cloud started with `agent_channel_port`)."""
+    assert cloud.runtime.agent_channel is not None, "started without agent_channel_port: no agent channel"
+    return f"127.0.0.1:{cloud.runtime.agent_channel.port}"
+
+
+def push_desired(cloud: CloudServer, device_id: str, raw: bytes, *, timeout_s: float = 10.0,
+                 stream: Any = None) -> Any:
+    """Send `raw` down `device_id`'s agent-channel stream as its desired state, as is: no signature, generation or
+    device check on the cloud's side (a hostile or replayed push for the agent to refuse). Waits for the device's
+    stream (one other than `stream`, if given: the stream before the agent restarted); returns the stream used."""
+    from edgefleet.protos import agent_channel_pb2 as pb
+
+    hub = cloud.runtime.agent_channel.hub
+
+    def live() -> Any:
+        s = hub.stream_of(device_id)
+        return s if s is not None and s is not stream and not s.closed else None
+
+    target = wait_for(live, timeout_s, what=f"{device_id}'s agent-channel stream")
+    assert target.send(pb.CloudMessage(desired=raw)), f"the push to {device_id} was not taken by its stream"
+    return target
 
 
 def tiny_onnx(n_in: int = 4, n_out: int = 2) -> bytes:

@@ -30,7 +30,7 @@ from edgefleet.protos.messages import (
     TelemetryWindow,
     parse_message,
 )
-from tests.cloud_server import CloudServer, enroll_device, start_cloud_server, tiny_onnx
+from tests.cloud_server import CloudServer, enroll_device, push_desired, start_cloud_server, target_of, tiny_onnx
 from tests.harness import wait_for
 
 
@@ -118,10 +118,6 @@ def links():
     yield make
     for link in made:
         link.stop(graceful=False)
-
-
-def target_of(cloud: CloudServer) -> str:
-    return f"127.0.0.1:{cloud.runtime.agent_channel.port}"
 
 
 def enroll(cloud: CloudServer, device_id: str = "dev-1") -> EnrollResponse:
@@ -279,7 +275,6 @@ BASE = {"device_id": "dev-1", "device_class": "rpi4", "cloud_url": "http://cloud
 
 @pytest.mark.parametrize(("extra", "needle"), [
     ({"transport": "grcp"}, "did you mean 'grpc'"),
-    ({"transport": "grpc"}, "needs 'grpc.target'"),
     ({"transport": "grpc", "grpc": {"target": "http://cloud:8082"}}, "not a URL"),
     ({"transport": "grpc", "grpc": {"target": "cloud"}}, "host:port"),
     ({"transport": "grpc", "grpc": {"target": "cloud:99999"}}, "1 to 65535"),
@@ -301,6 +296,8 @@ def test_a_grpc_config_builds_and_the_daemon_picks_the_grpc_link(tmp_path):
     assert config.transport == "grpc"
     assert config.grpc == GrpcConfig(target="cloud:8082", ca_file=str(tmp_path / "ca.pem"))
     assert config_from_dict(BASE).transport == "mqtt"  # the default, as before
+    # No target: the link asks the cloud where its channel is (tests/cloud/test_agent_channel_discovery.py).
+    assert config_from_dict(BASE | {"transport": "grpc"}).grpc.target == ""
     from edgefleet.edge_agent.daemon import Agent
 
     agent = Agent(config)
@@ -345,7 +342,6 @@ def test_a_real_agent_over_grpc_installs_reports_and_refuses_hostile_pushes(tmp_
     """`edgefleet-agent run` with transport = "grpc" against a cloud without MQTT: the deployment arrives on the
     stream, is verified and installed, reports come back; a foreign and a replayed document pushed down the stream
     are refused by the daemon's usual verification and named in last_error."""
-    from edgefleet.protos import agent_channel_pb2 as pb
     from tests.e2e.agent_process import AgentProcess
 
     cloud = start_cloud_server(tmp_path / "cloud", agent_channel_port=0)
@@ -372,12 +368,10 @@ def test_a_real_agent_over_grpc_installs_reports_and_refuses_hostile_pushes(tmp_
 
             enroll(cloud, "pi-2")
             foreign = cloud.fleet.desired_state("pi-2")
-            stream = hub.stream_of("pi-1")
-            assert stream is not None
-            stream.send(pb.CloudMessage(desired=foreign.to_wire()))
+            push_desired(cloud, "pi-1", foreign.to_wire())
             wait_for(lambda: "pi-2" in (cloud.fleet.get_device("pi-1").last_error or ""), 20,
                      what="the foreign document refused")
-            stream.send(pb.CloudMessage(desired=old.to_wire()))  # signed, its own, but older: a replay
+            push_desired(cloud, "pi-1", old.to_wire())  # signed, its own, but older: a replay
             wait_for(lambda: "refused desired state from grpc" in (cloud.fleet.get_device("pi-1").last_error or "")
                      and "pi-2" not in cloud.fleet.get_device("pi-1").last_error, 20, what="the replay refused")
             assert agent.infer("tiny", [0.5, -1.0, 2.0, 0.25], [1, 4])["model_name"] == "tiny"  # still serving
