@@ -73,3 +73,26 @@ def test_a_stop_ends_a_long_wait_at_once():
     threading.Thread(target=stop, daemon=True).start()
     assert stopped.wait(5), "loop_stop waited out the 30 s backoff"
     assert time.monotonic() - started < 5
+
+
+def test_every_connection_turns_nagle_off_also_after_a_reconnect(tmp_path):
+    """TCP_NODELAY on the first connection and on the one after the broker came back (paho's loop reconnects)."""
+    import socket
+
+    broker = Mosquitto(tmp_path / "mq").start()
+    client = _client(Backoff(0.05, 0.2, rand=random.Random(3).random))
+    connects: list[int] = []
+    client.on_connect = lambda c, u, f, rc, p: connects.append(
+        client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+    client.connect_async(broker.host, broker.port)
+    client.loop_start()
+    try:
+        wait_for(lambda: connects, 10, what="the first connect")
+        broker.stop()
+        broker.start()
+        wait_for(lambda: len(connects) == 2, 20, what="the reconnect")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+        broker.stop()
+    assert connects == [1, 1]
