@@ -1,7 +1,10 @@
 """End to end with per-device broker logins: real `edgefleet-agent` processes enroll, receive their own MQTT login,
 and work over a Mosquitto that refuses anonymous clients (dynamic security plugin, provisioned by the cloud); a
 revoked agent is cut off the broker and goes on over HTTP. On the old code the agents connected anonymously, which
-this broker refuses: they would never come online."""
+this broker refuses: they would never come online.
+
+MQTT only: broker logins are what is under test, and a gRPC agent has none (its stream is authenticated by the
+device token, whose refusal and revocation tests/edge_agent/test_link_grpc.py covers)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@
 The agent pinned TUF root 1 and desired-state key v0 at enrollment; after the TUF rotations it installs a new
 version through root 2..N, after the desired-state rotation it accepts documents signed by the new key alone (having
 looked the key lists up through TUF), and a document signed by the revoked key is refused, also after a restart.
+On both transports: on MQTT the forged document is published on the device's topic, on gRPC pushed down its stream.
 """
 
 from __future__ import annotations
@@ -18,17 +19,23 @@ from edgefleet.cloud.main import app
 from edgefleet.cloud.trust.desired import canonical_bytes
 from edgefleet.cloud.trust.keys import load_signer
 from edgefleet.protos.messages import DesiredState, Signature, SignedDesiredState
-from edgefleet.protos.topics import device_topics
-from tests.cloud_server import MqttProbe, start_cloud_server
-from tests.e2e.agent_process import AgentProcess
+from tests.cloud_server import start_cloud_server
+from tests.e2e.agent_process import TRANSPORTS, AgentProcess, agent_on
 from tests.e2e.test_agents_e2e import X4, device, enrollment_token, push, wait_enrolled, wait_in_sync
 from tests.harness import wait_for
 
+pytestmark = pytest.mark.parametrize("transport", TRANSPORTS)
+
 
 @pytest.fixture
-def cloud(tmp_path: Path, mosquitto):
+def cloud(request: pytest.FixtureRequest, tmp_path: Path, transport: str):
     # 0.3 s: the serve loop re-signs every document soon after the desired-state keys change
-    server = start_cloud_server(tmp_path / "cloud", mqtt=(mosquitto.host, mosquitto.port), refresh_interval_s=0.3)
+    if transport == "grpc":
+        server = start_cloud_server(tmp_path / "cloud", agent_channel_port=0, refresh_interval_s=0.3)
+    else:
+        mosquitto = request.getfixturevalue("mosquitto")
+        server = start_cloud_server(tmp_path / "cloud", mqtt=(mosquitto.host, mosquitto.port),
+                                    refresh_interval_s=0.3)
     try:
         yield server
     finally:
@@ -46,9 +53,9 @@ def accepted(agent: AgentProcess) -> int:
     return json.loads((agent.data_dir / "state.json").read_text())["highest_generation"] or 0
 
 
-def test_every_key_rotated_under_a_running_agent(tmp_path: Path, cloud, mosquitto):
+def test_every_key_rotated_under_a_running_agent(tmp_path: Path, cloud, downlink, transport):
     with cloud.client() as admin:
-        agent = AgentProcess(tmp_path / "agents", "pi-k", "rpi4", cloud.base_url, enrollment_token(admin)).start()
+        agent = agent_on(transport, cloud, tmp_path / "agents", "pi-k", "rpi4", enrollment_token(admin)).start()
         try:
             wait_enrolled(admin, "pi-k")
             v1 = push(admin)
@@ -81,22 +88,20 @@ def test_every_key_rotated_under_a_running_agent(tmp_path: Path, cloud, mosquitt
             sig = old.sign(canonical_bytes(payload))
             forged = SignedDesiredState(payload=DesiredState.model_validate(payload),
                                         signatures=[Signature(keyid=sig.keyid, sig=sig.signature)]).to_wire()
-            topic = device_topics(cloud.settings.mqtt_topic_prefix, "pi-k").desired
-            probe = MqttProbe(mosquitto.host, mosquitto.port)
-            try:
-                probe.publish(topic, forged)
-                wait_for(lambda: "revoked" in (device(admin, "pi-k")["last_error"] or ""), 15,
-                         what="the revoked key refused")
-                agent.stop()
-                agent.start()
-                def refused_after_restart() -> bool:
-                    # Sent again until seen: a copy published before the restarted agent has subscribed reaches no one.
-                    probe.publish(topic, forged)
-                    return agent.log_text().split("agent stopped")[-1].count("revoked key") >= 1
+            downlink.send("pi-k", forged)
+            wait_for(lambda: "revoked" in (device(admin, "pi-k")["last_error"] or ""), 15,
+                     what="the revoked key refused")
+            agent.stop()
+            agent.start()
 
-                wait_for(refused_after_restart, 30, interval_s=0.5, what="the revoked key refused after a restart")
-                assert agent.infer("tiny", X4, [1, 4])["model_version"] == str(v2)
-            finally:
-                probe.stop()
+            def refused_after_restart() -> bool:
+                # Sent again until seen: a copy published before the restarted agent has subscribed (or pushed down
+                # the stream it had before the restart) reaches no one.
+                downlink.send("pi-k", forged)
+                return agent.log_text().split("agent stopped")[-1].count("revoked key") >= 1
+
+            wait_for(refused_after_restart, 30, interval_s=0.5, what="the revoked key refused after a restart")
+            assert f"refused desired state from {transport}" in agent.log_text().split("agent stopped")[-1]
+            assert agent.infer("tiny", X4, [1, 4])["model_version"] == str(v2)
         finally:
             agent.stop()

@@ -1,6 +1,10 @@
 """End to end for a LiteRT class: a user-defined class whose runtime is TFLite gets a distilled student converted
 to .tflite by the worker (through the converter's own virtual environment), shipped in a bundle with model.tflite,
-smoke-tested and served by the agent's LiteRT runtime, answering an Open Inference Protocol request."""
+smoke-tested and served by the agent's LiteRT runtime, answering an Open Inference Protocol request.
+
+On the default transport (MQTT) only: what is under test is the worker's conversion and the agent's runtime; the
+link only carries the deployment, which test_agents_e2e.py runs on both transports, and a second run would cost
+another distillation and conversion."""
 
 from __future__ import annotations
 

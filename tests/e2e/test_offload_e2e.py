@@ -8,6 +8,10 @@ digits MLP's ~10 us becomes ~4 ms, far over the 2 ms p95 budget its deployment s
 about 1 ms. So the policy's choices are not close calls on a loaded 2-core box. The cloud serves the pushed version
 itself (a pushed model has no teacher), so every answer, local or cloud, equals bare ONNX Runtime's, and the
 assertions are on where each request ran and why.
+
+On the default transport (MQTT) only: offloaded requests go over the agent's Open Inference Protocol client (REST,
+to the cloud's /v2), never over the link, which only brings the deployment and its budgets; test_agents_e2e.py runs
+that on both transports.
 """
 
 from __future__ import annotations

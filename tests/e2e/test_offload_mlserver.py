@@ -11,6 +11,9 @@ as JSON): a binary body gets FastAPI's 422, which the tests pin down. The agent'
 that request as JSON and stays on JSON (`offload.binary = false` saves the first failed try; MLServer's gRPC port
 does take raw_input_contents). The venv is built once per
 machine and the server started once for this module.
+
+On the default transport (MQTT) only: the offload path to MLServer does not use the agent's link (see
+test_offload_e2e.py), and the deployment that it does carry runs on both transports in test_agents_e2e.py.
 """
 
 from __future__ import annotations
