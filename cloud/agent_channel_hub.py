@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.cloud.errors import Refused
-from edgefleet.cloud.mqtt_checks import Checked, check_message
+from edgefleet.cloud.mqtt_checks import REASON_MAX_CHARS, Checked, check_message, count, tally
 from edgefleet.protos import agent_channel_pb2 as pb
 from edgefleet.protos.messages import DeviceStatus, SignedDesiredState, TelemetryAck
 from edgefleet.protos.telemetry import MAX_ACK_SEQS
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 # The prefix of the topics handed to check_message: never on a broker, it only names the channel for the checks.
 TOPIC_PREFIX = "grpc"
-_REASON_MAX_CHARS = 200
+_REASON_MAX_CHARS = REASON_MAX_CHARS
 _CLOSE = object()
 _CHANNELS = ("reported", "status", "telemetry")
 Publish = Callable[[str, SignedDesiredState], None]
@@ -322,28 +322,10 @@ class AgentHub:
     # -- counting (as cloud/mqtt_bridge.py counts) -----------------------------------------------------------------
 
     def _tally(self, checked: Checked) -> None:
-        if checked.outcome == "ignored":
-            return
-        if checked.outcome == "malformed":
-            log.warning("dropped a malformed gRPC message from %s on %s: %s", checked.device_id or "a device",
-                        checked.channel or "no channel", checked.reason[:_REASON_MAX_CHARS])
-            self._count("malformed_messages")
-            return
-        reason, _, text = checked.reason.partition(": ")
-        log.warning("refused a %s message from %s (%s): %s", checked.channel, checked.device_id, reason,
-                    text[:_REASON_MAX_CHARS])
-        self.counters["refused_messages"] += 1
-        try:
-            self.fleet.count_refused(checked.channel, reason)
-        except Exception:
-            log.warning("could not store the refusal counters", exc_info=True)
+        tally(self.fleet, self.counters, checked, "gRPC")
 
     def _count(self, name: str) -> None:
-        self.counters[name] += 1
-        try:
-            self.fleet.count(name)
-        except Exception:
-            log.warning("could not store counter %s", name, exc_info=True)
+        count(self.fleet, self.counters, name)
 
 
 __all__ = ["TOPIC_PREFIX", "AgentHub", "DeviceStream", "FanOut"]

@@ -53,7 +53,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefleet.cloud.errors import Refused
-from edgefleet.cloud.mqtt_checks import Checked, check_message
+from edgefleet.cloud.mqtt_checks import REASON_MAX_CHARS, Checked, check_message, count, tally
 from edgefleet.cloud.store_telemetry import BatchIn
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.mqtt_client import JitteredClient
@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _QOS = 1
-_REASON_MAX_CHARS = 200  # a reason quoted from a hostile payload stays one readable log line
+_REASON_MAX_CHARS = REASON_MAX_CHARS
 MqttProtocol = Literal["5", "3.1.1"]
 
 
@@ -476,23 +476,7 @@ class MqttBridge:
 
     def _tally(self, checked: Checked) -> None:
         """Log and count a message that will not be recorded."""
-        if checked.outcome == "malformed":
-            log.warning("dropped a malformed message on %s: %s", checked.channel or "a foreign topic",
-                        checked.reason[:_REASON_MAX_CHARS])
-            self._count("malformed_messages")
-        elif checked.outcome == "refused":
-            reason, _, text = checked.reason.partition(": ")
-            log.warning("refused a %s message from %s (%s): %s", checked.channel, checked.device_id, reason,
-                        text[:_REASON_MAX_CHARS])
-            self.counters["refused_messages"] += 1
-            try:
-                self.fleet.count_refused(checked.channel, reason)
-            except Exception:
-                log.warning("could not store the refusal counters", exc_info=True)
+        tally(self.fleet, self.counters, checked, "MQTT")
 
     def _count(self, name: str) -> None:
-        self.counters[name] += 1
-        try:
-            self.fleet.count(name)
-        except Exception:
-            log.warning("could not store counter %s", name, exc_info=True)
+        count(self.fleet, self.counters, name)

@@ -1,12 +1,15 @@
 """The checks every device message passes before the cloud records it, with no broker and no database: topic ours,
 payload not empty (a retained clear), size, the contract (telemetry first through the fast decoder,
 cloud/telemetry_decode.py, then pydantic for whatever it does not accept), and the topic's device id equal to the
-payload's. `check_message` says what it made of a message; the MQTT bridge counts, stores and acknowledges.
+payload's. `check_message` says what it made of a message; the MQTT bridge and the gRPC agent channel's hub
+count (`count`, `tally`: the same counters and log lines for both transports), store and acknowledge.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +25,8 @@ from edgefleet.protos.messages import (
 from edgefleet.protos.topics import parse_topic
 
 EXPECTED: dict[str, type] = {"reported": ReportedState, "telemetry": TelemetryBatch, "status": DeviceStatus}
+REASON_MAX_CHARS = 200  # a reason quoted from a hostile payload stays one readable log line
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -84,4 +89,31 @@ def _identity(channel: str, device_id: str, payload: bytes) -> Any:
     return _Identity(device_id, epoch, seq)
 
 
-__all__ = ["EXPECTED", "Checked", "check_message"]
+def count(fleet: Any, counters: Counter[str], name: str) -> None:
+    """One more `name` in the transport's own counters and, best effort, in the fleet's (`fleet stats`)."""
+    counters[name] += 1
+    try:
+        fleet.count(name)
+    except Exception:
+        log.warning("could not store counter %s", name, exc_info=True)
+
+
+def tally(fleet: Any, counters: Counter[str], checked: Checked, transport: str) -> None:
+    """Log and count a message that will not be recorded: malformed (`malformed_messages`) or refused
+    (`refused_messages`, and by channel and reason through `Fleet.count_refused`); "ignored" is neither."""
+    if checked.outcome == "malformed":
+        log.warning("dropped a malformed %s message from %s on %s: %s", transport, checked.device_id or "a device",
+                    checked.channel or "no channel", checked.reason[:REASON_MAX_CHARS])
+        count(fleet, counters, "malformed_messages")
+    elif checked.outcome == "refused":
+        reason, _, text = checked.reason.partition(": ")
+        log.warning("refused a %s %s message from %s (%s): %s", transport, checked.channel, checked.device_id,
+                    reason, text[:REASON_MAX_CHARS])
+        counters["refused_messages"] += 1
+        try:
+            fleet.count_refused(checked.channel, reason)
+        except Exception:
+            log.warning("could not store the refusal counters", exc_info=True)
+
+
+__all__ = ["EXPECTED", "REASON_MAX_CHARS", "Checked", "check_message", "count", "tally"]

@@ -13,13 +13,11 @@ tritonclient and MLServer define `inference` too).
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import sys
 import tempfile
 from pathlib import Path
 
-from edgefleet.protos.grpc_codegen import CodegenError
+from edgefleet.protos.grpc_codegen import CodegenError, codegen_cli, stale_files
 
 HERE = Path(__file__).resolve().parent
 PROTO = "agent_channel.proto"
@@ -54,30 +52,11 @@ def generate(proto_dir: Path = HERE) -> dict[str, str]:
 
 def stale(proto_dir: Path = HERE) -> list[str]:
     """The committed modules that differ from what `generate` makes now (missing ones included)."""
-    return [name for name, text in generate(proto_dir).items()
-            if not (proto_dir / name).exists() or (proto_dir / name).read_text(encoding="utf-8") != text]
+    return stale_files(generate(proto_dir), proto_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgefleet.protos.agent_channel_codegen",
-                                     description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed files; write nothing")
-    args = parser.parse_args(argv)
-    try:
-        if args.check:
-            differ = stale()
-            if differ:
-                print(f"out of date: {', '.join(differ)}; run `python -m edgefleet.protos.agent_channel_codegen`",
-                      file=sys.stderr)
-                return 1
-            return 0
-        for name, text in generate().items():
-            (HERE / name).write_text(text, encoding="utf-8")
-            print(f"wrote {HERE / name}")
-    except CodegenError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return codegen_cli("edgefleet.protos.agent_channel_codegen", __doc__, generate, HERE, argv)
 
 
 if __name__ == "__main__":

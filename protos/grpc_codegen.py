@@ -27,6 +27,7 @@ import argparse
 import importlib
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -76,34 +77,40 @@ def _fix(name: str, text: str) -> str:
 
 def stale(proto_dir: Path = HERE) -> list[str]:
     """The committed modules that differ from what `generate` makes now (missing ones included)."""
-    fresh = generate(proto_dir)
-    out = []
-    for name, text in fresh.items():
-        path = proto_dir / name
-        if not path.exists() or path.read_text(encoding="utf-8") != text:
-            out.append(name)
-    return out
+    return stale_files(generate(proto_dir), proto_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edgefleet.protos.grpc_codegen", description=__doc__.split("\n")[0])
+def stale_files(fresh: dict[str, str], proto_dir: Path) -> list[str]:
+    """Of `fresh` ({file name: text}), the files in `proto_dir` that are missing or differ."""
+    return [name for name, text in fresh.items()
+            if not (proto_dir / name).exists() or (proto_dir / name).read_text(encoding="utf-8") != text]
+
+
+def codegen_cli(module: str, doc: str | None, generate: Callable[[], dict[str, str]], out_dir: Path,
+                argv: list[str] | None) -> int:
+    """`python -m MODULE [--check]` for a codegen module: write what `generate` makes into `out_dir`, or with
+    --check exit 1 naming the files that differ; 2 on a CodegenError."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=(doc or "").split("\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed files; write nothing")
     args = parser.parse_args(argv)
     try:
         if args.check:
-            differ = stale()
+            differ = stale_files(generate(), out_dir)
             if differ:
-                print(f"out of date: {', '.join(differ)}; run `python -m edgefleet.protos.grpc_codegen`",
-                      file=sys.stderr)
+                print(f"out of date: {', '.join(differ)}; run `python -m {module}`", file=sys.stderr)
                 return 1
             return 0
         for name, text in generate().items():
-            (HERE / name).write_text(text, encoding="utf-8")
-            print(f"wrote {HERE / name}")
+            (out_dir / name).write_text(text, encoding="utf-8")
+            print(f"wrote {out_dir / name}")
     except CodegenError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return codegen_cli("edgefleet.protos.grpc_codegen", __doc__, generate, HERE, argv)
 
 
 if __name__ == "__main__":
