@@ -64,17 +64,7 @@ class CloudApi(Protocol):
 
     def desired_state_raw(self, url: str) -> bytes | None: ...
 
-    def agent_channel(self) -> AgentChannelInfo:
-        """Where this cloud's gRPC agent channel is (`GET /api/v1/agent-channel`), for transport = "grpc" with no
-        `[grpc] target`. AgentError when the cloud runs none."""
-        resp = self._request("GET", "/api/v1/agent-channel")
-        if resp.status_code != 200:
-            raise AgentError(f"the cloud names no gRPC agent channel ({resp.status_code}): {_server_message(resp)}; "
-                             "set [grpc] target in the agent config, or transport = \"mqtt\"")
-        try:
-            return parse_message(resp.content, AgentChannelInfo)
-        except MessageError as exc:
-            raise AgentError(f"the cloud's agent channel answer is not understood: {exc}") from None
+    def agent_channel(self) -> AgentChannelInfo: ...
 
     def post_reported(self, msg: ReportedState) -> None: ...
 

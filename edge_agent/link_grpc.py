@@ -39,15 +39,13 @@ from edgefleet.common.backoff import Backoff
 from edgefleet.edge_agent.clock import Clock, SystemClock
 from edgefleet.edge_agent.config import AgentConfig
 from edgefleet.edge_agent.errors import AgentError, ConfigError
+from edgefleet.edge_agent.link_acks import AckBook, Waiter
 from edgefleet.protos.messages import (
     AgentChannelInfo,
     DeviceStatus,
     EnrollResponse,
-    MessageError,
     ReportedState,
-    TelemetryAck,
     TelemetryBatch,
-    parse_message,
 )
 
 log = logging.getLogger(__name__)
@@ -71,12 +69,6 @@ def require_grpc() -> None:
         from edgefleet.protos import agent_channel_pb2, agent_channel_pb2_grpc  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - ImportError, or protobuf's VersionError (a runtime older than gencode)
         raise ConfigError(f"{INSTALL_HINT} ({type(exc).__name__}: {exc})") from None
-
-
-class _Waiter:
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.ok = False
 
 
 class GrpcLink:
@@ -126,10 +118,9 @@ class GrpcLink:
         self._out: queue.Queue[Any] | None = None  # the open stream's requests
         self._call: Any = None
         self._ids = itertools.count(1)
-        self._receipts: dict[int, _Waiter] = {}
-        # Telemetry confirmations, as in link_mqtt.py: (epoch, seq) -> its waiter; acks nobody waits for go to _late.
-        self._waiting: dict[tuple[int, int], _Waiter] = {}
-        self._late: set[tuple[int, int]] = set()
+        self._receipts: dict[int, Waiter] = {}
+        # Telemetry confirmations (link_acks.py), as in link_mqtt.py.
+        self._acks = AckBook(device_id, self._lock)
         self.attempts = 0  # streams tried (tests and logs read them)
         self.sessions = 0  # of which got as far as the desired state
 
@@ -298,8 +289,9 @@ class GrpcLink:
         with self._lock:
             if self._out is out:
                 self._out, self._call = None, None
-            waiters = list(self._receipts.values()) + list(self._waiting.values())
+            waiters = list(self._receipts.values())
             self._receipts.clear()
+        waiters += self._acks.waiters()
         out.put(_END)
         for waiter in waiters:  # nothing more comes on this stream: answer False now, the daemon takes HTTP
             waiter.event.set()
@@ -323,31 +315,11 @@ class GrpcLink:
             waiter.event.set()
 
     def _handle_ack(self, payload: bytes) -> None:
-        try:
-            ack = parse_message(payload, TelemetryAck)
-        except MessageError as exc:
-            log.warning("ignored a malformed telemetry ack: %s", exc)
-            return
-        if ack.device_id != self.device_id:
-            return
-        if ack.refused:
-            log.warning("the cloud refused telemetry batch(es) %s of epoch %d for good (%s); dropping them",
-                        ack.refused[:10], ack.epoch, ack.reason or "no reason given")
-        with self._lock:
-            for seq in [*ack.seqs, *ack.refused]:
-                key = (ack.epoch, seq)
-                waiter = self._waiting.get(key)
-                if waiter is not None:
-                    waiter.ok = True
-                    waiter.event.set()
-                else:
-                    self._late.add(key)
+        self._acks.handle(payload)
 
     def take_acked(self) -> list[tuple[int, int]]:
         """(epoch, seq) of batches the cloud confirmed (or refused for good) while nobody waited; each once."""
-        with self._lock:
-            out, self._late = sorted(self._late), set()
-            return out
+        return self._acks.take()
 
     # -- the daemon's side -----------------------------------------------------------------------------------------
 
@@ -363,7 +335,7 @@ class GrpcLink:
 
         if not self.connected:
             return False
-        waiter = _Waiter()
+        waiter = Waiter()
         message_id = next(self._ids)
         with self._lock:
             self._receipts[message_id] = waiter
@@ -388,23 +360,7 @@ class GrpcLink:
 
         if not self.connected:
             return False
-        key = (batch.epoch, batch.seq)
-        waiter = _Waiter()
-        with self._lock:
-            if key in self._late:  # confirmed already (a copy sent earlier was stored)
-                self._late.discard(key)
-                return True
-            self._waiting[key] = waiter
-        try:
-            if not self._send(pb.AgentMessage(telemetry=batch.to_wire())):
-                return False
-            waiter.event.wait(timeout_s)
-            return waiter.ok
-        finally:
-            with self._lock:
-                self._waiting.pop(key, None)
-                if waiter.ok:
-                    self._late.discard(key)
-
+        return self._acks.wait((batch.epoch, batch.seq),
+                               lambda _: self._send(pb.AgentMessage(telemetry=batch.to_wire())), timeout_s)
 
 __all__ = ["DEVICE_ID_HEADER", "INSTALL_HINT", "GrpcLink", "require_grpc"]

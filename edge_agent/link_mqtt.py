@@ -36,16 +36,14 @@ from edgefleet.common.backoff import Backoff
 from edgefleet.common.mqtt_client import JitteredClient
 from edgefleet.edge_agent.clock import Clock, SystemClock
 from edgefleet.edge_agent.config import AgentConfig
+from edgefleet.edge_agent.link_acks import AckBook
 from edgefleet.protos.messages import (
     BrokerInfo,
     DeviceStatus,
     EnrollResponse,
     Message,
-    MessageError,
     ReportedState,
-    TelemetryAck,
     TelemetryBatch,
-    parse_message,
 )
 from edgefleet.protos.topics import device_client_id, device_topics
 
@@ -80,12 +78,8 @@ class MqttLink:
         self._on_connected = on_connected
         self._clock = clock or SystemClock()
         self._connected = threading.Event()
-        # Telemetry confirmations: (epoch, seq) -> the event publish_telemetry waits on; acks nobody waits for (late,
-        # or for a batch sent before a restart) go to _late until take_acked() collects them.
-        self._ack_lock = threading.Lock()
-        self._waiting: dict[tuple[int, int], threading.Event] = {}
-        self._late: set[tuple[int, int]] = set()
-        self._refused: dict[tuple[int, int], str] = {}
+        # Telemetry confirmations (link_acks.py): what publish_telemetry waits on, and the late ones for take_acked().
+        self._acks = AckBook(device_id)
         self._ack_mid: int | None = None
         self._acks_ok: bool | None = None  # None: not known yet (no SUBACK); False: the broker refused the topic
         # A random suffix is not used: one client id per device lets the broker drop a stale session of ours, and the
@@ -165,34 +159,11 @@ class MqttLink:
             log.exception("desired-state handler failed")
 
     def _handle_ack(self, payload: bytes) -> None:
-        try:
-            ack = parse_message(payload, TelemetryAck)
-        except MessageError as exc:
-            log.warning("ignored a malformed telemetry ack: %s", exc)
-            return
-        if ack.device_id != self.device_id:
-            return
-        if ack.refused:
-            log.warning("the cloud refused telemetry batch(es) %s of epoch %d for good (%s); dropping them",
-                        ack.refused[:10], ack.epoch, ack.reason or "no reason given")
-        with self._ack_lock:
-            for seq in [*ack.seqs, *ack.refused]:
-                key = (ack.epoch, seq)
-                if seq in ack.refused:
-                    self._refused[key] = ack.reason
-                event = self._waiting.get(key)
-                if event is not None:
-                    event.set()
-                else:
-                    self._late.add(key)
+        self._acks.handle(payload)
 
     def take_acked(self) -> list[tuple[int, int]]:
         """(epoch, seq) of batches the cloud confirmed (or refused for good) while nobody waited; each once."""
-        with self._ack_lock:
-            out, self._late = sorted(self._late), set()
-            return out
-
-    # daemon side -------------------------------------------------------------------------------------------------
+        return self._acks.take()
 
     def start(self) -> None:
         # connect_async never raises for a broker that is down; loop_start's thread keeps trying.
@@ -217,23 +188,9 @@ class MqttLink:
         """True once the cloud confirmed it stored the batch (or refused it for good), within `timeout_s`."""
         if not self.connected or self._acks_ok is False:
             return False
-        key = (batch.epoch, batch.seq)
-        event = threading.Event()
-        with self._ack_lock:
-            if key in self._late:  # confirmed already (a copy sent earlier was stored)
-                self._late.discard(key)
-                return True
-            self._waiting[key] = event
-        try:
-            deadline = self._clock.monotonic() + timeout_s
-            if not self._publish_wait(self.topics.telemetry, batch, timeout_s=timeout_s):
-                return False
-            return event.wait(max(0.0, deadline - self._clock.monotonic()))
-        finally:
-            with self._ack_lock:
-                self._waiting.pop(key, None)
-                if event.is_set():
-                    self._late.discard(key)
+        return self._acks.wait((batch.epoch, batch.seq),
+                               lambda _: self._publish_wait(self.topics.telemetry, batch, timeout_s=timeout_s),
+                               timeout_s, self._clock.monotonic)
 
     def publish_status(self, status: DeviceStatus, timeout_s: float) -> bool:
         return self._publish_wait(self.topics.status, status, retain=True, timeout_s=timeout_s)
