@@ -152,3 +152,79 @@ def test_http_is_taken_when_the_channel_cannot_serve(world, tmp_path):
     assert dest.read_bytes() == want
     with pytest.raises(CloudUnavailable, match="no HTTP fallback"):
         GrpcBundleFetcher(lambda: None, None, 1 << 30).fetch(path, tmp_path / "c.tar.gz", expected_length=10)
+
+
+class CutProxy:
+    """A TCP proxy that forwards until `cut_after` bytes went from the server to the client, then closes both
+    sides: the network dropping mid-download."""
+
+    def __init__(self, upstream_port: int, cut_after: int) -> None:
+        import socket
+        import threading
+
+        self.upstream_port, self.cut_after, self.sent = upstream_port, cut_after, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._socks: list[Any] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self._socks += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, downstream: bool) -> None:
+        try:
+            while chunk := src.recv(16384):
+                if downstream:
+                    room = self.cut_after - self.sent
+                    if room <= 0:
+                        break
+                    chunk = chunk[:room]
+                    self.sent += len(chunk)
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.close()
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self.listener.close()
+        for s in self._socks:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def test_a_download_cut_by_the_network_resumes_over_the_channel_from_its_bytes(world, tmp_path):
+    """A real connection dropped mid-stream (a proxy that closes after ~140 KB): the fetcher keeps the whole
+    chunks that came, and the next fetch asks the cloud for the rest from exactly there."""
+    cloud, link, _, path, want = world
+    proxy = CutProxy(cloud.runtime.agent_channel.port, cut_after=140_000)
+    try:
+        cut = GrpcLink(f"127.0.0.1:{proxy.port}", "dev-f", link._token, on_desired=lambda raw: None,
+                       on_connected=lambda: None)
+        dest = tmp_path / "b.tar.gz"
+        with pytest.raises(CloudUnavailable, match="interrupted"):
+            GrpcBundleFetcher(lambda: cut, None, 1 << 30).fetch(path, dest, expected_length=len(want))
+    finally:
+        proxy.stop()
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size
+    assert 0 < have < len(want) and have % (64 * 1024) == 0 and part.read_bytes() == want[:have]
+    whole = Recording(link)
+    GrpcBundleFetcher(lambda: whole, None, 1 << 30).fetch(path, dest, expected_length=len(want))
+    assert whole.offsets == [have] and dest.read_bytes() == want
