@@ -192,6 +192,8 @@ class CutProxy:
                     chunk = chunk[:room]
                     self.sent += len(chunk)
                 dst.sendall(chunk)
+                if downstream and self.sent >= self.cut_after:
+                    break  # cut now, not at the next chunk (the server may have nothing more to send)
         except OSError:
             pass
         for s in (src, dst):
