@@ -30,14 +30,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.cloud.errors import Refused
-from edgefleet.cloud.mqtt_checks import REASON_MAX_CHARS, Checked, check_message, count, tally
+from edgefleet.cloud.mqtt_checks import REASON_MAX_CHARS, Checked, check_message, count, take_group, tally
 from edgefleet.protos import agent_channel_pb2 as pb
 from edgefleet.protos.messages import DeviceStatus, SignedDesiredState, TelemetryAck
 from edgefleet.protos.telemetry import MAX_ACK_SEQS
@@ -270,17 +269,9 @@ class AgentHub:
 
     def _telemetry_worker(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self._telemetry.get(timeout=0.2)
-            except queue.Empty:
+            items = take_group(self._telemetry, self.ingest_batch, self.ingest_wait_s)
+            if not items:
                 continue
-            items = [first]
-            deadline = time.monotonic() + self.ingest_wait_s
-            while len(items) < self.ingest_batch:
-                try:
-                    items.append(self._telemetry.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
             try:
                 self._store_telemetry(items)
             except Exception:  # a bug, not a database error: never kill the worker

@@ -42,7 +42,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -53,7 +52,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefleet.cloud.errors import Refused
-from edgefleet.cloud.mqtt_checks import REASON_MAX_CHARS, Checked, check_message, count, tally
+from edgefleet.cloud.mqtt_checks import REASON_MAX_CHARS, Checked, check_message, count, take_group, tally
 from edgefleet.cloud.store_telemetry import BatchIn
 from edgefleet.common.backoff import Backoff
 from edgefleet.common.mqtt_client import JitteredClient
@@ -324,17 +323,9 @@ class MqttBridge:
 
     def _telemetry_worker(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self._telemetry.get(timeout=0.2)
-            except queue.Empty:
+            items = take_group(self._telemetry, self.ingest_batch, self.ingest_wait_s)
+            if not items:
                 continue
-            items = [first]
-            deadline = time.monotonic() + self.ingest_wait_s
-            while len(items) < self.ingest_batch:
-                try:
-                    items.append(self._telemetry.get(timeout=max(0.0, deadline - time.monotonic())))
-                except queue.Empty:
-                    break
             try:
                 group = self._check_group(items)
             except Exception:  # a bug, not a database error: never kill the worker

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -116,4 +118,20 @@ def tally(fleet: Any, counters: Counter[str], checked: Checked, transport: str) 
             log.warning("could not store the refusal counters", exc_info=True)
 
 
-__all__ = ["EXPECTED", "REASON_MAX_CHARS", "Checked", "check_message", "count", "tally"]
+def take_group(q: queue.Queue[Any], most: int, wait_s: float) -> list[Any]:
+    """What an ingest worker stores together: the first item in `q` (waiting up to 0.2 s for one, so the caller
+    can look at its stop flag; [] when none came), then whatever else arrives within `wait_s` of it, `most` in all."""
+    try:
+        items = [q.get(timeout=0.2)]
+    except queue.Empty:
+        return []
+    deadline = time.monotonic() + wait_s
+    while len(items) < most:
+        try:
+            items.append(q.get(timeout=max(0.0, deadline - time.monotonic())))
+        except queue.Empty:
+            break
+    return items
+
+
+__all__ = ["EXPECTED", "REASON_MAX_CHARS", "Checked", "check_message", "count", "take_group", "tally"]
