@@ -47,7 +47,7 @@ import grpc
 from edgefleet.cloud.agent_channel_hub import AgentHub, DeviceStream, FanOut
 from edgefleet.cloud.auth import Principal
 from edgefleet.cloud.errors import CloudError, Conflict, Forbidden, Invalid, NotFound, Unauthorized, Unavailable
-from edgefleet.cloud.inference.grpc_server import status_code
+from edgefleet.cloud.inference.grpc_server import bind_port, status_code
 from edgefleet.protos import agent_channel_pb2 as pb
 from edgefleet.protos import agent_channel_pb2_grpc as pb_grpc
 from edgefleet.protos.messages import MAX_MESSAGE_BYTES
@@ -129,21 +129,12 @@ def start_agent_channel(fleet: Fleet, *, host: str = "127.0.0.1", port: int = 0,
                          interceptors=[_Guard(fleet.authenticate, servicer)], options=options,
                          maximum_concurrent_rpcs=max_streams + _SPARE_WORKERS)
     pb_grpc.add_AgentChannelServicer_to_server(servicer, server)
-    address = f"{host}:{port}"
     try:
-        if tls_cert is not None and tls_key is not None:
-            creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
-            bound = server.add_secure_port(address, creds)
-        else:
-            bound = server.add_insecure_port(address)
-    except (OSError, RuntimeError) as exc:
+        bound = bind_port(server, host, port, tls_cert, tls_key, what="the agent channel",
+                          option="--agent-channel-port")
+    except Unavailable:
         hub.stop()
-        raise Unavailable(f"the agent channel cannot listen on {address}: {exc}; free the port or pick another "
-                          "(--agent-channel-port)") from None
-    if bound == 0:
-        hub.stop()
-        raise Unavailable(f"the agent channel cannot listen on {address} (in use?); free the port or pick another "
-                          "(--agent-channel-port)")
+        raise
     server.start()
     log.info("agent channel (gRPC) on %s:%d (%s)", host, bound, "TLS" if tls_cert else "plaintext")
     return AgentChannelHandle(port=bound, server=server, hub=hub)

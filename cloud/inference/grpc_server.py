@@ -134,6 +134,16 @@ def start_grpc_server(pool: Any, authenticate: Callable[[str], Principal] | Toke
     for name in ("", SERVICE):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = bind_port(server, host, port, tls_cert, tls_key, what="the gRPC server", option="--grpc-port")
+    server.start()
+    log.info("OIP gRPC server on %s:%d (%s, %d workers)", host, bound, "TLS" if tls_cert else "plaintext", workers)
+    return GrpcHandle(port=bound, server=server, health=health_servicer, tokens=tokens)
+
+
+def bind_port(server: grpc.Server, host: str, port: int, tls_cert: Path | str | None, tls_key: Path | str | None,
+              *, what: str, option: str) -> int:
+    """Listen on host:port (TLS when both PEM files are given); the bound port. Unavailable naming `what` and the
+    `option` to change when it cannot (the OIP server's and the agent channel's one way to fail at start)."""
     address = f"{host}:{port}"
     try:
         if tls_cert is not None and tls_key is not None:
@@ -142,14 +152,11 @@ def start_grpc_server(pool: Any, authenticate: Callable[[str], Principal] | Toke
         else:
             bound = server.add_insecure_port(address)
     except (OSError, RuntimeError) as exc:
-        raise Unavailable(f"the gRPC server cannot listen on {address}: {exc}; free the port or pick another "
-                          "(--grpc-port)") from None
+        raise Unavailable(f"{what} cannot listen on {address}: {exc}; free the port or pick another ({option})") \
+            from None
     if bound == 0:
-        raise Unavailable(f"the gRPC server cannot listen on {address} (in use?); free the port or pick another "
-                          "(--grpc-port)")
-    server.start()
-    log.info("OIP gRPC server on %s:%d (%s, %d workers)", host, bound, "TLS" if tls_cert else "plaintext", workers)
-    return GrpcHandle(port=bound, server=server, health=health_servicer, tokens=tokens)
+        raise Unavailable(f"{what} cannot listen on {address} (in use?); free the port or pick another ({option})")
+    return int(bound)
 
 
 class _Guard(grpc.ServerInterceptor):
