@@ -1,5 +1,7 @@
 """`DelayProxy`: a real TCP proxy on localhost that holds every chunk for a while in each direction: the round trip
-of a far cloud, for the offload tests and bench/offload_policy.py.
+of a far cloud, for the offload tests and bench/offload_policy.py. It can also stall (`flowing.clear()`: bytes held,
+nothing closed, a network that hangs: the keepalive tests) and cut (`cut_after` bytes from the server, then both
+sides closed: a network that drops mid-download).
 
 Each accepted connection opens its own upstream connection; an upstream that is down (refused) closes the client's
 connection at once, as a dead cloud behind a load balancer would, and the proxy keeps accepting. `delay_s` is read
@@ -17,9 +19,14 @@ class DelayProxy:
     """Proxies 127.0.0.1:{port} to `upstream` ((host, port), or a port on 127.0.0.1), holding each client-to-server
     chunk `delay_s` and each server-to-client chunk `return_delay_s` (default 0: the whole round trip on the way in)."""
 
-    def __init__(self, upstream: tuple[str, int] | int, delay_s: float, *, return_delay_s: float = 0.0) -> None:
+    def __init__(self, upstream: tuple[str, int] | int, delay_s: float = 0.0, *, return_delay_s: float = 0.0,
+                 cut_after: int | None = None) -> None:
         self.upstream = ("127.0.0.1", upstream) if isinstance(upstream, int) else upstream
         self.delay_s, self.return_delay_s = delay_s, return_delay_s
+        self.cut_after = cut_after  # bytes from the server after which every connection is cut (None: never)
+        self.returned = 0  # bytes passed from the server so far
+        self.flowing = threading.Event()  # cleared: every chunk waits, nothing is closed (a stalled network)
+        self.flowing.set()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,10 +58,20 @@ class DelayProxy:
 
     def _pump(self, src: socket.socket, dst: socket.socket, delay_attr: str) -> None:
         try:
+            back = delay_attr == "return_delay_s"  # from the server
             while chunk := src.recv(65536):
                 delay = getattr(self, delay_attr)
                 if delay:
                     time.sleep(delay)  # the emulated link's latency, not a synchronisation
+                self.flowing.wait()
+                if back and self.cut_after is not None:
+                    with self._lock:
+                        chunk = chunk[:max(0, self.cut_after - self.returned)]
+                        self.returned += len(chunk)
+                    dst.sendall(chunk)
+                    if self.returned >= self.cut_after:
+                        break  # cut now, not at the next chunk (the server may have nothing more to send)
+                    continue
                 dst.sendall(chunk)
         except OSError:
             pass
@@ -66,6 +83,7 @@ class DelayProxy:
                     pass
 
     def stop(self) -> None:
+        self.flowing.set()
         self._stop.set()
         self.listener.close()
         with self._lock:

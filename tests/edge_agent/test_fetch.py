@@ -17,6 +17,7 @@ from edgefleet.edge_agent.fetch import GrpcBundleFetcher, HttpBundleFetcher
 from edgefleet.edge_agent.link_grpc import GrpcLink
 from edgefleet.protos.messages import SignedDesiredState, parse_message
 from tests.cloud_server import enroll_device, start_cloud_server, tiny_onnx
+from tests.netproxy import DelayProxy
 
 
 class Recording:
@@ -154,68 +155,11 @@ def test_http_is_taken_when_the_channel_cannot_serve(world, tmp_path):
         GrpcBundleFetcher(lambda: None, None, 1 << 30).fetch(path, tmp_path / "c.tar.gz", expected_length=10)
 
 
-class CutProxy:
-    """A TCP proxy that forwards until `cut_after` bytes went from the server to the client, then closes both
-    sides: the network dropping mid-download."""
-
-    def __init__(self, upstream_port: int, cut_after: int) -> None:
-        import socket
-        import threading
-
-        self.upstream_port, self.cut_after, self.sent = upstream_port, cut_after, 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self._socks: list[Any] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        import socket
-        import threading
-
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self._socks += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
-
-    def _pump(self, src: Any, dst: Any, downstream: bool) -> None:
-        try:
-            while chunk := src.recv(16384):
-                if downstream:
-                    room = self.cut_after - self.sent
-                    if room <= 0:
-                        break
-                    chunk = chunk[:room]
-                    self.sent += len(chunk)
-                dst.sendall(chunk)
-                if downstream and self.sent >= self.cut_after:
-                    break  # cut now, not at the next chunk (the server may have nothing more to send)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.close()
-            except OSError:
-                pass
-
-    def stop(self) -> None:
-        self.listener.close()
-        for s in self._socks:
-            try:
-                s.close()
-            except OSError:
-                pass
-
-
 def test_a_download_cut_by_the_network_resumes_over_the_channel_from_its_bytes(world, tmp_path):
     """A real connection dropped mid-stream (a proxy that closes after ~140 KB): the fetcher keeps the whole
     chunks that came, and the next fetch asks the cloud for the rest from exactly there."""
     cloud, link, _, path, want = world
-    proxy = CutProxy(cloud.runtime.agent_channel.port, cut_after=140_000)
+    proxy = DelayProxy(cloud.runtime.agent_channel.port, cut_after=140_000)
     try:
         cut = GrpcLink(f"127.0.0.1:{proxy.port}", "dev-f", link._token, on_desired=lambda raw: None,
                        on_connected=lambda: None)

@@ -32,6 +32,7 @@ from edgefleet.protos.messages import (
 )
 from tests.cloud_server import CloudServer, enroll_device, push_desired, start_cloud_server, target_of, tiny_onnx
 from tests.harness import wait_for
+from tests.netproxy import DelayProxy
 
 
 def _now() -> datetime:
@@ -53,44 +54,6 @@ class Recorder:
 
     def next_desired(self, timeout_s: float = 10.0) -> SignedDesiredState:
         return parse_message(self.desired.get(timeout=timeout_s), SignedDesiredState)
-
-
-class StallProxy:
-    """A TCP proxy that can stop forwarding without closing anything: a network that stalled."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self._socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            self._socks += [client, upstream]
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while chunk := src.recv(65536):
-                self.flowing.wait()  # stalled: hold the bytes, close nothing
-                dst.sendall(chunk)
-        except OSError:
-            pass
-
-    def stop(self) -> None:
-        self.flowing.set()
-        self.listener.close()
-        for s in self._socks:
-            s.close()
 
 
 @pytest.fixture
@@ -231,7 +194,7 @@ def test_a_stalled_stream_is_found_by_keepalive_on_both_sides(tmp_path, links):
     # 0.5 s pings, 0.5 s to answer: the stall is found within about a second (the defaults take 40 s).
     cloud = start_cloud_server(tmp_path / "cloud", agent_channel_port=0, agent_channel_keepalive_s=0.5,
                                agent_channel_keepalive_timeout_s=0.5, agent_channel_min_ping_s=0.1)
-    proxy = StallProxy(cloud.runtime.agent_channel.port)
+    proxy = DelayProxy(cloud.runtime.agent_channel.port)
     try:
         enrollment = enroll(cloud)
         rec = Recorder()
