@@ -61,7 +61,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transport_parts import (
+from _transport_parts import (
     BIN,
     MAX_DRAIN_S,
     MODEL,

@@ -30,7 +30,7 @@ from edgefleet.protos.messages import (
     TelemetryWindow,
     parse_message,
 )
-from tests.cloud_server import CloudServer, enroll_device, start_cloud_server, tiny_onnx
+from tests.cloud_server import CloudServer, cloud_server, enroll_device, start_cloud_server, tiny_onnx
 from tests.harness import wait_for
 
 _CONNECT = "/edgefleet.v1.AgentChannel/Connect"
@@ -42,11 +42,8 @@ def _now() -> datetime:
 
 @pytest.fixture
 def cloud(tmp_path: Path):
-    server = start_cloud_server(tmp_path / "cloud", agent_channel_port=0)
-    try:
+    with cloud_server(tmp_path / "cloud", agent_channel_port=0) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def port_of(cloud: CloudServer) -> int:

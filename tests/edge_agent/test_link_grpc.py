@@ -30,7 +30,15 @@ from edgefleet.protos.messages import (
     TelemetryWindow,
     parse_message,
 )
-from tests.cloud_server import CloudServer, enroll_device, push_desired, start_cloud_server, target_of, tiny_onnx
+from tests.cloud_server import (
+    CloudServer,
+    cloud_server,
+    enroll_device,
+    push_desired,
+    start_cloud_server,
+    target_of,
+    tiny_onnx,
+)
 from tests.harness import wait_for
 from tests.netproxy import DelayProxy
 
@@ -58,11 +66,8 @@ class Recorder:
 
 @pytest.fixture
 def cloud(tmp_path: Path):
-    server = start_cloud_server(tmp_path / "cloud", agent_channel_port=0)
-    try:
+    with cloud_server(tmp_path / "cloud", agent_channel_port=0) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""The parts bench/transport.py runs: its processes (a Mosquitto of its own, the cloud, agents, telemetry senders) and
-their helpers. A sender is a child process (`transport.py _sender SPEC.json`, `sender_main`) that plays enrolled
-devices through the agent's own outbox and links. See bench/transport.py for the method."""
+"""Not a benchmark (it has no --json; bench/transport.py is the benchmark): the processes bench/transport.py runs (a
+Mosquitto of its own, the cloud, agents, telemetry senders) and their helpers. A sender is a child process
+(`transport.py _sender SPEC.json`, `sender_main`) that plays enrolled devices through the agent's own outbox and
+links."""
 
 from __future__ import annotations
 
